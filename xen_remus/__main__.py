@@ -1,0 +1,3 @@
+from xen_remus.migrate_hook import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""`xen-remus`: the xl-style command line.
+
+Each command lives in its own module, which exposes ``register(subparsers)`` and sets
+``func`` on its parser; this file only wires them together and turns our exceptions into
+one-line messages with the right exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from xen_remus import __version__
+from xen_remus.errors import XenRemusError
+
+# Modules that contribute sub-commands (each: register(subparsers) -> None).
+COMMAND_MODULES: tuple[str, ...] = (
+    "xen_remus.stream.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xen-remus",
+        description="Remus high availability for Xen guests, on the stock Xen toolstack.",
+    )
+    parser.add_argument("--version", action="version", version=f"xen-remus {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        rc = func(args)
+    except XenRemusError as exc:
+        print(f"xen-remus {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"xen-remus {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
