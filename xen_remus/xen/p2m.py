@@ -17,6 +17,7 @@ from xen_remus.xen import structs as S
 from xen_remus.xen.ctrl import XenCtrl
 from xen_remus.xen.errors import GuestStateError
 from xen_remus.xen.memory import ForeignMemory, Mapping
+from xen_remus.xen.vcpu import cr3_to_mfn
 
 M2P_CHUNK_PAGES = 512  # the M2P is handed out in 2 MiB chunks
 PTE_PRESENT = 1 << 0
@@ -42,20 +43,6 @@ class SharedInfoArch:
 def parse_shared_info(page: bytes | memoryview, width: int) -> SharedInfoArch:
     off, fmt = _ARCH[width]
     return SharedInfoArch(*struct.unpack_from(fmt, page, off))
-
-
-def cr3_to_mfn(cr3: int, width: int) -> int:
-    """xen_cr3_to_pfn: 32-bit PAE guests fold MFN bits 20+ into cr3's low bits."""
-    if width == 8:
-        return cr3 >> 12
-    return ((cr3 >> 12) | (cr3 << 20)) & 0xFFFFFFFF
-
-
-def mfn_to_cr3(mfn: int, width: int) -> int:
-    """xen_pfn_to_cr3, the inverse of cr3_to_mfn."""
-    if width == 8:
-        return mfn << 12
-    return ((mfn << 12) | (mfn >> 20)) & 0xFFFFFFFF
 
 
 class M2P:

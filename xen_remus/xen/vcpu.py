@@ -33,6 +33,20 @@ LAYOUT_X86_32 = Layout(width=4, size=2800, flags=512, dx=524, gdt_frames=2640, g
 NR_GDT_FRAMES = 16
 
 
+def cr3_to_mfn(cr3: int, width: int) -> int:
+    """xen_cr3_to_pfn: 32-bit PAE guests fold MFN bits 20+ into cr3's low bits."""
+    if width == 8:
+        return cr3 >> 12
+    return ((cr3 >> 12) | (cr3 << 20)) & 0xFFFFFFFF
+
+
+def mfn_to_cr3(mfn: int, width: int) -> int:
+    """xen_pfn_to_cr3, the inverse of cr3_to_mfn."""
+    if width == 8:
+        return mfn << 12
+    return ((mfn << 12) | (mfn >> 20)) & 0xFFFFFFFF
+
+
 class VcpuContext:
     """A mutable copy of one vCPU's basic context; ``raw`` is what the stream record carries."""
 
