@@ -1,0 +1,206 @@
+"""In-memory fakes of a Xen domain, a guest type and a record sink for the save engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from xen_remus.save.ops import Buffer, Normalised
+from xen_remus.save.pages import NOTAB, PAGE_SIZE, XTAB, Pfns, Types
+
+OFFSET = 0x1000  # frame = pfn + OFFSET, so that a missed pfn->frame translation shows
+
+
+class FakeMapping:
+    def __init__(self, data: bytearray, errors: npt.NDArray[np.int32]) -> None:
+        self._data = data
+        self.view = memoryview(data).toreadonly()
+        self.errors = errors
+        self.closed = False
+
+    def close(self) -> None:
+        self.view.release()
+        self.closed = True
+
+
+class FakeDomain:
+    """Memory is one bytearray of pages by pfn. ``on_clean(round)`` lets a test play the
+    guest: write pages (which marks them dirty) between two log-dirty cleans."""
+
+    domid = 7
+
+    def __init__(self, nr_pfns: int, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.nr_pfns = nr_pfns
+        self.mem = bytearray(rng.integers(0, 256, nr_pfns * PAGE_SIZE, dtype=np.uint8))
+        self.types = np.full(nr_pfns, NOTAB, dtype=np.uint8)
+        self.dirty: set[int] = set()
+        self.logdirty = False
+        self.suspended = False
+        self.resumed = 0
+        self.cleans = 0
+        self.on_clean: Callable[[int], None] | None = None
+        self.map_errors: dict[int, int] = {}  # pfn -> errno
+        self.mappings: list[FakeMapping] = []
+        self.fail_suspend = False
+        self.calls: list[str] = []
+
+    def write(self, pfn: int, byte: int) -> None:
+        assert not self.suspended, "a suspended guest does not write"
+        self.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = bytes([byte]) * PAGE_SIZE
+        if self.logdirty:
+            self.dirty.add(pfn)
+
+    def logdirty_enable(self) -> None:
+        self.calls.append("logdirty_enable")
+        self.logdirty = True
+        self.dirty.clear()
+
+    def logdirty_clean(self, final: bool) -> Pfns:
+        assert self.logdirty
+        self.calls.append(f"clean(final={final})")
+        if self.on_clean is not None and not self.suspended:
+            self.on_clean(self.cleans)
+        self.cleans += 1
+        out = np.array(sorted(self.dirty), dtype=np.uint64)
+        self.dirty.clear()
+        return out
+
+    def logdirty_off(self) -> None:
+        self.calls.append("logdirty_off")
+        self.logdirty = False
+
+    def frame_types(self, frames: npt.NDArray[np.uint64]) -> Types:
+        pfns = frames.astype(np.int64) - OFFSET
+        out = np.full(len(frames), XTAB, dtype=np.uint8)
+        inside = (pfns >= 0) & (pfns < self.nr_pfns)
+        out[inside] = self.types[pfns[inside]]
+        return out
+
+    def map(self, frames: npt.NDArray[np.uint64]) -> FakeMapping:
+        pfns = frames.astype(np.int64) - OFFSET
+        buf = bytearray()
+        errs = np.zeros(len(frames), dtype=np.int32)
+        for i, pfn in enumerate(pfns):
+            buf += self.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
+            errs[i] = self.map_errors.get(int(pfn), 0)
+        m = FakeMapping(buf, errs)
+        self.mappings.append(m)
+        return m
+
+    def suspend(self) -> None:
+        self.calls.append("suspend")
+        if self.fail_suspend:
+            from xen_remus.xen.errors import SuspendError
+            raise SuspendError(f"domain {self.domid} did not suspend")
+        self.suspended = True
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self.suspended = False
+        self.resumed += 1
+
+
+class FakeGuest:
+    """An HVM-like guest type (domain_type 2) with a pfn->frame offset; pfns listed in
+    ``ballooned`` have no frame; pages of a type in ``retry_types`` cannot be normalised
+    until the guest is suspended; pages of type 1 (L1TAB) are 'normalised' to 0xAA."""
+
+    domain_type = 2
+
+    def __init__(self, dom: FakeDomain) -> None:
+        self.dom = dom
+        self.ballooned: set[int] = set()
+        self.retry_live: set[int] = set()  # pfns whose pagetable is not sendable while live
+        self.retry_always: set[int] = set()
+        self.normalised_pfns: list[int] = []
+        self._last_pfns: Pfns = np.zeros(0, dtype=np.uint64)
+        self.closed = False
+
+    def nr_pfns(self) -> int:
+        return self.dom.nr_pfns
+
+    def static_data(self, out: RecordingEmitter) -> None:
+        out.libxc_record(0x11, [b"\0" * 24])
+
+    def start_of_stream(self, out: RecordingEmitter) -> None:
+        pass
+
+    def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
+        self._last_pfns = pfns
+        out = pfns + np.uint64(OFFSET)
+        for i, p in enumerate(pfns):
+            if int(p) in self.ballooned:
+                out[i] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        return out
+
+    def normalise(self, types: Types, pages: memoryview, live: bool) -> Normalised:
+        # the engine calls pfn_to_gfn then normalise for the same batch
+        frames = self.pfn_to_gfn(self._last_pfns)
+        data_pfns = [int(p) for p, f in zip(self._last_pfns, frames, strict=True)
+                     if int(f) != 0xFFFFFFFFFFFFFFFF
+                     and self.dom.types[int(p)] < 0xD]
+        assert len(data_pfns) == len(types)
+        res = Normalised(retry=np.zeros(len(types), dtype=np.bool_))
+        assert res.retry is not None
+        for i, t in enumerate(types):
+            if t == 1:
+                pfn = data_pfns[i]
+                if pfn in self.retry_always or (live and pfn in self.retry_live):
+                    res.retry[i] = True
+                    continue
+                res.replaced[i] = b"\xaa" * PAGE_SIZE
+                self.normalised_pfns.append(pfn)
+        return res
+
+    def end_of_checkpoint(self, out: RecordingEmitter) -> None:
+        out.libxc_record(0x08, [b"\0" * 24])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingEmitter:
+    """Records what the engine emits; rebuilds the receiver's view of guest memory."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.pages: dict[int, bytes] = {}
+        self.types: dict[int, int] = {}
+        self.batch_sizes: list[int] = []
+        self.buffers_per_record: list[int] = []
+
+    def begin(self, domain_type: int) -> None:
+        self.events.append(("begin", domain_type))
+
+    def checkpoint(self) -> None:
+        self.events.append(("checkpoint", 0))
+
+    def end(self) -> None:
+        self.events.append(("end", 0))
+
+    def flush(self) -> None:
+        pass
+
+    def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        self.events.append(("libxc", rtype))
+
+    def libxl_record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        self.events.append(("libxl", rtype))
+
+    def page_data(self, pfns: Pfns, types: Types, pages: Sequence[Buffer]) -> None:
+        assert 0 < len(pfns) <= 1024 and len(pfns) == len(types)
+        self.events.append(("libxc", 0x01))
+        self.batch_sizes.append(len(pfns))
+        self.buffers_per_record.append(len(pages))
+        data = b"".join(bytes(p) for p in pages)
+        assert len(data) % PAGE_SIZE == 0
+        n = 0
+        for pfn, t in zip(pfns, types, strict=True):
+            self.types[int(pfn)] = int(t)
+            if t < 0xD:
+                self.pages[int(pfn)] = data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
+                n += 1
+        assert n * PAGE_SIZE == len(data), "page data count does not match the types"
