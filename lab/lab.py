@@ -1,0 +1,186 @@
+"""A lab: one or two hosts, the global lock that serialises labs, run dirs, cleanup."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from lab.build import Images, build
+from lab.errors import LabError
+from lab.host import BOOT_TIMEOUT_S, Host
+
+# Shared by every checkout on the machine: one lab at a time on 2 cores.
+STATE_DIR = Path(os.environ.get("XEN_REMUS_LAB_STATE", "/tmp/xen-remus-lab"))
+LOCK_TIMEOUT_S = float(os.environ.get("XEN_REMUS_LAB_LOCK_TIMEOUT", "1800"))
+HOST_IPS = {"A": "169.254.10.1", "B": "169.254.10.2"}
+HOST_MACS = {"A": "52:54:00:00:00:0a", "B": "52:54:00:00:00:0b"}
+
+
+def project_dir() -> Path:
+    """The checkout each dom0 sees at /mnt/project (XEN_REMUS_PROJECT overrides)."""
+    env = os.environ.get("XEN_REMUS_PROJECT")
+    return Path(env).resolve() if env else Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kill_stale() -> None:
+    """Kill QEMUs left by a crashed lab (we hold the lock, so none is anyone's live lab)."""
+    for pidfile in (STATE_DIR / "pids").glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pidfile.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"qemu-system" in cmdline and b"xenlab_host=" in cmdline:
+                print(f"lab: killing stale QEMU pid {pid} ({pidfile.name})", flush=True)
+                os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+
+
+class Lab:
+    """One or two Xen hosts (A, and B linked to A). Use as a context manager.
+
+    Holds the machine-wide lab lock from start() to stop(); a second lab waits for it.
+    """
+
+    def __init__(self, nhosts: int = 1, project: Path | None = None) -> None:
+        if nhosts not in (1, 2):
+            raise LabError(f"a lab has 1 or 2 hosts, not {nhosts}")
+        self.nhosts = nhosts
+        self.project = project or project_dir()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.rundir = STATE_DIR / "runs" / f"{stamp}-{os.getpid()}"
+        self.hosts: dict[str, Host] = {}
+        self.images: Images | None = None
+        self._lock: IO[str] | None = None
+
+    # --- lock ----------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        f = open(STATE_DIR / "lab.lock", "a+")  # noqa: SIM115 - held until stop()
+        t0 = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    f.seek(0)
+                    print(f"lab: another lab is running ({f.read().strip() or 'unknown'});"
+                          f" waiting up to {LOCK_TIMEOUT_S:.0f} s for it", flush=True)
+                    told = True
+                if time.monotonic() - t0 > LOCK_TIMEOUT_S:
+                    f.close()
+                    raise LabError(f"lab lock {STATE_DIR / 'lab.lock'} still held after "
+                                   f"{LOCK_TIMEOUT_S:.0f} s: another lab is running") from None
+                time.sleep(1)
+        if told:
+            print(f"lab: got the lab lock after {time.monotonic() - t0:.0f} s", flush=True)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} run {self.rundir} since "
+                f"{time.strftime('%H:%M:%S')}: {' '.join(sys.argv)[:200]}\n")
+        f.flush()
+        self._lock = f
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> Lab:
+        self.images = build()
+        self._acquire()
+        atexit.register(self.stop)
+        try:
+            self._boot()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _boot(self) -> None:
+        assert self.images is not None
+        kill_stale()
+        (STATE_DIR / "pids").mkdir(parents=True, exist_ok=True)
+        (self.rundir / "share" / "guests").mkdir(parents=True)
+        latest = STATE_DIR / "runs" / "latest"
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(self.rundir.name)
+        port = free_port()
+        names = ["A", "B"][: self.nhosts]
+        t0 = time.monotonic()
+        print(f"lab: booting host(s) {' '.join(names)} (run dir {self.rundir})", flush=True)
+        for name in names:
+            host = Host(name, HOST_IPS[name], self.rundir, self.project)
+            netdev = None
+            if self.nhosts == 2:  # A listens, B connects (LAB-NOTES 16)
+                mode = "listen" if name == "A" else "connect"
+                netdev = f"socket,{mode}=127.0.0.1:{port}"
+            host.start(self.images, netdev, HOST_MACS[name])
+            self.hosts[name] = host
+            (STATE_DIR / "pids" / f"{self.rundir.name}-{name}.pid").write_text(f"{host.pid}\n")
+            if name == "A" and self.nhosts == 2:
+                time.sleep(1)  # let A listen before B connects
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        for host in self.hosts.values():
+            host.wait_ready(deadline)
+            print(f"lab: host {host.name} ready after {time.monotonic() - t0:.1f} s "
+                  f"(qemu pid {host.pid}, dom0 {host.ip})", flush=True)
+        (self.rundir / "state.json").write_text(json.dumps(
+            {"project": str(self.project), "lock_pid": os.getpid(),
+             "hosts": {n: {"pid": h.pid, "ip": h.ip} for n, h in self.hosts.items()}}))
+
+    def stop(self) -> None:
+        for name, host in self.hosts.items():
+            if host.alive():
+                host.kill()
+            (STATE_DIR / "pids" / f"{self.rundir.name}-{name}.pid").unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def a(self) -> Host:
+        return self.hosts["A"]
+
+    @property
+    def b(self) -> Host:
+        return self.hosts["B"]
+
+    def logs(self) -> str:
+        """Serial and xl log tails of every host: what a failing test prints."""
+        return "\n".join(h.serial_tail(40) + "\n" + h.xl_logs(30) for h in self.hosts.values())
+
+
+def attach(rundir: Path | None = None) -> dict[str, Host]:
+    """Hosts of a running lab (default: the latest), to drive it from another process."""
+    rundir = rundir or (STATE_DIR / "runs" / "latest").resolve()
+    try:
+        state = json.loads((rundir / "state.json").read_text())
+    except FileNotFoundError:
+        raise LabError(f"no running lab in {rundir} (start one with `python -m lab up`)") from None
+    hosts = {}
+    for name, h in state["hosts"].items():
+        host = Host(name, h["ip"], rundir, Path(state["project"]))
+        host.pid = h["pid"]
+        if not host.alive():
+            raise LabError(f"host {name} of {rundir} is not running")
+        hosts[name] = host
+    return hosts
