@@ -40,7 +40,7 @@ class SharedInfoArch:
     p2m_generation: int
 
 
-def parse_shared_info(page: bytes | memoryview, width: int) -> SharedInfoArch:
+def parse_shared_info(page: bytes | bytearray | memoryview, width: int) -> SharedInfoArch:
     off, fmt = _ARCH[width]
     return SharedInfoArch(*struct.unpack_from(fmt, page, off))
 
