@@ -18,6 +18,7 @@ from xen_remus.errors import XenRemusError
 # Modules that contribute sub-commands (each: register(subparsers) -> None).
 COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.stream.cli",
+    "xen_remus.save_cli",
 )
 
 
