@@ -1,0 +1,114 @@
+"""The Emitter that frames records (xl, libxl and libxc layers) and writes them to a file
+descriptor with os.writev: page data goes from the foreign mapping to the fd, no copy."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from xen_remus.errors import XenRemusError
+from xen_remus.save.ops import Buffer
+from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
+from xen_remus.stream import consts as C
+from xen_remus.stream.events import DomainHeader, ImageHeader, LibxlHeader, XlHeader
+
+IOV_MAX = 1024  # Linux's limit of buffers per writev
+_PAD = bytes(8)
+_RH = struct.Struct("<II")
+
+
+class StreamWriteError(XenRemusError):
+    """Writing the stream failed (disk full, receiver gone): names the offset and errno."""
+
+
+class FdEmitter:
+    """Writes the stream to ``fd``. Small records are gathered and go out with the next
+    page data or at flush(); page data is written before page_data() returns, as its
+    buffers are views of guest memory that is unmapped afterwards."""
+
+    def __init__(self, fd: int, xl_config: str | None, xen_version: tuple[int, int] = (4, 17),
+                 what: str = "stream") -> None:
+        self.fd = fd
+        self.xl_config = xl_config
+        self.xen_version = xen_version
+        self.what = what
+        self.offset = 0
+        self.records = 0
+        self._pending: list[Buffer] = []
+
+    # -- layers --------------------------------------------------------------------------
+    def begin(self, domain_type: int) -> None:
+        if self.xl_config is not None:
+            self._pending.append(XlHeader.with_config(self.xl_config).pack())
+        self._pending.append(LibxlHeader().pack())
+        self.libxl_record(C.LIBXL_LIBXC_CONTEXT, ())
+        self._pending.append(ImageHeader().pack())
+        major, minor = self.xen_version
+        self._pending.append(DomainHeader(type=domain_type, xen_major=major,
+                                          xen_minor=minor).pack())
+
+    def checkpoint(self) -> None:
+        self.libxc_record(C.REC_TYPE_CHECKPOINT, ())
+        self.libxl_record(C.LIBXL_CHECKPOINT_END, ())
+
+    def end(self) -> None:
+        self.libxc_record(C.REC_TYPE_END, ())
+        self.libxl_record(C.LIBXL_END, ())
+
+    # -- records -------------------------------------------------------------------------
+    def _record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        length = sum(memoryview(b).nbytes for b in body)
+        if length > C.REC_LENGTH_MAX:
+            raise StreamWriteError(f"{self.what}: record type {rtype:#x} of {length} bytes "
+                                   f"exceeds the spec's {C.REC_LENGTH_MAX}")
+        self._pending.append(_RH.pack(rtype, length))
+        self._pending.extend(body)
+        if length % 8:
+            self._pending.append(_PAD[:8 - length % 8])
+        self.records += 1
+
+    def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        self._record(rtype, body)
+
+    def libxl_record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        self._record(rtype, body)  # same framing in both layers
+
+    def page_data(self, pfns: Pfns, types: Types, pages: Sequence[Buffer]) -> None:
+        words = pfns.astype("<u8") | (types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT))
+        head = struct.pack("<II", len(pfns), 0) + words.tobytes()
+        self._record(C.REC_TYPE_PAGE_DATA, [head, *pages])
+        nbytes = sum(memoryview(p).nbytes for p in pages)
+        if nbytes % PAGE_SIZE:
+            raise StreamWriteError(f"{self.what}: PAGE_DATA data of {nbytes} bytes is not "
+                                   "whole pages")
+        self.flush()
+
+    # -- output --------------------------------------------------------------------------
+    def flush(self) -> None:
+        bufs, self._pending = self._pending, []
+        writev_all(self.fd, bufs, self.offset, self.what)
+        self.offset += sum(memoryview(b).nbytes for b in bufs)
+
+
+def writev_all(fd: int, bufs: list[Buffer], offset: int = 0, what: str = "stream") -> None:
+    """os.writev until every byte is out (short writes on pipes and sockets resume where
+    they stopped), at most IOV_MAX buffers per call."""
+    views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
+    i = 0
+    while i < len(views):
+        try:
+            n = os.writev(fd, views[i:i + IOV_MAX])
+        except OSError as exc:
+            raise StreamWriteError(f"writing the {what} at offset {offset} failed: errno "
+                                   f"{exc.errno} ({os.strerror(exc.errno or 0)})") from None
+        offset += n
+        while n and i < len(views):
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0

@@ -1,0 +1,104 @@
+"""PV guests: pfn -> mfn through the guest's p2m, pagetables normalised MFN -> PFN, and the
+PV records: X86_PV_INFO, X86_PV_P2M_FRAMES, SHARED_INFO and the per-vCPU records."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import numpy.typing as npt
+
+from xen_remus import pagetable
+from xen_remus.save.ops import Buffer, Emitter, Normalised
+from xen_remus.save.pages import PAGE_SIZE, Pfns, Types, pagetable_level
+from xen_remus.save.records import cpu_policy_records, tsc_info_body, vcpu_record_body
+from xen_remus.stream import consts as C
+from xen_remus.xen import M2P, P2M, ForeignMemory, GuestStateError, VcpuContext, XenCtrl
+from xen_remus.xen.p2m import read_shared_info
+
+ENTRIES = PAGE_SIZE // 8
+
+
+class PvGuest:
+    domain_type = C.DHDR_TYPE_X86_PV
+
+    def __init__(self, xc: XenCtrl, fmem: ForeignMemory, domid: int) -> None:
+        self.xc, self.fmem, self.domid = xc, fmem, domid
+        self.info = xc.domain_info(domid)
+        self.width = xc.guest_width(domid)
+        if self.width != 8:
+            # PAE guests need the compat m2p's first frame to spot Xen's L2 slots.
+            raise GuestStateError(f"domain {domid}: 32-bit PV guests are not supported yet")
+        si = read_shared_info(fmem, domid, self.info.shared_info_frame, self.width)
+        self.m2p = M2P(xc, fmem)
+        try:
+            self.p2m = P2M(fmem, domid, si, self.width)
+        except BaseException:
+            self.m2p.close()
+            raise
+        self.ppm = pagetable.PseudoPhysMap(self.m2p.table, self.p2m.table, self.width,
+                                           self.m2p.max_mfn)
+
+    def nr_pfns(self) -> int:
+        return self.p2m.max_pfn
+
+    def static_data(self, out: Emitter) -> None:
+        levels = 4 if self.width == 8 else 3
+        out.libxc_record(C.REC_TYPE_X86_PV_INFO, [struct.pack("<BB6x", self.width, levels)])
+        cpu_policy_records(self.xc, self.domid, out)
+
+    def start_of_stream(self, out: Emitter) -> None:
+        """X86_PV_P2M_FRAMES: the pfns of the pages holding the p2m, for pfns 0..max."""
+        pfns, ok = self.ppm.mfns_to_pfns(self.p2m.frames)
+        if not ok.all():
+            bad = int(self.p2m.frames[~ok][0])
+            raise GuestStateError(f"domain {self.domid}: p2m frame mfn {bad:#x} is not a page "
+                                  "of the guest")
+        hdr = struct.pack("<II", 0, self.p2m.max_pfn - 1)
+        out.libxc_record(C.REC_TYPE_X86_PV_P2M_FRAMES, [hdr, pfns.astype("<u8").tobytes()])
+
+    def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
+        return self.ppm.p2m64(pfns)
+
+    def normalise(self, types: Types, pages: memoryview, live: bool) -> Normalised:
+        idx = np.flatnonzero(pagetable_level(types))
+        if not len(idx):
+            return Normalised()
+        tables = np.frombuffer(pages, dtype=np.uint64).reshape(-1, ENTRIES)[idx]
+        shifted = types[idx].astype(np.uint64) << np.uint64(pagetable.LTAB_SHIFT)
+        res = pagetable.normalise(tables, shifted, self.ppm, live)
+        retry = np.zeros(len(types), dtype=np.bool_)
+        retry[idx[res.retry]] = True
+        replaced: dict[int, Buffer] = {int(i): res.tables[k].tobytes()
+                                       for k, i in enumerate(idx) if not res.retry[k]}
+        return Normalised(replaced=replaced, retry=retry)
+
+    def end_of_checkpoint(self, out: Emitter) -> None:
+        out.libxc_record(C.REC_TYPE_X86_TSC_INFO, [tsc_info_body(self.xc, self.domid)])
+        with self.fmem.map(self.domid, [self.info.shared_info_frame]) as m:
+            m.raise_on_error()
+            out.libxc_record(C.REC_TYPE_SHARED_INFO, [bytes(m.page(0))])
+        for v in range(self.xc.domain_info(self.domid).max_vcpu_id + 1):
+            self.write_vcpu(v, out)
+
+    def write_vcpu(self, v: int, out: Emitter) -> None:
+        """BASIC (frames as pfns), EXTENDED, XSAVE, MSRS of an online vCPU; each of the last
+        three only when it has content, as libxc."""
+        ctx = VcpuContext(self.xc.vcpu_context(self.domid, v), self.width)
+        if not ctx.online:
+            return
+        pagetable.normalise_vcpu(ctx, v, self.ppm)
+        out.libxc_record(C.REC_TYPE_X86_PV_VCPU_BASIC, vcpu_record_body(v, ctx.raw))
+        ext = self.xc.vcpu_extended_context(self.domid, v)
+        if ext:
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_EXTENDED, vcpu_record_body(v, ext))
+        mask, area = self.xc.vcpu_xsave(self.domid, v)
+        if mask and area:
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_XSAVE, vcpu_record_body(v, area))
+        msrs = self.xc.vcpu_msrs(self.domid, v)
+        if msrs:
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_MSRS, vcpu_record_body(v, msrs))
+
+    def close(self) -> None:
+        self.p2m.close()
+        self.m2p.close()

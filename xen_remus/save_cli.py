@@ -1,0 +1,141 @@
+"""`xen-remus save DOMAIN FILE` and `xen-remus migrate DOMAIN HOST`: our engine, stock
+receivers (`xl restore`, `xl migrate-receive`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from xen_remus.errors import UsageError, XenRemusError
+from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.save.session import SaveSession, domain_config_json, domain_lock, xl
+from xen_remus.save.transport import (
+    BANNER,
+    GO,
+    READY,
+    REPORT,
+    MigrationRefused,
+    Receiver,
+    receiver_command,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-rounds", type=int, default=5, metavar="N",
+                   help="live pre-copy rounds at most, counting the full copy (default 5)")
+    p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
+                   help="suspend once at most this many pages are dirty (default 50)")
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("save", help="save a domain to a file that `xl restore` restores",
+                       description="Save DOMAIN (name or id) to FILE with our engine. As "
+                       "`xl save`, the domain is suspended, saved, then destroyed.")
+    s.add_argument("-c", dest="checkpoint", action="store_true",
+                   help="leave the domain running after the save (as xl save -c)")
+    s.add_argument("-p", dest="paused", action="store_true",
+                   help="leave the domain paused after the save (as xl save -p)")
+    s.add_argument("--live", action="store_true",
+                   help="copy memory while the guest runs first (xl save does not)")
+    _policy_args(s)
+    s.add_argument("domain")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_save)
+
+    m = sub.add_parser("migrate", help="live-migrate a domain to `xl migrate-receive` on HOST",
+                       description="Migrate DOMAIN to HOST, whose receiver is stock `xl "
+                       "migrate-receive` run through ssh (or -s CMD; -s '' runs HOST itself "
+                       "as the command). On success the domain here is destroyed.")
+    m.add_argument("-s", dest="ssh", default=None, metavar="CMD",
+                   help="use CMD instead of ssh; an empty CMD means HOST is the command")
+    m.add_argument("-e", dest="no_daemon", action="store_true",
+                   help="pass -e to the receiver (it does not wait in the background)")
+    m.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="how long to wait for each receiver message (default 120)")
+    _policy_args(m)
+    m.add_argument("domain")
+    m.add_argument("host")
+    m.set_defaults(func=cmd_migrate)
+
+
+def _policy(args: argparse.Namespace, live: bool) -> PrecopyPolicy:
+    try:
+        return PrecopyPolicy(args.max_rounds if live else 0, args.target_dirty)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    policy = _policy(args, args.live)
+    with SaveSession(args.domain) as s, domain_lock(s.target.domid):
+        domid = s.target.domid
+        config = domain_config_json(domid)
+        try:
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.file}: {exc.strerror}") from None
+        try:
+            stats = s.save(fd, config, policy, what=args.file)
+        except BaseException:
+            os.close(fd)
+            os.unlink(args.file)
+            raise
+        os.close(fd)
+        print(f"Saved domain {domid} ({s.target.name}) to {args.file}: {stats.summary()}",
+              file=sys.stderr)
+        if args.checkpoint or args.paused:
+            s.resume()
+            if args.paused:
+                s.xc.pause(domid)
+        else:
+            xl("destroy", str(domid))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    policy = _policy(args, True)
+    rune = receiver_command(args.host, args.ssh, ["-e"] if args.no_daemon else [])
+    with SaveSession(args.domain) as s, domain_lock(s.target.domid):
+        domid, name = s.target.domid, s.target.name
+        config = domain_config_json(domid)
+        recv = Receiver(rune)
+        try:
+            migrate(s, recv, config, policy, args.timeout)
+        finally:
+            rc = recv.close()
+            log.info("receiver exited with %s", rc)
+    print(f"Migration of domain {domid} ({name}) to {args.host} successful.", file=sys.stderr)
+    return 0
+
+
+def migrate(s: SaveSession, recv: Receiver, config: str, policy: PrecopyPolicy,
+            timeout: float) -> None:
+    """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
+    Before GO any failure resumes the guest here; after GO the receiver owns it."""
+    domid, name = s.target.domid, s.target.name
+    recv.expect(BANNER, "receiver banner", timeout)
+    stats = s.save(recv.send_fd, config, policy, what=f"migration stream ({recv.rune})")
+    print(f"migration sender: stream sent: {stats.summary()}", file=sys.stderr)
+    try:
+        recv.expect(READY, "'domain received' message", timeout)
+        away = f"{name}--migratedaway"
+        xl("rename", str(domid), away)
+    except XenRemusError:
+        s.resume()
+        raise
+    recv.send(GO)
+    recv.expect(REPORT, "unpause report", timeout)
+    status = recv.read_exactly(1, "unpause status", timeout)[0]
+    if status != 0:
+        xl("rename", str(domid), name)
+        s.resume()
+        raise MigrationRefused(f"the receiver could not unpause the domain (status {status}); "
+                               f"domain {domid} resumed here")
+    xl("destroy", str(domid))
