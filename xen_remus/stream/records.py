@@ -1,0 +1,497 @@
+"""Typed record bodies with pack/unpack, shared by the decoder and the encoder.
+
+Each body class checks what the spec states about its own bytes (lengths, reserved fields,
+value ranges) and raises FieldError(field, message, offset-in-body). Ordering rules live in
+the decoder. Adding a record type is one class and one row in BODY_TYPES.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from xen_remus.stream import consts as C
+from xen_remus.stream.errors import FieldError
+from xen_remus.stream.events import Buffer, Event
+
+LIBXL = "libxl"
+LIBXC = "libxc"
+
+_II = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_PAGE_HDR = struct.Struct("<II")
+
+# Lookup tables over the 16 PFINFO types, for vectorised checks.
+_INVALID_LUT = np.zeros(16, dtype=bool)
+_INVALID_LUT[list(C.PFINFO_INVALID)] = True
+_HAS_DATA_LUT = np.ones(16, dtype=bool)
+_HAS_DATA_LUT[list(C.PFINFO_NO_DATA)] = False
+_HAS_DATA_LUT[list(C.PFINFO_INVALID)] = False
+
+
+class Body(Protocol):
+    def pack(self) -> list[Buffer]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _need_len(body: Buffer, exact: int, what: str = "length") -> None:
+    if len(body) != exact:
+        raise FieldError(what, f"{len(body)}, expected {exact}", -C.REC_HDR_SIZE + 4)
+
+
+@dataclass
+class Empty:
+    """END, CHECKPOINT, VERIFY, STATIC_DATA_END, LIBXC_CONTEXT, CHECKPOINT_END."""
+
+    def pack(self) -> list[Buffer]:
+        return []
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> Self:
+        _need_len(body, 0)
+        return cls()
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class PageData:
+    """PAGE_DATA: count, pfn[count] with type in bits 63-60, then pages for data types.
+
+    ``pfns``/``types`` are numpy arrays (uint64 / uint8). ``data`` is the page contents:
+    one contiguous buffer when decoded, or a sequence of page buffers for the encoder
+    (passed through untouched for writev).
+    """
+
+    pfns: npt.NDArray[np.uint64]
+    types: npt.NDArray[np.uint8]
+    data: Buffer | Sequence[Buffer] = b""
+
+    @classmethod
+    def make(cls, pfns: Sequence[int] | npt.NDArray[Any], types: Sequence[int] |
+             npt.NDArray[Any] | None = None, pages: Sequence[Buffer] = ()) -> PageData:
+        p = np.asarray(pfns, dtype=np.uint64)
+        t = (np.zeros(len(p), np.uint8) if types is None
+             else np.asarray(types, dtype=np.uint8))
+        return cls(p, t, list(pages))
+
+    @property
+    def count(self) -> int:
+        return len(self.pfns)
+
+    @property
+    def data_pages(self) -> int:
+        """How many of the pfns carry page contents."""
+        return int(_HAS_DATA_LUT[self.types].sum())
+
+    def page_bytes(self) -> memoryview:
+        """All page contents as one memoryview (decoded records)."""
+        if isinstance(self.data, bytes | bytearray | memoryview):
+            return memoryview(self.data)
+        return memoryview(b"".join(self.data))
+
+    def pack(self) -> list[Buffer]:
+        if len(self.pfns) != len(self.types):
+            raise ValueError("PAGE_DATA: pfns and types differ in length")
+        words = (self.pfns.astype("<u8") |
+                 (self.types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT)))
+        head: list[Buffer] = [_PAGE_HDR.pack(len(self.pfns), 0), words.tobytes()]
+        if isinstance(self.data, bytes | bytearray | memoryview):
+            return head + ([self.data] if len(self.data) else [])
+        return head + list(self.data)
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> PageData:
+        n = len(body)
+        if n < 8:
+            raise FieldError("count", f"body of {n} bytes has no count/reserved", 0)
+        count, res = _PAGE_HDR.unpack_from(body)
+        if count == 0:
+            raise FieldError("count", "must be > 0", 0)
+        if res:
+            raise FieldError("reserved", f"not zero (0x{res:08x})", 4)
+        if 8 + 8 * count > n:
+            raise FieldError("count", f"{count} pfns do not fit in {n} bytes", 0)
+        words = np.frombuffer(body, dtype="<u8", count=count, offset=8)
+        types = (words >> np.uint64(C.PFN_TYPE_SHIFT)).astype(np.uint8)
+        bad = np.flatnonzero(words & np.uint64(C.PFN_RESERVED_MASK))
+        if len(bad):
+            i = int(bad[0])
+            raise FieldError(f"pfn[{i}]", "reserved bits 59-52 set", 8 + 8 * i)
+        bad = np.flatnonzero(_INVALID_LUT[types])
+        if len(bad):
+            i = int(bad[0])
+            raise FieldError(f"pfn[{i}]", f"invalid page type 0x{int(types[i]):x}", 8 + 8 * i)
+        ndata = int(_HAS_DATA_LUT[types].sum())
+        want = 8 + 8 * count + C.PAGE_SIZE * ndata
+        if n != want:
+            raise FieldError("length", f"{n}, expected {want} for {count} pfns of which "
+                             f"{ndata} carry data", -4)
+        pfns = words & np.uint64(C.PFN_MASK)
+        return cls(pfns, types, memoryview(body)[8 + 8 * count:])
+
+    def describe(self) -> dict[str, Any]:
+        hist = np.bincount(self.types, minlength=16)
+        return {"count": self.count,
+                "first_pfn": int(self.pfns[0]) if self.count else None,
+                "last_pfn": int(self.pfns[-1]) if self.count else None,
+                "types": {C.PFINFO_NAMES.get(t, hex(t)): int(hist[t])
+                          for t in range(16) if hist[t]}}
+
+
+@dataclass
+class X86PvInfo:
+    guest_width: int = 8
+    pt_levels: int = 4
+    _S: ClassVar[struct.Struct] = struct.Struct("<BB6s")
+
+    def pack(self) -> list[Buffer]:
+        return [self._S.pack(self.guest_width, self.pt_levels, bytes(6))]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> X86PvInfo:
+        _need_len(body, 8)
+        width, levels, res = cls._S.unpack_from(body)
+        if (width, levels) not in ((4, 3), (8, 4)):
+            raise FieldError("guest_width", f"width {width} with {levels} pagetable levels"
+                             " (expected 4/3 or 8/4)", 0)
+        if any(res):
+            raise FieldError("reserved", "not zero", 2)
+        return cls(width, levels)
+
+    def describe(self) -> dict[str, Any]:
+        return {"guest_width": self.guest_width, "pt_levels": self.pt_levels}
+
+
+@dataclass
+class X86PvP2mFrames:
+    start_pfn: int
+    end_pfn: int
+    frames: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+    def pack(self) -> list[Buffer]:
+        return [_II.pack(self.start_pfn, self.end_pfn),
+                np.asarray(self.frames, dtype="<u8").tobytes()]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> X86PvP2mFrames:
+        if len(body) < 16 or len(body) % 8:
+            raise FieldError("length", f"{len(body)}: needs start/end and at least one "
+                             "frame, in 8-byte units", -4)
+        start, end = _II.unpack_from(body)
+        if start > end:
+            raise FieldError("p2m_start_pfn", f"{start} > p2m_end_pfn {end}", 0)
+        frames = np.frombuffer(body, dtype="<u8", offset=8).astype(np.uint64)
+        return cls(start, end, frames)
+
+    def describe(self) -> dict[str, Any]:
+        return {"p2m_start_pfn": self.start_pfn, "p2m_end_pfn": self.end_pfn,
+                "frames": len(self.frames)}
+
+
+@dataclass
+class X86PvVcpu:
+    """X86_PV_VCPU_{BASIC,EXTENDED,XSAVE,MSRS}: vcpu_id, reserved, context blob.
+
+    A zero-length body (errata: Xen 4.6-4.8) decodes with ``vcpu_id`` None.
+    """
+
+    vcpu_id: int | None
+    context: Buffer = b""
+    entry: ClassVar[int] = 1
+
+    def pack(self) -> list[Buffer]:
+        if self.vcpu_id is None:
+            return []
+        return [_II.pack(self.vcpu_id, 0), self.context]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> Self:
+        if len(body) == 0:
+            return cls(None)
+        if len(body) < 8:
+            raise FieldError("length", f"{len(body)}: shorter than the vcpu header", -4)
+        vcpu, res = _II.unpack_from(body)
+        if res:
+            raise FieldError("reserved", "not zero", 4)
+        if (len(body) - 8) % cls.entry:
+            raise FieldError("length", f"context of {len(body) - 8} bytes is not a multiple"
+                             f" of {cls.entry}", -4)
+        return cls(vcpu, memoryview(body)[8:])
+
+    def describe(self) -> dict[str, Any]:
+        return {"vcpu_id": self.vcpu_id, "context_len": len(self.context)}
+
+
+class X86PvVcpuMsrs(X86PvVcpu):
+    entry: ClassVar[int] = 16  # xen_domctl_vcpu_msr_t
+
+
+@dataclass
+class Blob:
+    """An opaque body: SHARED_INFO, HVM_CONTEXT, policies, unknown optional records."""
+
+    data: Buffer = b""
+    exact: ClassVar[int | None] = None
+    entry: ClassVar[int] = 1
+    min_len: ClassVar[int] = 0
+
+    def pack(self) -> list[Buffer]:
+        return [self.data] if len(self.data) else []
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> Self:
+        if cls.exact is not None:
+            _need_len(body, cls.exact)
+        if len(body) < cls.min_len:
+            raise FieldError("length", f"{len(body)}, expected at least {cls.min_len}", -4)
+        if len(body) % cls.entry:
+            raise FieldError("length", f"{len(body)} is not a multiple of {cls.entry}", -4)
+        return cls(memoryview(body))
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"data_len": len(self.data)}
+        if self.entry > 1:
+            d["entries"] = len(self.data) // self.entry
+        return d
+
+
+class SharedInfo(Blob):
+    exact = C.PAGE_SIZE
+
+
+class HvmContext(Blob):
+    min_len = 1
+
+
+class X86CpuidPolicy(Blob):
+    entry = 24  # xen_cpuid_leaf_t
+
+
+class X86MsrPolicy(Blob):
+    entry = 16  # xen_msr_entry_t
+
+
+@dataclass
+class X86TscInfo:
+    mode: int = 0
+    khz: int = 0
+    nsec: int = 0
+    incarnation: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQII")
+
+    def pack(self) -> list[Buffer]:
+        return [self._S.pack(self.mode, self.khz, self.nsec, self.incarnation, 0)]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> X86TscInfo:
+        _need_len(body, 24)
+        mode, khz, nsec, inc, res = cls._S.unpack_from(body)
+        if res:
+            raise FieldError("reserved", "not zero", 20)
+        return cls(mode, khz, nsec, inc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "khz": self.khz, "nsec": self.nsec,
+                "incarnation": self.incarnation}
+
+
+@dataclass
+class HvmParams:
+    """HVM_PARAMS: count, reserved, {index, value} x count. Empty body accepted (errata)."""
+
+    params: list[tuple[int, int]] = field(default_factory=list)
+
+    def pack(self) -> list[Buffer]:
+        arr = np.asarray(self.params, dtype="<u8").reshape(-1, 2)
+        return [_II.pack(len(self.params), 0), arr.tobytes()]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> HvmParams:
+        if len(body) == 0:
+            return cls([])
+        if len(body) < 8:
+            raise FieldError("length", f"{len(body)}: shorter than count/reserved", -4)
+        count, res = _II.unpack_from(body)
+        if res:
+            raise FieldError("reserved", "not zero", 4)
+        if len(body) != 8 + 16 * count:
+            raise FieldError("count", f"{count} entries need {8 + 16 * count} bytes, "
+                             f"body has {len(body)}", 0)
+        arr = np.frombuffer(body, dtype="<u8", offset=8).reshape(-1, 2)
+        return cls([(int(i), int(v)) for i, v in arr])
+
+    def describe(self) -> dict[str, Any]:
+        return {"count": len(self.params)}
+
+
+@dataclass
+class PfnList:
+    """CHECKPOINT_DIRTY_PFN_LIST (COLO back channel): pfn[] u64."""
+
+    pfns: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+    def pack(self) -> list[Buffer]:
+        return [np.asarray(self.pfns, dtype="<u8").tobytes()]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> PfnList:
+        if len(body) % 8:
+            raise FieldError("length", f"{len(body)} is not a multiple of 8", -4)
+        return cls(np.frombuffer(body, dtype="<u8").astype(np.uint64))
+
+    def describe(self) -> dict[str, Any]:
+        return {"count": len(self.pfns)}
+
+
+@dataclass
+class Emulator:
+    """EMULATOR_CONTEXT (and base of EMULATOR_XENSTORE_DATA): emulator_id, index, blob."""
+
+    emulator_id: int = C.EMULATOR_QEMU_UPSTREAM
+    index: int = 0
+    data: Buffer = b""
+
+    def pack(self) -> list[Buffer]:
+        return [_II.pack(self.emulator_id, self.index), self.data]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> Self:
+        if len(body) < 8:
+            raise FieldError("length", f"{len(body)}: shorter than emulator_id/index", -4)
+        eid, index = _II.unpack_from(body)
+        if eid not in C.EMULATOR_IDS:
+            raise FieldError("emulator_id", f"unknown emulator {eid}", 0)
+        rec = cls(eid, index, memoryview(body)[8:])
+        rec.check()
+        return rec
+
+    def check(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"emulator_id": self.emulator_id, "index": self.index,
+                "data_len": len(self.data)}
+
+
+class EmulatorXenstoreData(Emulator):
+    """Packed NUL-terminated key/value pairs relative to the device-model xenstore dir."""
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, str]], emulator_id: int =
+                   C.EMULATOR_QEMU_UPSTREAM, index: int = 0) -> EmulatorXenstoreData:
+        data = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in pairs)
+        return cls(emulator_id, index, data)
+
+    def check(self) -> None:
+        data = bytes(self.data)
+        if not data:
+            return
+        if data[-1] != 0:
+            raise FieldError("data", "not NUL-terminated", len(data) + 7)
+        if data.count(0) % 2:
+            raise FieldError("data", "odd number of strings (key without value)", 8)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        parts = bytes(self.data).split(b"\0")[:-1]
+        return [(parts[i].decode(errors="replace"), parts[i + 1].decode(errors="replace"))
+                for i in range(0, len(parts) - 1, 2)]
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["keys"] = len(self.pairs())
+        return d
+
+
+@dataclass
+class CheckpointState:
+    control_id: int = 0
+
+    def pack(self) -> list[Buffer]:
+        return [_U32.pack(self.control_id)]
+
+    @classmethod
+    def unpack(cls, body: Buffer) -> CheckpointState:
+        _need_len(body, 4)
+        (cid,) = _U32.unpack_from(body)
+        if cid not in C.CHECKPOINT_STATES:
+            raise FieldError("control_id", f"unknown value {cid}", 0)
+        return cls(cid)
+
+    def describe(self) -> dict[str, Any]:
+        return {"control_id": C.CHECKPOINT_STATES[self.control_id]}
+
+
+class _Unpacker(Protocol):
+    def unpack(self, body: Buffer) -> Body: ...
+
+
+BODY_TYPES: dict[tuple[str, int], Any] = {
+    (LIBXC, C.REC_TYPE_END): Empty,
+    (LIBXC, C.REC_TYPE_PAGE_DATA): PageData,
+    (LIBXC, C.REC_TYPE_X86_PV_INFO): X86PvInfo,
+    (LIBXC, C.REC_TYPE_X86_PV_P2M_FRAMES): X86PvP2mFrames,
+    (LIBXC, C.REC_TYPE_X86_PV_VCPU_BASIC): X86PvVcpu,
+    (LIBXC, C.REC_TYPE_X86_PV_VCPU_EXTENDED): X86PvVcpu,
+    (LIBXC, C.REC_TYPE_X86_PV_VCPU_XSAVE): X86PvVcpu,
+    (LIBXC, C.REC_TYPE_SHARED_INFO): SharedInfo,
+    (LIBXC, C.REC_TYPE_X86_TSC_INFO): X86TscInfo,
+    (LIBXC, C.REC_TYPE_HVM_CONTEXT): HvmContext,
+    (LIBXC, C.REC_TYPE_HVM_PARAMS): HvmParams,
+    (LIBXC, C.REC_TYPE_X86_PV_VCPU_MSRS): X86PvVcpuMsrs,
+    (LIBXC, C.REC_TYPE_VERIFY): Empty,
+    (LIBXC, C.REC_TYPE_CHECKPOINT): Empty,
+    (LIBXC, C.REC_TYPE_CHECKPOINT_DIRTY_PFN_LIST): PfnList,
+    (LIBXC, C.REC_TYPE_STATIC_DATA_END): Empty,
+    (LIBXC, C.REC_TYPE_X86_CPUID_POLICY): X86CpuidPolicy,
+    (LIBXC, C.REC_TYPE_X86_MSR_POLICY): X86MsrPolicy,
+    (LIBXL, C.LIBXL_END): Empty,
+    (LIBXL, C.LIBXL_LIBXC_CONTEXT): Empty,
+    (LIBXL, C.LIBXL_EMULATOR_XENSTORE_DATA): EmulatorXenstoreData,
+    (LIBXL, C.LIBXL_EMULATOR_CONTEXT): Emulator,
+    (LIBXL, C.LIBXL_CHECKPOINT_END): Empty,
+    (LIBXL, C.LIBXL_CHECKPOINT_STATE): CheckpointState,
+}
+
+
+def record_name(layer: str, rtype: int) -> str:
+    names = C.LIBXC_NAMES if layer == LIBXC else C.LIBXL_NAMES
+    name = names.get(rtype)
+    if name is not None:
+        return name
+    kind = "OPTIONAL" if rtype & C.REC_TYPE_OPTIONAL else "UNKNOWN"
+    return f"{kind}_0x{rtype:08x}"
+
+
+def unpack_body(layer: str, rtype: int, body: Buffer) -> Body:
+    cls = BODY_TYPES.get((layer, rtype), Blob)
+    result: Body = cls.unpack(body)
+    return result
+
+
+@dataclass
+class Record(Event):
+    """One record of either layer. ``body`` excludes header and padding."""
+
+    layer: str = LIBXC
+    rtype: int = 0
+    length: int = 0
+    body: Buffer = field(default=b"", repr=False)
+    parsed: Body | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return record_name(self.layer, self.rtype)
+
+    def parse(self) -> Any:
+        """The typed body (PageData, X86TscInfo, ...), validated; cached."""
+        if self.parsed is None:
+            self.parsed = unpack_body(self.layer, self.rtype, self.body)
+        return self.parsed
