@@ -40,6 +40,10 @@ _PHASE_ITEM = {XL_HDR: "xl header", LIBXL_HDR: "libxl header", IMAGE_HDR: "image
 _HEAD = {XL_HDR: C.XL_HDR_SIZE, LIBXL_HDR: C.LIBXL_HDR_SIZE, IMAGE_HDR: C.IHDR_SIZE,
          DOMAIN_HDR: C.DHDR_SIZE, LIBXL_REC: C.REC_HDR_SIZE, LIBXC_REC: C.REC_HDR_SIZE}
 FORMATS = ("xl", "libxl", "libxc")
+# Header items: parser and the phase that follows.
+_HEADERS: dict[int, tuple[Callable[[Buffer], Event], int]] = {
+    XL_HDR: (XlHeader.unpack, LIBXL_HDR), LIBXL_HDR: (LibxlHeader.unpack, LIBXL_REC),
+    IMAGE_HDR: (ImageHeader.unpack, DOMAIN_HDR), DOMAIN_HDR: (DomainHeader.unpack, LIBXC_REC)}
 
 # libxc records by kind, for the ordering rules of libxc-migration-stream.pandoc.
 _STATIC = {C.REC_TYPE_X86_PV_INFO, C.REC_TYPE_X86_CPUID_POLICY, C.REC_TYPE_X86_MSR_POLICY}
@@ -209,11 +213,7 @@ class Decoder:
 
     def _header(self, item: memoryview, out: list[Event]) -> None:
         phase = self._phase
-        table: dict[int, tuple[Callable[[Buffer], Event], int]] = {XL_HDR: (XlHeader.unpack, LIBXL_HDR),
-                      LIBXL_HDR: (LibxlHeader.unpack, LIBXL_REC),
-                      IMAGE_HDR: (ImageHeader.unpack, DOMAIN_HDR),
-                      DOMAIN_HDR: (DomainHeader.unpack, LIBXC_REC)}
-        parse, nxt = table[phase]
+        parse, nxt = _HEADERS[phase]
         try:
             ev = parse(item)
         except FieldError as exc:
