@@ -32,6 +32,7 @@ SIZES = {
     S.XenCpuidLeaf: 24,
     S.XenMsrEntry: 16,
     S.XcVcpuExtstate: 24,
+    S.XenMachphysMfnList: 24,
     S.VcpuContextAny: 5168,
 }
 DOMAININFO_OFFSETS = {"flags": 4, "tot_pages": 8, "shared_info_frame": 48, "cpu_time": 56,

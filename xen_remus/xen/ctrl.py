@@ -18,7 +18,7 @@ from xen_remus.xen import libs
 from xen_remus.xen import structs as S
 from xen_remus.xen.domain import DomainInfo
 from xen_remus.xen.errors import NoSuchDomain, XenCallError, call_failed
-from xen_remus.xen.hcbuf import DirtyBitmap
+from xen_remus.xen.hcbuf import DirtyBitmap, HypercallBuffer
 from xen_remus.xen.state import StateCalls
 
 PFN_TYPE_BATCH = 1024  # XEN_DOMCTL_getpageframeinfo3 takes at most 1024 frames per call
@@ -119,6 +119,19 @@ class XenCtrl(StateCalls):
         self._check(self.lib.xc_machphys_mfn_list(self.handle, chunks, arr),
                     "xc_machphys_mfn_list", None, f"{chunks} chunks")
         return np.ctypeslib.as_array(arr).astype(np.uint64)
+
+    def compat_m2p_mfn0(self) -> int:
+        """First MFN of the compat (32-bit guests') M2P, which PAE L2 tables may map."""
+        hb = HypercallBuffer(self.lib, self.handle, 8)
+        try:
+            arg = S.XenMachphysMfnList(max_extents=1, extent_start=hb.address)
+            rc = self.lib.xc_memory_op(self.handle, S.XENMEM_machphys_compat_mfn_list,
+                                       byref(arg), ctypes.sizeof(arg))
+            self._check(rc, "xc_memory_op(XENMEM_machphys_compat_mfn_list)", None)
+            assert hb.view is not None
+            return int(np.frombuffer(hb.view, dtype=np.uint64, count=1)[0])
+        finally:
+            hb.close()
 
     # -- log-dirty ----------------------------------------------------------------------
     def logdirty_enable(self, domid: int) -> None:

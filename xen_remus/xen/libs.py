@@ -11,6 +11,7 @@ import functools
 from ctypes import (
     POINTER,
     c_int,
+    c_long,
     c_longlong,
     c_size_t,
     c_uint,
@@ -67,6 +68,7 @@ def xenctrl() -> ctypes.CDLL:
         "xc_vcpu_getcontext": (c_int, [P, u32, u32, P]),
         "xc_vcpu_get_extstate": (c_int, [P, u32, u32, POINTER(S.XcVcpuExtstate)]),
         "xc_domctl": (c_int, [P, POINTER(S.XenDomctl)]),
+        "xc_memory_op": (c_long, [P, c_uint, P, c_size_t]),
         "xc_domain_get_tsc_info": (c_int, [P, u32, POINTER(c_uint32), POINTER(c_uint64),
                                            POINTER(c_uint32), POINTER(c_uint32)]),
         "xc_domain_hvm_getcontext": (c_int, [P, u32, P, u32]),

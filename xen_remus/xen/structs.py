@@ -126,6 +126,15 @@ class XenDomctlVcpuMsr(ctypes.Structure):
     _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
 
 
+class XenMachphysMfnList(ctypes.Structure):
+    """struct xen_machphys_mfn_list (XENMEM_machphys_{,compat_}mfn_list)."""
+
+    _fields_ = [("max_extents", c_uint32), ("extent_start", c_uint64), ("nr_extents", c_uint32)]
+
+
+XENMEM_machphys_compat_mfn_list = 25
+
+
 class XenCpuidLeaf(ctypes.Structure):
     _fields_ = [("leaf", c_uint32), ("subleaf", c_uint32),
                 ("a", c_uint32), ("b", c_uint32), ("c", c_uint32), ("d", c_uint32)]
