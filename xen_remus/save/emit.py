@@ -4,20 +4,16 @@ descriptor with os.writev: page data goes from the foreign mapping to the fd, no
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Sequence
-
-import numpy as np
 
 from xen_remus.errors import XenRemusError
 from xen_remus.save.ops import Buffer
 from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
 from xen_remus.stream import consts as C
-from xen_remus.stream.events import DomainHeader, ImageHeader, LibxlHeader, XlHeader
+from xen_remus.stream import encoder
+from xen_remus.stream.records import PageData
 
 IOV_MAX = 1024  # Linux's limit of buffers per writev
-_PAD = bytes(8)
-_RH = struct.Struct("<II")
 
 
 class StreamWriteError(XenRemusError):
@@ -29,11 +25,9 @@ class FdEmitter:
     page data or at flush(); page data is written before page_data() returns, as its
     buffers are views of guest memory that is unmapped afterwards."""
 
-    def __init__(self, fd: int, xl_config: str | None, xen_version: tuple[int, int] = (4, 17),
-                 what: str = "stream") -> None:
+    def __init__(self, fd: int, xl_config: str | None, what: str = "stream") -> None:
         self.fd = fd
-        self.xl_config = xl_config
-        self.xen_version = xen_version
+        self.xl_config = xl_config  # None: a bare libxl stream (no xl header)
         self.what = what
         self.offset = 0
         self.records = 0
@@ -41,33 +35,23 @@ class FdEmitter:
 
     # -- layers --------------------------------------------------------------------------
     def begin(self, domain_type: int) -> None:
-        if self.xl_config is not None:
-            self._pending.append(XlHeader.with_config(self.xl_config).pack())
-        self._pending.append(LibxlHeader().pack())
-        self.libxl_record(C.LIBXL_LIBXC_CONTEXT, ())
-        self._pending.append(ImageHeader().pack())
-        major, minor = self.xen_version
-        self._pending.append(DomainHeader(type=domain_type, xen_major=major,
-                                          xen_minor=minor).pack())
+        fmt = "xl" if self.xl_config is not None else "libxl"
+        self._pending += encoder.stream_start(fmt, domain_type, config_json=self.xl_config)
 
     def checkpoint(self) -> None:
-        self.libxc_record(C.REC_TYPE_CHECKPOINT, ())
-        self.libxl_record(C.LIBXL_CHECKPOINT_END, ())
+        self._pending += encoder.end_of_epoch(wrapped=True)
+        self.records += 2
 
     def end(self) -> None:
-        self.libxc_record(C.REC_TYPE_END, ())
-        self.libxl_record(C.LIBXL_END, ())
+        self._pending += encoder.end_of_stream(wrapped=True)
+        self.records += 2
 
     # -- records -------------------------------------------------------------------------
-    def _record(self, rtype: int, body: Sequence[Buffer]) -> None:
-        length = sum(memoryview(b).nbytes for b in body)
-        if length > C.REC_LENGTH_MAX:
-            raise StreamWriteError(f"{self.what}: record type {rtype:#x} of {length} bytes "
-                                   f"exceeds the spec's {C.REC_LENGTH_MAX}")
-        self._pending.append(_RH.pack(rtype, length))
-        self._pending.extend(body)
-        if length % 8:
-            self._pending.append(_PAD[:8 - length % 8])
+    def _record(self, rtype: int, body: Sequence[Buffer] | PageData) -> None:
+        try:
+            self._pending += encoder.record(rtype, body)
+        except ValueError as exc:
+            raise StreamWriteError(f"{self.what}: {exc}") from None
         self.records += 1
 
     def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None:
@@ -77,9 +61,7 @@ class FdEmitter:
         self._record(rtype, body)  # same framing in both layers
 
     def page_data(self, pfns: Pfns, types: Types, pages: Sequence[Buffer]) -> None:
-        words = pfns.astype("<u8") | (types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT))
-        head = struct.pack("<II", len(pfns), 0) + words.tobytes()
-        self._record(C.REC_TYPE_PAGE_DATA, [head, *pages])
+        self._record(C.REC_TYPE_PAGE_DATA, PageData(pfns, types, list(pages)))
         nbytes = sum(memoryview(p).nbytes for p in pages)
         if nbytes % PAGE_SIZE:
             raise StreamWriteError(f"{self.what}: PAGE_DATA data of {nbytes} bytes is not "

@@ -6,15 +6,14 @@ emulator records of the libxl stream and QEMU's log-dirty, which this engine doe
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import numpy.typing as npt
 
 from xen_remus.save.ops import Emitter, Normalised
 from xen_remus.save.pages import Pfns, Types
-from xen_remus.save.records import cpu_policy_records, tsc_info_body
+from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
+from xen_remus.stream.records import HvmContext, HvmParams
 from xen_remus.xen import XenCtrl
 
 # The HVM params libxc saves (xen/include/public/hvm/params.h); zero values are skipped.
@@ -62,14 +61,12 @@ class HvmGuest:
 
     def end_of_checkpoint(self, out: Emitter) -> None:
         # libxc's order (TSC, HVM_CONTEXT, HVM_PARAMS); its restorer accepts it.
-        out.libxc_record(C.REC_TYPE_X86_TSC_INFO, [tsc_info_body(self.xc, self.domid)])
-        out.libxc_record(C.REC_TYPE_HVM_CONTEXT, [self.xc.hvm_context(self.domid)])
+        out.libxc_record(C.REC_TYPE_X86_TSC_INFO, tsc_info(self.xc, self.domid).pack())
+        out.libxc_record(C.REC_TYPE_HVM_CONTEXT, HvmContext(self.xc.hvm_context(self.domid)).pack())
         params = [(i, self.xc.hvm_param(self.domid, i)) for i in HVM_PARAMS_SAVED]
         params = [(i, v) for i, v in params if v]
         if params:
-            body = struct.pack("<II", len(params), 0) + b"".join(
-                struct.pack("<QQ", i, v) for i, v in params)
-            out.libxc_record(C.REC_TYPE_HVM_PARAMS, [body])
+            out.libxc_record(C.REC_TYPE_HVM_PARAMS, HvmParams(params).pack())
 
     def close(self) -> None:
         pass

@@ -3,16 +3,15 @@ PV records: X86_PV_INFO, X86_PV_P2M_FRAMES, SHARED_INFO and the per-vCPU records
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import numpy.typing as npt
 
 from xen_remus import pagetable
 from xen_remus.save.ops import Buffer, Emitter, Normalised
 from xen_remus.save.pages import PAGE_SIZE, Pfns, Types, pagetable_level
-from xen_remus.save.records import cpu_policy_records, tsc_info_body, vcpu_record_body
+from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
+from xen_remus.stream.records import SharedInfo, X86PvInfo, X86PvP2mFrames, X86PvVcpu
 from xen_remus.xen import M2P, P2M, ForeignMemory, GuestStateError, VcpuContext, XenCtrl
 from xen_remus.xen.p2m import read_shared_info
 
@@ -44,7 +43,7 @@ class PvGuest:
 
     def static_data(self, out: Emitter) -> None:
         levels = 4 if self.width == 8 else 3
-        out.libxc_record(C.REC_TYPE_X86_PV_INFO, [struct.pack("<BB6x", self.width, levels)])
+        out.libxc_record(C.REC_TYPE_X86_PV_INFO, X86PvInfo(self.width, levels).pack())
         cpu_policy_records(self.xc, self.domid, out)
 
     def start_of_stream(self, out: Emitter) -> None:
@@ -54,8 +53,8 @@ class PvGuest:
             bad = int(self.p2m.frames[~ok][0])
             raise GuestStateError(f"domain {self.domid}: p2m frame mfn {bad:#x} is not a page "
                                   "of the guest")
-        hdr = struct.pack("<II", 0, self.p2m.max_pfn - 1)
-        out.libxc_record(C.REC_TYPE_X86_PV_P2M_FRAMES, [hdr, pfns.astype("<u8").tobytes()])
+        body = X86PvP2mFrames(0, self.p2m.max_pfn - 1, pfns.astype(np.uint64))
+        out.libxc_record(C.REC_TYPE_X86_PV_P2M_FRAMES, body.pack())
 
     def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
         return self.ppm.p2m64(pfns)
@@ -74,10 +73,10 @@ class PvGuest:
         return Normalised(replaced=replaced, retry=retry)
 
     def end_of_checkpoint(self, out: Emitter) -> None:
-        out.libxc_record(C.REC_TYPE_X86_TSC_INFO, [tsc_info_body(self.xc, self.domid)])
+        out.libxc_record(C.REC_TYPE_X86_TSC_INFO, tsc_info(self.xc, self.domid).pack())
         with self.fmem.map(self.domid, [self.info.shared_info_frame]) as m:
             m.raise_on_error()
-            out.libxc_record(C.REC_TYPE_SHARED_INFO, [bytes(m.page(0))])
+            out.libxc_record(C.REC_TYPE_SHARED_INFO, SharedInfo(bytes(m.page(0))).pack())
         for v in range(self.xc.domain_info(self.domid).max_vcpu_id + 1):
             self.write_vcpu(v, out)
 
@@ -88,16 +87,16 @@ class PvGuest:
         if not ctx.online:
             return
         pagetable.normalise_vcpu(ctx, v, self.ppm)
-        out.libxc_record(C.REC_TYPE_X86_PV_VCPU_BASIC, vcpu_record_body(v, ctx.raw))
+        out.libxc_record(C.REC_TYPE_X86_PV_VCPU_BASIC, X86PvVcpu(v, ctx.raw).pack())
         ext = self.xc.vcpu_extended_context(self.domid, v)
         if ext:
-            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_EXTENDED, vcpu_record_body(v, ext))
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_EXTENDED, X86PvVcpu(v, ext).pack())
         mask, area = self.xc.vcpu_xsave(self.domid, v)
         if mask and area:
-            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_XSAVE, vcpu_record_body(v, area))
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_XSAVE, X86PvVcpu(v, area).pack())
         msrs = self.xc.vcpu_msrs(self.domid, v)
         if msrs:
-            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_MSRS, vcpu_record_body(v, msrs))
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_MSRS, X86PvVcpu(v, msrs).pack())
 
     def close(self) -> None:
         self.p2m.close()
