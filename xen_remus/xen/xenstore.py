@@ -70,7 +70,14 @@ class XenStore:
         return value.decode(errors="replace")
 
     def write(self, path: str, value: str) -> None:
-        self._do("write", path, self._client.write, value.encode())
+        if value:
+            self._do("write", path, self._client.write, value.encode())
+            return
+        # pyxs rejects an empty value (its ASCII check needs one character), yet "" is
+        # what cancels a shutdown request: send WRITE with the payload "path\0" ourselves.
+        from pyxs._internal import Op
+
+        self._do("write", path, lambda p: self._client.ack(Op.WRITE, p + b"\0"))
 
     def remove(self, path: str) -> None:
         self._do("rm", path, self._client.delete)
