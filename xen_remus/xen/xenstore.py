@@ -84,10 +84,15 @@ class XenStore:
 
     def list(self, path: str) -> list[str]:
         """Children of ``path``; [] if it does not exist."""
-        if self.read(path) is None:
-            return []
-        names: list[bytes] = self._do("directory", path, self._client.list)
-        return [n.decode() for n in names]
+        import pyxs
+
+        try:
+            names: list[bytes] = self._client.list(path.encode())
+        except pyxs.PyXSError as exc:
+            if _errno_of(exc) == errno.ENOENT:
+                return []
+            raise XenStoreError("directory", path, _errno_of(exc)) from None
+        return [n.decode() for n in names if n]
 
     def domain_path(self, domid: int) -> str:
         """/local/domain/DOMID as xenstored reports it."""
