@@ -37,7 +37,7 @@ class XenCtrl(StateCalls):
 
     def __init__(self) -> None:
         self.lib = libs.xenctrl()
-        handle = self.lib.xc_interface_open(None, None, 0)
+        handle = self.lib.xc_interface_open(libs.logger(), libs.logger(), 0)
         if not handle:
             raise XenCallError("xc_interface_open", None, libs.errno())
         self.handle: int = handle

@@ -13,7 +13,7 @@ class EventChannels:
 
     def __init__(self) -> None:
         self.lib = libs.evtchn()
-        handle = self.lib.xenevtchn_open(None, 0)
+        handle = self.lib.xenevtchn_open(libs.logger(), 0)
         if not handle:
             raise XenCallError("xenevtchn_open", None, libs.errno())
         self.handle: int = handle

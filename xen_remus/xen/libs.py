@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from ctypes import (
     POINTER,
     c_int,
@@ -114,6 +115,26 @@ def evtchn() -> ctypes.CDLL:
         "xenevtchn_pending": (c_int, [P]),
         "xenevtchn_unmask": (c_int, [P, c_uint32]),
     })
+
+
+XTL_CRITICAL = 9  # xentoollog_level: only critical messages pass
+
+
+@functools.cache
+def logger() -> int | None:
+    """A xentoollog logger that keeps the libraries' own error lines off stderr: our
+    exceptions already say what failed. XEN_REMUS_XEN_LOG=1 restores their default logging."""
+    if os.environ.get("XEN_REMUS_XEN_LOG"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fdopen.restype = c_void_p
+    libc.fdopen.argtypes = [c_int, ctypes.c_char_p]
+    stream = libc.fdopen(os.dup(2), b"w")
+    xtl = _load("libxentoollog.so.1")
+    xtl.xtl_createlogger_stdiostream.restype = c_void_p
+    xtl.xtl_createlogger_stdiostream.argtypes = [c_void_p, c_int, c_uint]
+    lg: int | None = xtl.xtl_createlogger_stdiostream(stream, XTL_CRITICAL, 0)
+    return lg
 
 
 def errno() -> int:

@@ -82,7 +82,7 @@ class ForeignMemory:
 
     def __init__(self) -> None:
         self.lib = libs.foreignmemory()
-        handle = self.lib.xenforeignmemory_open(None, 0)
+        handle = self.lib.xenforeignmemory_open(libs.logger(), 0)
         if not handle:
             raise XenCallError("xenforeignmemory_open", None, libs.errno())
         self.handle: int = handle
