@@ -19,6 +19,7 @@ from xen_remus.errors import XenRemusError
 COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.stream.cli",
     "xen_remus.save_cli",
+    "xen_remus.receive_cli",
 )
 
 

@@ -1,0 +1,466 @@
+"""The receiver: decode the incoming stream, commit whole epochs to a sink, fail over.
+
+Sink choice. Committed epochs are relayed, byte for byte, as a standard checkpointed
+stream into stock `xl migrate-receive -r` on this host (XlSink below). Why not
+libxl-save-helper directly: its argv and callback protocol are libxl-internal (they
+carry xenstore/console event channels that libxl allocates while building the domain),
+so driving it means re-implementing libxl's domain build; xl does that, and takes the
+same stream we already have. Why not materialise the guest ourselves: a later fallback,
+if stock restore cannot be made reliable (see below).
+
+Why stock failover hangs and why ours should not (LAB-NOTES item 11). libxl reads a
+checkpointed stream in two alternating layers: libxc (in libxl-save-helper) reads page
+data up to its CHECKPOINT record, then hands the fd back to libxl, which buffers its own
+records up to CHECKPOINT_END (libxl_stream_read.c, SRS_PHASE_BUFFERING), then hands it
+back. An EOF can land in either layer, mid-record, while the two processes are passing
+control over the callback pipe; the failover paths then differ (libxc `remus_failover`
+vs libxl `XGR_CHECKPOINT_FAILOVER` relayed back through the helper), and a primary
+killed at a random moment exercises all of them. Our sink only ever sees EOF at one
+place: right after a CHECKPOINT_END we wrote whole, when libxc is blocked reading the
+next record header — the plainest path. On top of that a watchdog bounds the wait: if
+the sink has not finished failing over within `failover_timeout`, its process group is
+killed and the error names the epoch it held.
+
+Memory: the initial full copy (epoch 0) streams through — there is nothing to fail
+over to before it completes; every later epoch is held whole (one in flight) under
+`max_epoch_bytes`, and only a whole, fully validated epoch reaches the sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from xen_remus.errors import XenRemusError
+from xen_remus.stream import Decoder, EpochEnd, StreamEnd, StreamError
+from xen_remus.stream.events import Buffer, Event, XlHeader
+from xen_remus.xlproto import ReceiverSide, SenderSide
+
+log = logging.getLogger("xen_remus.receive")
+
+DEFAULT_MAX_EPOCH_BYTES = 512 << 20
+
+
+class ReceiveError(XenRemusError):
+    """The receive failed and no guest was resumed here."""
+
+
+class EpochTooLarge(XenRemusError):
+    """An epoch outgrew the ceiling before its end."""
+
+    def __init__(self, epoch: int, held: int, ceiling: int, offset: int) -> None:
+        super().__init__(f"epoch {epoch}: {held} bytes buffered at offset {offset} exceed "
+                         f"the ceiling of {ceiling} bytes (--max-epoch-mib)")
+        self.epoch, self.offset = epoch, offset
+
+
+class Sink(Protocol):
+    """Where committed bytes go. ``send`` gets whole validated units only."""
+
+    def send(self, bufs: Sequence[Buffer]) -> None: ...
+
+    def committed(self, epoch: int) -> None: ...
+
+    def failover(self, epoch: int) -> None:
+        """End the stream at the boundary after ``epoch`` and resume the guest there;
+        returns once it runs, raises (bounded in time) if it does not."""
+
+    def abort(self, why: str) -> None:
+        """Nothing to resume: tear the partial copy down."""
+
+
+@dataclass
+class Outcome:
+    """How a receive ended: ``complete`` (plain END) or ``failover`` (from ``epoch``)."""
+
+    kind: str
+    epoch: int | None = None
+    offset: int = 0
+    reason: str = ""
+    seconds: float = 0.0
+    error: XenRemusError | None = None
+
+
+class Receiver:
+    """Feed it the sender's bytes; it forwards whole epochs to ``sink``.
+
+    ``feed`` returns None while the stream goes on, or the Outcome once it ended; bytes
+    after the stream (the sender's GO) are left in ``trailing``.
+    """
+
+    def __init__(self, sink: Sink, checkpointed: bool,
+                 max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES) -> None:
+        self.sink = sink
+        self.checkpointed = checkpointed
+        self.max_epoch_bytes = max_epoch_bytes
+        self.dec = Decoder(fmt=None, checkpointed=True if checkpointed else False)
+        self.committed: int | None = None  # last epoch the sink has whole
+        self.offset = 0  # bytes received
+        self.trailing = b""
+        self.outcome: Outcome | None = None
+        self._held: list[Buffer] = []
+        self._held_bytes = 0
+        self._held_from = 0
+        self.on_header: Callable[[XlHeader], None] | None = None  # sees the config first
+
+    @property
+    def streaming(self) -> bool:
+        """Initial copy (or a plain stream): records go straight to the sink."""
+        return self.committed is None
+
+    def feed(self, data: bytes) -> Outcome | None:
+        if self.outcome is not None:
+            raise ReceiveError("data fed after the stream ended")
+        start = self.offset
+        self.offset += len(data)
+        try:
+            events = self.dec.feed(data)
+        except StreamError as exc:
+            end = next((e for e in exc.events if isinstance(e, StreamEnd)), None)
+            try:
+                self._take(exc.events)
+            except EpochTooLarge as big:
+                return self._broken(big, eof=False)
+            if end is not None and self.outcome is not None:
+                # Bytes after the final END: the handshake that follows the stream.
+                self.trailing = data[end.offset - start:]
+                return self.outcome
+            return self._broken(exc, eof=not data)
+        try:
+            self._take(events)
+        except EpochTooLarge as exc:
+            return self._broken(exc, eof=False)
+        return self.outcome
+
+    def eof(self) -> Outcome:
+        out = self.feed(b"") if self.outcome is None else self.outcome
+        assert out is not None  # EOF always ends the stream one way or another
+        return out
+
+    def _take(self, events: Sequence[Event]) -> None:
+        through: list[Buffer] = []
+        for ev in events:
+            if isinstance(ev, XlHeader) and self.on_header is not None:
+                self.on_header(ev)
+            if isinstance(ev, StreamEnd):
+                self._flush(through)
+                if ev.complete:
+                    self._commit_held()
+                    self.outcome = Outcome("complete", self.committed, ev.offset)
+                else:
+                    self._failover(f"stream ended at offset {ev.offset} (EOF at an epoch "
+                                   "boundary)", None)
+                return
+            if self.streaming:
+                if len(ev.wire):
+                    through.append(ev.wire)
+                if isinstance(ev, EpochEnd):
+                    self._flush(through)
+                    self._set_committed(ev.epoch)
+                continue
+            if not self._held:
+                self._held_from = ev.offset
+            if len(ev.wire):
+                self._held.append(ev.wire)
+                self._held_bytes += len(ev.wire)
+                if self._held_bytes > self.max_epoch_bytes:
+                    raise EpochTooLarge(ev.epoch, self._held_bytes, self.max_epoch_bytes,
+                                        ev.offset)
+            if isinstance(ev, EpochEnd):
+                self._commit_held()
+                self._set_committed(ev.epoch)
+        self._flush(through)
+
+    def _flush(self, through: list[Buffer]) -> None:
+        if through:
+            self.sink.send(through)
+            through.clear()
+
+    def _commit_held(self) -> None:
+        if self._held:
+            self.sink.send(self._held)
+        self._held, self._held_bytes = [], 0
+
+    def _set_committed(self, epoch: int) -> None:
+        self.committed = epoch
+        self.sink.committed(epoch)
+
+    def _broken(self, exc: XenRemusError, eof: bool) -> Outcome:
+        if not self.checkpointed or self.committed is None:
+            why = f"stream broken before any complete epoch: {exc}"
+            self.sink.abort(why)
+            self.outcome = Outcome("aborted", None, self.offset, why, error=exc)
+            raise ReceiveError(why) from exc
+        kind = "EOF mid-epoch" if eof else "invalid stream"
+        self._failover(f"{kind}: {exc}", exc)
+        assert self.outcome is not None
+        return self.outcome
+
+    def _failover(self, reason: str, error: XenRemusError | None) -> None:
+        epoch = self.committed
+        if epoch is None:
+            why = f"{reason}; no complete epoch to resume from"
+            self.sink.abort(why)
+            self.outcome = Outcome("aborted", None, self.offset, why, error=error)
+            raise ReceiveError(why)
+        if self._held_bytes:
+            log.warning("failover: discarding partial epoch %d (%d bytes from offset %d)",
+                        epoch + 1, self._held_bytes, self._held_from)
+        self._held, self._held_bytes = [], 0
+        log.warning("failover: %s; resuming from epoch %d", reason, epoch)
+        t0 = time.monotonic()
+        self.sink.failover(epoch)
+        secs = time.monotonic() - t0
+        log.warning("failover: guest resumed from epoch %d in %.3f s", epoch, secs)
+        self.outcome = Outcome("failover", epoch, self.offset, reason, secs, error)
+
+
+# -- I/O: bounded reads and writes on pipes ---------------------------------------------
+
+def _wait_fd(fd: int, events: int, deadline: float | None, what: str) -> None:
+    """Block until ``fd`` is ready, or raise once ``deadline`` (monotonic) has passed."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise IoTimeout(what)
+        if poller.poll(None if left is None else max(1, int(left * 1000))):
+            return
+
+
+class IoTimeout(XenRemusError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"timed out waiting for {what}")
+
+
+def write_all(fd: int, bufs: Sequence[Buffer], timeout: float | None, what: str) -> None:
+    """writev every byte of ``bufs`` to ``fd`` (blocking or not), within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    i = 0
+    while i < len(views):
+        _wait_fd(fd, select.POLLOUT, deadline, what)
+        try:
+            n = os.writev(fd, views[i:i + 1024])  # IOV_MAX
+        except BlockingIOError:
+            continue
+        while n and i < len(views):
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def read_some(fd: int, timeout: float | None, what: str, size: int = 1 << 20) -> bytes:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _wait_fd(fd, select.POLLIN, deadline, what)
+    return os.read(fd, size)
+
+
+# -- the sink: stock `xl migrate-receive` on this host -----------------------------------
+
+@dataclass
+class SinkConfig:
+    xl: str = "xl"
+    remus: bool = False
+    no_daemon: bool = False  # -e
+    io_timeout: float = 60.0  # the sink must take each write / send each message
+    ready_timeout: float = 600.0  # plain stream: restore may take a while after END
+    failover_timeout: float = 30.0  # the watchdog: stock failover takes 0.35–1.2 s
+
+
+class XlSink:
+    """Relays to `xl migrate-receive [-r] [-e]`: we are its sender, it builds the guest."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        self.cfg = cfg
+        self.argv = [cfg.xl, "migrate-receive"] + (["-r"] if cfg.remus else []) + (
+            ["-e"] if cfg.no_daemon else [])
+        self.domain_name: str | None = None  # set by the driver from the xl header
+        self.proto = SenderSide(checkpointed=cfg.remus)
+        try:
+            # Own session: the watchdog kills xl and its libxl-save-helper together.
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            raise ReceiveError(f"cannot run {' '.join(self.argv)}: {exc}") from None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        self._await("banner", cfg.io_timeout)
+
+    def _what(self) -> str:
+        return f"`{' '.join(self.argv)}` (pid {self.proc.pid})"
+
+    def _await(self, name: str, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data = read_some(self._out, deadline - time.monotonic(),
+                                 f"the {name} from {self._what()}", 4096)
+            except IoTimeout as exc:
+                raise ReceiveError(str(exc)) from None
+            if not data:
+                self.proto.eof()
+            for msg in self.proto.feed(data):
+                if msg.name == name:
+                    return msg.status
+
+    def send(self, bufs: Sequence[Buffer]) -> None:
+        try:
+            write_all(self._in, bufs, self.cfg.io_timeout, f"{self._what()} to take data")
+        except BrokenPipeError:
+            rc = self.proc.wait(timeout=self.cfg.io_timeout)
+            raise ReceiveError(f"{self._what()} exited (status {rc}) while receiving") from None
+        except IoTimeout as exc:
+            raise ReceiveError(str(exc)) from None
+
+    def committed(self, epoch: int) -> None:
+        log.debug("epoch %d committed to %s", epoch, self._what())
+
+    def _close_input(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+
+    def failover(self, epoch: int) -> None:
+        self._close_input()
+        try:
+            rc = self.proc.wait(timeout=self.cfg.failover_timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            raise ReceiveError(
+                f"failover from epoch {epoch}: {self._what()} did not finish within "
+                f"{self.cfg.failover_timeout:g} s (the stock libxl failover hang); killed it, "
+                f"its paused copy {self.incoming_name()} is left for inspection") from None
+        if rc != 0:
+            raise ReceiveError(f"failover from epoch {epoch}: {self._what()} exited "
+                               f"with status {rc}")
+
+    def finish_plain(self, upstream: Upstream, proto: ReceiverSide) -> int:
+        """The handshake after a plain stream, relayed between the sender and xl."""
+        self.proto.stream_done()
+        self._await("ready message", self.cfg.ready_timeout)
+        upstream.write(proto.ready())
+        upstream.await_go(proto)
+        self.send([self.proto.go()])
+        status = self._await("success/failure report", self.cfg.io_timeout)
+        assert status is not None
+        upstream.write(proto.report(status))
+        if status:
+            self.proto.expect_resume_permission()
+            self._await("permission for sender to resume", self.cfg.io_timeout)
+            upstream.write(proto.resume_permission())
+        self._close_input()
+        try:
+            self.proc.wait(timeout=self.cfg.io_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s still running after the handshake; leaving it", self._what())
+        return status
+
+    def incoming_name(self) -> str:
+        return f"{self.domain_name}--incoming" if self.domain_name else "(unknown name)"
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def abort(self, why: str) -> None:
+        self._close_input()
+        self._kill()
+        if self.domain_name:
+            # xl died mid-restore: its half-built domain must go (stock xl does the same).
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run([self.cfg.xl, "destroy", self.incoming_name()],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=30, check=False)
+
+
+# -- the driver: our sender side of the pipes ---------------------------------------------
+
+class Upstream:
+    """The sender's two pipes: the stream (and GO) in, the handshake out."""
+
+    def __init__(self, rfd: int, wfd: int, idle_timeout: float | None,
+                 io_timeout: float = 60.0) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
+        self.pending = b""
+
+    def write(self, data: bytes) -> None:
+        try:
+            write_all(self.wfd, [data], self.io_timeout, "the sender to read")
+        except (BrokenPipeError, IoTimeout) as exc:
+            raise ReceiveError(f"cannot answer the sender: {exc}") from None
+
+    def read(self) -> bytes:
+        """The next chunk of the stream; b"" at EOF, read error or idle timeout (the
+        sender is gone either way: fail over)."""
+        try:
+            return read_some(self.rfd, self.idle_timeout, "the sender")
+        except IoTimeout:
+            log.warning("no data from the sender for %g s: treating it as gone",
+                        self.idle_timeout or 0)
+            return b""
+        except OSError as exc:
+            log.warning("reading the stream: %s: treating the sender as gone", exc)
+            return b""
+
+    def await_go(self, proto: ReceiverSide) -> None:
+        data, self.pending = self.pending, b""
+        deadline = time.monotonic() + self.io_timeout
+        while True:
+            if data and any(m.name == "GO message" for m in proto.feed(data)):
+                return
+            try:
+                data = read_some(self.rfd, deadline - time.monotonic(), "the sender's GO")
+            except IoTimeout as exc:
+                raise ReceiveError(str(exc)) from None
+            if not data:
+                proto.eof()
+
+
+def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
+            max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES) -> Outcome:
+    """Run one receive to its end: banner, stream, then the handshake or the failover."""
+    proto = ReceiverSide()
+    rx = Receiver(sink, checkpointed, max_epoch_bytes)
+    upstream.write(proto.banner())
+    log.info("ready to receive (%s stream) into %s",
+             "checkpointed" if checkpointed else "plain", sink._what())
+    rx.on_header = lambda hdr: setattr(sink, "domain_name", _domain_name(hdr))
+    out: Outcome | None = None
+    t0 = time.monotonic()
+    while out is None:
+        chunk = upstream.read()
+        out = rx.feed(chunk) if chunk else rx.eof()
+    if out.kind == "complete":
+        log.info("stream complete: %d bytes, %d epochs, %.2f s", out.offset,
+                 (out.epoch or 0) + 1 if rx.dec.checkpointed else 1, time.monotonic() - t0)
+        upstream.pending = rx.trailing
+        status = sink.finish_plain(upstream, proto)
+        if status:
+            raise ReceiveError(f"xl migrate-receive reported startup failure (status "
+                               f"{status}); the sender was given the domain back")
+    return out
+
+
+def _domain_name(hdr: XlHeader) -> str | None:
+    """The guest's name from the JSON config in the xl header (libxl_domain_config)."""
+    try:
+        return str(hdr.config_json()["c_info"]["name"])
+    except (TypeError, KeyError, ValueError):
+        return None
