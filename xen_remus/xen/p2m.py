@@ -49,14 +49,17 @@ class M2P:
     """Xen's read-only machine-to-phys table, mapped from DOMID_XEN. ``table[mfn]`` = pfn."""
 
     def __init__(self, xc: XenCtrl, fmem: ForeignMemory) -> None:
-        self.max_mfn = xc.maximum_ram_page()
-        chunks = -(-(self.max_mfn + 1) * 8 // (M2P_CHUNK_PAGES * S.PAGE_SIZE))
+        max_page = xc.maximum_ram_page()
+        # Xen hands out exactly ceil(max_page * 8 / 2 MiB) chunks; asking for more fails.
+        chunks = -(-max_page * 8 // (M2P_CHUNK_PAGES * S.PAGE_SIZE))
         starts = xc.machphys_mfn_list(chunks)
         frames = (starts[:, None] + np.arange(M2P_CHUNK_PAGES, dtype=np.uint64)).ravel()
         self.mapping = fmem.map(S.DOMID_XEN, frames)
         self.mapping.raise_on_error()
+        count = min(max_page + 1, len(frames) * S.PAGE_SIZE // 8)
         self.table: npt.NDArray[np.uint64] = np.frombuffer(
-            self.mapping.view, dtype=np.uint64, count=self.max_mfn + 1)
+            self.mapping.view, dtype=np.uint64, count=count)
+        self.max_mfn = count - 1  # libxc accepts mfn <= max_page when the table covers it
 
     def close(self) -> None:
         del self.table
