@@ -51,6 +51,7 @@ def ticks_after(host: Any, name: str, last: int, timeout: float = 30.0) -> list[
 
 
 def check_common(out: dict[str, Any]) -> None:
+    assert out["pause_unpause"] == [True, False]
     rounds = out["clean_rounds"]
     assert all(r["dirty_count"] > 0 and r["bitmap_pfns"] > 0 for r in rounds), rounds
     assert out["suspended"] is True

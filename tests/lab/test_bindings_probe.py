@@ -138,6 +138,10 @@ def main(domid: int) -> dict[str, Any]:
                    "online_vcpus": info.nr_online_vcpus, "running_or_blocked":
                    bool(info.flags & (S.DOMINF_RUNNING | S.DOMINF_BLOCKED)),
                    "shared_info_frame": info.shared_info_frame}
+    xc.pause(domid)
+    paused = xc.domain_info(domid).paused
+    xc.unpause(domid)
+    out["pause_unpause"] = [paused, xc.domain_info(domid).paused]
     logdirty(xc, domid, out)
     guest_state(xc, domid, info.hvm, info.vcpus, out)
     p2m = ppm = None
