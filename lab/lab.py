@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -113,6 +114,9 @@ class Lab:
         kill_stale()
         (STATE_DIR / "pids").mkdir(parents=True, exist_ok=True)
         (self.rundir / "share" / "guests").mkdir(parents=True)
+        (self.rundir / "share" / "guest").mkdir()
+        shutil.copy(self.images.vmlinuz, self.rundir / "share/guest/vmlinuz")
+        shutil.copy(self.images.guest_initrd, self.rundir / "share/guest/initrd.gz")
         latest = STATE_DIR / "runs" / "latest"
         latest.unlink(missing_ok=True)
         latest.symlink_to(self.rundir.name)

@@ -1,0 +1,118 @@
+"""Lab guests: configs, creation, and reading what the guest's workload shows."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+from lab.errors import LabError
+from lab.host import Host
+
+COUNTER_PORT = 7000
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestSpec:
+    """A busybox guest running the counter workload (lab/guest/init)."""
+
+    name: str = "g1"
+    kind: str = "pv"  # "pv" or "pvh"
+    # MiB: Debian's kernel does not fit a 64 MiB PV guest (xc_dom_chk_alloc_pages: segment
+    # kernel too large); keep it small all the same, the inter-host link is slow (LAB-NOTES 17)
+    memory: int = 96
+    ip: str = "169.254.20.1"
+    mac: str = "00:16:3e:00:00:01"
+    disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
+
+    def config(self, images: str = "/guest") -> str:
+        lines = [
+            f'name = "{self.name}"',
+            f'type = "{self.kind}"',
+            f"memory = {self.memory}",
+            "vcpus = 1",
+            f'kernel = "{images}/vmlinuz"',
+            f'ramdisk = "{images}/initrd.gz"',
+            f'extra = "console=hvc0 quiet xenlab_ip={self.ip}/16"',
+            f"vif = [ 'bridge=xenbr0,mac={self.mac}' ]",
+            'on_crash = "preserve"',
+        ]
+        if self.kind == "pvh":
+            lines.append('tsc_mode = "native"')  # TCG: RDTSCP emulation kills PVH (LAB-NOTES 4)
+        if self.disk:
+            lines.append(f"disk = [ '{self.disk}' ]")
+        return "\n".join(lines) + "\n"
+
+    def write(self, host: Host) -> str:
+        """Write the config to the lab share; return its path as every dom0 sees it."""
+        # Guest images from the share (copied there by Lab.start: no dom0 rebuild when the
+        # guest changes), else the copy built into dom0.
+        images = "/mnt/lab/guest" if (host.share / "guest/initrd.gz").exists() else "/guest"
+        (host.share / "guests" / f"{self.name}.cfg").write_text(self.config(images))
+        return f"/mnt/lab/guests/{self.name}.cfg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Counter:
+    value: int
+    bootid: str
+
+
+def create(host: Host, spec: GuestSpec, timeout: float = 90.0) -> float:
+    """xl create the guest and wait until its workload runs; returns seconds taken."""
+    t0 = time.monotonic()
+    host.run(f"xl create {spec.write(host)}", timeout=timeout, check=True)
+    wait_console(host, spec.name, r"XRGUEST ready", timeout - (time.monotonic() - t0))
+    return time.monotonic() - t0
+
+
+def wait_console(host: Host, name: str, pattern: str, timeout: float) -> re.Match[str]:
+    """Wait for a regex in the guest's console log on `host`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, host.guest_console(name))
+        if m:
+            return m
+        if time.monotonic() > deadline:
+            tail = "\n".join(host.guest_console(name).splitlines()[-15:])
+            raise LabError(f"host {host.name}: guest {name} console shows no /{pattern}/ within "
+                           f"{timeout:.0f} s; console tail:\n{tail}")
+        time.sleep(0.3)
+
+
+def ticks(host: Host, name: str) -> list[tuple[int, str]]:
+    """(counter, bootid) of every tick the guest printed on its console on `host`."""
+    found = re.findall(r"XRGUEST tick (\d+) bootid=(\w+)", host.guest_console(name))
+    return [(int(n), b) for n, b in found]
+
+
+def parse_counter(line: str) -> Counter:
+    m = re.search(r"counter=(\d+) bootid=(\w+)", line)
+    if not m:
+        raise LabError(f"guest counter service replied {line!r}, expected counter=N bootid=X")
+    return Counter(int(m.group(1)), m.group(2))
+
+
+def counter(host: Host, spec: GuestSpec, timeout: float = 20.0) -> Counter:
+    """Ask the guest's TCP counter service, from `host`'s dom0."""
+    r = host.run(f"echo | timeout 10 busybox nc {spec.ip} {COUNTER_PORT}", timeout=timeout)
+    if not r.stdout.strip():
+        raise LabError(f"host {host.name}: no reply from {spec.name} at {spec.ip}:"
+                       f"{COUNTER_PORT} (rc {r.rc}, stderr {r.stderr.strip()!r})")
+    return parse_counter(r.stdout.splitlines()[0])
+
+
+def pattern_sha(host: Host, spec: GuestSpec, timeout: float = 30.0) -> str:
+    """The guest re-hashes its boot-time memory pattern (tmpfs) and replies with the sha256."""
+    r = host.run(f"echo check | timeout 20 busybox nc {spec.ip} {COUNTER_PORT}", timeout=timeout)
+    m = re.search(r"pattern sha256=([0-9a-f]{64})", r.stdout)
+    if not m:
+        raise LabError(f"host {host.name}: {spec.name} gave no pattern hash: {r.stdout!r}")
+    return m.group(1)
+
+
+def domain_state(host: Host, name: str) -> str | None:
+    """The xl list state column (e.g. 'r-----', '-b----', '--p---'), None if absent."""
+    r = host.run(f"xl list {name} 2>/dev/null | tail -n +2", timeout=30)
+    fields = r.stdout.split()
+    return fields[4] if r.ok and len(fields) >= 5 else None
