@@ -1,0 +1,184 @@
+"""The receiver core against a fake sink: whole epochs only, failover, cuts, ceilings."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from xen_remus.restore_continuous import (
+    EpochTooLarge,
+    Outcome,
+    ReceiveError,
+    Receiver,
+)
+from xen_remus.stream import Decoder, EpochEnd, StreamError
+from xen_remus.stream.events import Buffer
+from xen_remus.stream.synth import make_epoch, synthetic_stream
+from xen_remus.xlproto import GO
+
+
+class FakeSink:
+    """Records what reached it, and when, as a restore would see it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.commits: list[tuple[int, int]] = []  # (epoch, bytes received by then)
+        self.failed_over: int | None = None
+        self.aborted: str | None = None
+
+    def send(self, bufs: Sequence[Buffer]) -> None:
+        assert self.failed_over is None and self.aborted is None
+        for b in bufs:
+            self.data += b
+
+    def committed(self, epoch: int) -> None:
+        self.commits.append((epoch, len(self.data)))
+
+    def failover(self, epoch: int) -> None:
+        self.failed_over = epoch
+
+    def abort(self, why: str) -> None:
+        self.aborted = why
+
+
+XTAB = 0xF  # PFINFO type without page data: keeps the every-offset test small
+
+
+def stream(epochs: int, end: bool, pv: bool = True, pages: int = 1, first: int = 3,
+           data: bool = True) -> bytes:
+    t0 = None if data else [XTAB] * first
+    eps = [make_epoch(list(range(1, 1 + first)), t0, seed=0)]
+    eps += [make_epoch([1 + n % 3 + k for k in range(pages)],
+                       None if data else [XTAB] * pages, seed=n) for n in range(1, epochs)]
+    return b"".join(bytes(b) for b in synthetic_stream("xl", pv, eps, end=end))
+
+
+def epoch_ends(data: bytes) -> list[int]:
+    """Stream offset just past each epoch's CHECKPOINT_END, from the codec."""
+    return [e.offset for e in Decoder().feed(data) if isinstance(e, EpochEnd)]
+
+
+def run(data: bytes, checkpointed: bool, chunks: Sequence[int] = (),
+        ceiling: int = 1 << 30) -> tuple[FakeSink, Outcome]:
+    sink = FakeSink()
+    rx = Receiver(sink, checkpointed, ceiling)
+    pos, out = 0, None
+    for n in chunks:
+        if out is not None or pos >= len(data):
+            break
+        out = rx.feed(data[pos:pos + n])
+        pos += n
+    if out is None and pos < len(data):
+        out = rx.feed(data[pos:])
+    if out is None:
+        out = rx.eof()
+    return sink, out
+
+
+def test_plain_stream_is_relayed_exactly_and_go_is_left_over() -> None:
+    data = stream(1, end=True)
+    sink = FakeSink()
+    rx = Receiver(sink, checkpointed=False)
+    out = rx.feed(data + GO)
+    assert out is not None and out.kind == "complete"
+    assert bytes(sink.data) == data
+    assert rx.trailing == GO
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 65536])
+def test_checkpointed_eof_at_boundary_fails_over_to_last_epoch(chunk: int) -> None:
+    data = stream(4, end=False)
+    ends = epoch_ends(data)
+    assert len(ends) == 4
+    sink, out = run(data, True, [chunk] * (len(data) // chunk + 1))
+    assert out.kind == "failover" and out.epoch == 3 and out.error is None
+    assert sink.failed_over == 3
+    assert bytes(sink.data) == data
+    # Every commit happened exactly at an epoch boundary.
+    assert [c for c in sink.commits] == list(enumerate(ends))
+
+
+def test_cut_at_every_offset() -> None:
+    """Whatever byte the stream stops at, the sink holds exactly the stream up to the last
+    whole epoch (after epoch 0), and fails over from that epoch; before epoch 0 is whole
+    the receive aborts and nothing is resumed."""
+    data = stream(4, end=False, pv=False, data=False)
+    ends = epoch_ends(data)
+    assert len(ends) == 4
+    for cut in range(1, len(data)):
+        sink = FakeSink()
+        rx = Receiver(sink, checkpointed=True)
+        if cut < ends[0]:
+            with pytest.raises(ReceiveError, match="before any complete epoch"):
+                rx.feed(data[:cut])
+                rx.eof()
+            assert sink.aborted and sink.failed_over is None
+            assert data.startswith(bytes(sink.data))
+            continue
+        out = rx.feed(data[:cut]) or rx.eof()
+        last = max(i for i, e in enumerate(ends) if e <= cut)
+        assert out.kind == "failover" and out.epoch == last, cut
+        assert sink.failed_over == last
+        assert bytes(sink.data) == data[:ends[last]], cut
+
+
+def test_random_chunking_gives_the_same_bytes() -> None:
+    data = stream(5, end=False, pages=3)
+    rnd = random.Random(6)
+    for _ in range(20):
+        chunks = [rnd.randint(1, 9000) for _ in range(len(data))]
+        sink, out = run(data, True, chunks)
+        assert out.kind == "failover" and out.epoch == 4
+        assert bytes(sink.data) == data
+
+
+def test_invalid_record_mid_epoch_keeps_last_good_epoch() -> None:
+    data = bytearray(stream(4, end=False))
+    ends = epoch_ends(bytes(data))
+    bad = ends[1] + 4  # inside epoch 2's first record header: its length field
+    data[bad:bad + 4] = (0xFFFFFFF0).to_bytes(4, "little")
+    sink, out = run(bytes(data), True, [1000] * 100)
+    assert out.kind == "failover" and out.epoch == 1
+    assert isinstance(out.error, StreamError)
+    assert f"offset {bad}" in str(out.error)  # the length field of the bad header
+    assert "invalid stream" in out.reason
+    assert bytes(sink.data) == bytes(data[:ends[1]])
+
+
+def test_epoch_over_the_ceiling_fails_over_with_a_clear_error() -> None:
+    small = stream(3, end=False, pages=1)
+    size = epoch_ends(small)[1] - epoch_ends(small)[0]
+    data = stream(4, end=False, pages=4)  # epochs 1.. hold 4 pages: > 2 small epochs
+    sink, out = run(data, True, [8192] * 100, ceiling=2 * size)
+    assert out.kind == "failover" and out.epoch == 0
+    assert isinstance(out.error, EpochTooLarge)
+    assert "epoch 1" in str(out.error) and "ceiling" in str(out.error)
+    assert bytes(sink.data) == data[:epoch_ends(data)[0]]
+
+
+def test_checkpoint_in_a_plain_receive_aborts() -> None:
+    data = stream(3, end=False)
+    sink = FakeSink()
+    rx = Receiver(sink, checkpointed=False)
+    with pytest.raises(ReceiveError, match="CHECKPOINT"):
+        rx.feed(data)
+    assert sink.aborted is not None and sink.failed_over is None
+
+
+def test_plain_stream_cut_aborts() -> None:
+    data = stream(1, end=True)
+    sink = FakeSink()
+    rx = Receiver(sink, checkpointed=False)
+    assert rx.feed(data[:len(data) // 2]) is None
+    with pytest.raises(ReceiveError, match="truncated"):
+        rx.eof()
+    assert sink.aborted is not None
+
+
+def test_checkpointed_stream_with_final_end_completes() -> None:
+    data = stream(3, end=True)
+    sink, out = run(data, True, [512] * 1000)
+    assert out.kind == "complete" and sink.failed_over is None
+    assert bytes(sink.data) == data
