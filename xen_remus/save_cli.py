@@ -7,11 +7,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save.session import SaveSession, domain_config_json, domain_lock, xl
+from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
 from xen_remus.save.transport import (
     BANNER,
     GO,
@@ -21,6 +22,7 @@ from xen_remus.save.transport import (
     Receiver,
     receiver_command,
 )
+from xen_remus.save_continuous import SaveStats
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def migrate(s: SaveSession, recv: Receiver, config: str, policy: PrecopyPolicy,
-            timeout: float) -> None:
+class Saver(Protocol):
+    """What migrate() needs of a SaveSession (a fake in the unit tests)."""
+
+    target: Target
+
+    def save(self, fd: int, xl_config: str | None, policy: PrecopyPolicy,
+             what: str = ...) -> SaveStats: ...
+
+    def resume(self) -> None: ...
+
+
+def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
+            timeout: float, xl: Callable[..., str] = xl) -> None:
     """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
     Before GO any failure resumes the guest here; after GO the receiver owns it."""
     domid, name = s.target.domid, s.target.name

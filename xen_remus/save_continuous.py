@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,7 +236,8 @@ class SaveEngine:
             self._suspended = False
 
 
-def page_buffers(view: memoryview, keep: np.ndarray, replaced: dict[int, Buffer]) -> list[Buffer]:
+def page_buffers(view: memoryview, keep: np.ndarray,
+                 replaced: Mapping[int, Buffer]) -> list[Buffer]:
     """The data of the kept pages, in order, as few buffers as possible: each run of
     consecutive kept, unreplaced pages is one slice of ``view`` (no copy); a replaced page
     (a normalised pagetable) is its own buffer."""

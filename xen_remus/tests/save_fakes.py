@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.save.ops import Buffer, Normalised
+from xen_remus.save.ops import Buffer, Emitter, Normalised
 from xen_remus.save.pages import NOTAB, PAGE_SIZE, XTAB, Pfns, Types
 
 OFFSET = 0x1000  # frame = pfn + OFFSET, so that a missed pfn->frame translation shows
@@ -122,10 +122,10 @@ class FakeGuest:
     def nr_pfns(self) -> int:
         return self.dom.nr_pfns
 
-    def static_data(self, out: RecordingEmitter) -> None:
+    def static_data(self, out: Emitter) -> None:
         out.libxc_record(0x11, [b"\0" * 24])
 
-    def start_of_stream(self, out: RecordingEmitter) -> None:
+    def start_of_stream(self, out: Emitter) -> None:
         pass
 
     def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
@@ -155,7 +155,7 @@ class FakeGuest:
                 self.normalised_pfns.append(pfn)
         return res
 
-    def end_of_checkpoint(self, out: RecordingEmitter) -> None:
+    def end_of_checkpoint(self, out: Emitter) -> None:
         out.libxc_record(0x08, [b"\0" * 24])
 
     def close(self) -> None:

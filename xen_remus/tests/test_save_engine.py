@@ -74,7 +74,12 @@ def test_live_rounds_resend_what_the_guest_dirtied() -> None:
 
 def test_policy_stops_after_max_rounds_when_guest_keeps_dirtying() -> None:
     dom, guest, out, eng = make(2000, PrecopyPolicy(max_rounds=3, target_dirty=5))
-    dom.on_clean = lambda r: [dom.write(p, 9) for p in range(0, 2000, 3)] and None
+
+    def guest_runs(r: int) -> None:
+        for p in range(0, 2000, 3):
+            dom.write(p, 9)
+
+    dom.on_clean = guest_runs
     stats = eng.run()
     assert len([r for r in stats.rounds if r.live]) == 3
     received_equals_guest(dom, out)  # the last live round's dirty pages went out after suspend

@@ -51,7 +51,12 @@ def decode(data: bytes, step: int = 7919) -> list[object]:
 def test_live_save_stream_decodes_and_rebuilds_memory() -> None:
     dom = FakeDomain(2100)
     dom.types[[4, 5]] = [0xD, 0xF]
-    dom.on_clean = lambda r: [dom.write(p, 50 + r) for p in range(0, 2100, 5 + 10 * r)] and None
+
+    def guest_runs(r: int) -> None:
+        for p in range(0, 2100, 5 + 10 * r):
+            dom.write(p, 50 + r)
+
+    dom.on_clean = guest_runs
     data = save_to_bytes(dom, PrecopyPolicy(max_rounds=3, target_dirty=20),
                          '{"c_info": {"name": "g"}}')
     events = decode(data)
@@ -79,7 +84,8 @@ def test_live_save_stream_decodes_and_rebuilds_memory() -> None:
 def test_writev_all_survives_short_writes_and_many_buffers() -> None:
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    bufs: list[bytes | memoryview] = [bytes([i % 256]) * (1 + i % 3000) for i in range(2500)]
+    bufs: list[bytes | bytearray | memoryview] = [
+        bytes([i % 256]) * (1 + i % 3000) for i in range(2500)]
     want = b"".join(bufs)
     got = bytearray()
 

@@ -1,0 +1,92 @@
+"""xl's sender handshake against a fake `xl migrate-receive` (real pipes, real stream)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from xen_remus.save.emit import FdEmitter
+from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.save.session import Target
+from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
+from xen_remus.save_cli import migrate
+from xen_remus.save_continuous import SaveEngine, SaveStats
+from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeSaver:
+    def __init__(self) -> None:
+        self.target = Target(7, "guest")
+        self.dom = FakeDomain(300)
+        self.engine: SaveEngine | None = None
+
+    def save(self, fd: int, xl_config: str | None, policy: PrecopyPolicy,
+             what: str = "stream") -> SaveStats:
+        self.engine = SaveEngine(self.dom, FakeGuest(self.dom),
+                                 FdEmitter(fd, xl_config, what=what), policy)
+        return self.engine.run()
+
+    def resume(self) -> None:
+        assert self.engine is not None
+        self.engine.resume()
+
+
+def run(mode: str, s: FakeSaver | None = None, calls: list[tuple[str, ...]] | None = None
+        ) -> tuple[FakeSaver, list[tuple[str, ...]], int | None]:
+    rune = f"cd {ROOT} && exec {sys.executable} -m xen_remus.tests.save_fake_receiver {mode}"
+    s = s or FakeSaver()
+    calls = [] if calls is None else calls
+
+    def fake_xl(*args: str, timeout: float = 60.0) -> str:
+        calls.append(args)
+        return ""
+
+    recv = Receiver(receiver_command(rune, "", []))
+    try:
+        migrate(s, recv, '{"c_info": {}}', PrecopyPolicy(max_rounds=2), timeout=30,
+                xl=fake_xl)
+    finally:
+        rc = recv.close()
+    return s, calls, rc
+
+
+def test_receiver_command_like_xl() -> None:
+    assert receiver_command("hostb", None, []) == "exec ssh hostb xl migrate-receive"
+    assert receiver_command("hostb", "ssh -p 22", ["-e"]) == \
+        "exec ssh -p 22 hostb xl migrate-receive -e"
+    assert receiver_command("xl migrate-receive", "", []) == "xl migrate-receive"
+
+
+def test_migrate_success_renames_away_then_destroys() -> None:
+    s, calls, rc = run("ok")
+    assert rc == 0
+    assert calls == [("rename", "7", "guest--migratedaway"), ("destroy", "7")]
+    assert s.dom.suspended and s.dom.resumed == 0
+
+
+def test_refusing_host_leaves_guest_untouched() -> None:
+    s = FakeSaver()
+    with pytest.raises(MigrationRefused, match=r"before the receiver banner \(got "
+                       r"b'xl: command not found"):
+        run("refuse", s)
+    assert s.dom.calls == [] and s.engine is None  # never suspended, log-dirty never on
+
+
+def test_receiver_dropping_after_stream_resumes_guest() -> None:
+    s, calls = FakeSaver(), list[tuple[str, ...]]()
+    with pytest.raises(MigrationRefused, match="closed the connection before the 'domain "
+                       "received' message"):
+        run("drop", s, calls)
+    assert s.dom.calls[-1] == "resume" and not s.dom.suspended and calls == []
+
+
+def test_failed_unpause_on_target_renames_back_and_resumes() -> None:
+    s, calls = FakeSaver(), list[tuple[str, ...]]()
+    with pytest.raises(MigrationRefused, match="could not unpause"):
+        run("nounpause", s, calls)
+    assert calls == [("rename", "7", "guest--migratedaway"), ("rename", "7", "guest")]
+    assert not s.dom.suspended and s.dom.resumed == 1
