@@ -71,6 +71,23 @@ class Job:
         """stdout so far (the command may still be running)."""
         return self._read(".out")
 
+    def stderr(self) -> str:
+        """stderr so far."""
+        return self._read(".err")
+
+    def wait_output(self, pattern: str, timeout: float, stderr: bool = False) -> re.Match[str]:
+        """Wait for a regex in the running command's stdout (or stderr)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.stderr() if stderr else self.output())
+            if m:
+                return m
+            if self.done() or time.monotonic() > deadline or not self.host.alive():
+                raise LabError(f"host {self.host.name}: `{self.cmd}` printed no /{pattern}/"
+                               f" (done={self.done()})\n--- stdout\n{self.output()[-2000:]}"
+                               f"--- stderr\n{self.stderr()[-2000:]}")
+            time.sleep(0.2)
+
     def wait(self, timeout: float) -> Result:
         """Wait at most `timeout` s for the command; LabError if it or the host doesn't end."""
         deadline = time.monotonic() + timeout

@@ -25,6 +25,7 @@ STATE_DIR = Path(os.environ.get("XEN_REMUS_LAB_STATE", "/tmp/xen-remus-lab"))
 LOCK_TIMEOUT_S = float(os.environ.get("XEN_REMUS_LAB_LOCK_TIMEOUT", "1800"))
 HOST_IPS = {"A": "169.254.10.1", "B": "169.254.10.2"}
 HOST_MACS = {"A": "52:54:00:00:00:0a", "B": "52:54:00:00:00:0b"}
+_HELD_BY: str | None = None  # run dir of the lab this process runs, if any
 
 
 def project_dir() -> Path:
@@ -70,6 +71,10 @@ class Lab:
 
     # --- lock ----------------------------------------------------------------------------
     def _acquire(self) -> None:
+        global _HELD_BY
+        if _HELD_BY is not None:  # flock would make us wait for ourselves
+            raise LabError(f"this process already runs a lab ({_HELD_BY}); share it (the "
+                           "lab_one/lab_two fixtures do) instead of starting a second one")
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         f = open(STATE_DIR / "lab.lock", "a+")  # noqa: SIM115 - held until stop()
         t0 = time.monotonic()
@@ -96,6 +101,7 @@ class Lab:
                 f"{time.strftime('%H:%M:%S')}: {' '.join(sys.argv)[:200]}\n")
         f.flush()
         self._lock = f
+        _HELD_BY = str(self.rundir)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> Lab:
@@ -150,8 +156,10 @@ class Lab:
                 host.kill()
             (STATE_DIR / "pids" / f"{self.rundir.name}-{name}.pid").unlink(missing_ok=True)
         if self._lock is not None:
+            global _HELD_BY
             self._lock.close()  # releases the flock
             self._lock = None
+            _HELD_BY = None
 
     def __enter__(self) -> Lab:
         return self.start()
