@@ -42,7 +42,7 @@ from typing import Protocol
 from xen_remus.errors import XenRemusError
 from xen_remus.stream import Decoder, EpochEnd, StreamEnd, StreamError
 from xen_remus.stream.events import Buffer, Event, XlHeader
-from xen_remus.xlproto import ReceiverSide, SenderSide
+from xen_remus.xlproto import Message, ReceiverSide, SenderSide
 
 log = logging.getLogger("xen_remus.receive")
 
@@ -199,8 +199,9 @@ class Receiver:
             self.sink.abort(why)
             self.outcome = Outcome("aborted", None, self.offset, why, error=exc)
             raise ReceiveError(why) from exc
+        # EOF mid-epoch is the primary dying mid-send: a normal failover, no error.
         kind = "EOF mid-epoch" if eof else "invalid stream"
-        self._failover(f"{kind}: {exc}", exc)
+        self._failover(f"{kind}: {exc}", None if eof else exc)
         assert self.outcome is not None
         return self.outcome
 
@@ -289,6 +290,7 @@ class XlSink:
             ["-e"] if cfg.no_daemon else [])
         self.domain_name: str | None = None  # set by the driver from the xl header
         self.proto = SenderSide(checkpointed=cfg.remus)
+        self._got: list[Message] = []  # handshake messages xl sent, not yet awaited
         try:
             # Own session: the watchdog kills xl and its libxl-save-helper together.
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
@@ -303,8 +305,13 @@ class XlSink:
         return f"`{' '.join(self.argv)}` (pid {self.proc.pid})"
 
     def _await(self, name: str, timeout: float) -> int | None:
+        """Wait for handshake message ``name`` from xl; its status byte if it has one."""
         deadline = time.monotonic() + timeout
         while True:
+            for i, msg in enumerate(self._got):
+                if msg.name == name:
+                    del self._got[i]
+                    return msg.status
             try:
                 data = read_some(self._out, deadline - time.monotonic(),
                                  f"the {name} from {self._what()}", 4096)
@@ -312,9 +319,7 @@ class XlSink:
                 raise ReceiveError(str(exc)) from None
             if not data:
                 self.proto.eof()
-            for msg in self.proto.feed(data):
-                if msg.name == name:
-                    return msg.status
+            self._got += self.proto.feed(data)
 
     def send(self, bufs: Sequence[Buffer]) -> None:
         try:
@@ -349,7 +354,7 @@ class XlSink:
 
     def finish_plain(self, upstream: Upstream, proto: ReceiverSide) -> int:
         """The handshake after a plain stream, relayed between the sender and xl."""
-        self.proto.stream_done()
+        self._got += self.proto.stream_done()
         self._await("ready message", self.cfg.ready_timeout)
         upstream.write(proto.ready())
         upstream.await_go(proto)
@@ -358,7 +363,7 @@ class XlSink:
         assert status is not None
         upstream.write(proto.report(status))
         if status:
-            self.proto.expect_resume_permission()
+            self._got += self.proto.expect_resume_permission()
             self._await("permission for sender to resume", self.cfg.io_timeout)
             upstream.write(proto.resume_permission())
         self._close_input()

@@ -32,6 +32,7 @@ REPORT = b"my copy unpause results are as follows\0"
 EXT_OFFER = b"xen-remus-ext offer "
 EXT_ACCEPT = b"xen-remus-ext accept "
 EXT_LINE_MAX = 512
+_UNEXPECTED_MAX = 256
 
 
 class HandshakeError(XenRemusError):
@@ -62,8 +63,10 @@ class _Matcher:
         self._buf = bytearray()
         self._want: list[tuple[str, bytes, bool]] = []  # (name, text, has status byte)
 
-    def expect(self, name: str, text: bytes, status: bool = False) -> None:
+    def expect(self, name: str, text: bytes, status: bool = False) -> list[Message]:
+        """Queue a message; returns it at once if its bytes already arrived."""
         self._want.append((name, text, status))
+        return self.feed(b"") if self._buf else []
 
     @property
     def pending(self) -> bool:
@@ -85,7 +88,9 @@ class _Matcher:
             self.offset += need
             self._want.pop(0)
             out.append(Message(name, code))
-        if not self._want and self._buf:
+        # Bytes nobody expects yet may be the next message (a GO right behind a failure
+        # report): keep a little, judge them when it is expected or at EOF.
+        if not self._want and len(self._buf) > _UNEXPECTED_MAX:
             raise HandshakeError(self.side, "end of the handshake", self.offset,
                                  bytes(self._buf))
         return out
@@ -94,6 +99,9 @@ class _Matcher:
         if self._want:
             raise HandshakeError(self.side, self._want[0][0], self.offset,
                                  bytes(self._buf) + b" <EOF>")
+        if self._buf:
+            raise HandshakeError(self.side, "end of the handshake", self.offset,
+                                 bytes(self._buf))
 
 
 class ReceiverSide:
@@ -146,18 +154,17 @@ class SenderSide:
         self._m = _Matcher("receiver->sender")
         self._m.expect("banner", BANNER)
 
-    def stream_done(self) -> None:
+    def stream_done(self) -> list[Message]:
         """The whole plain stream has been written: now READY is due."""
-        if not self.checkpointed:
-            self._m.expect("ready message", READY)
+        return [] if self.checkpointed else self._m.expect("ready message", READY)
 
     def go(self) -> bytes:
         self._m.expect("success/failure report", REPORT, status=True)
         return GO
 
-    def expect_resume_permission(self) -> None:
+    def expect_resume_permission(self) -> list[Message]:
         """After a non-zero report the receiver sends GO back once it cleaned up."""
-        self._m.expect("permission for sender to resume", GO)
+        return self._m.expect("permission for sender to resume", GO)
 
     @property
     def waiting(self) -> bool:

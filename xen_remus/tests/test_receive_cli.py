@@ -1,0 +1,192 @@
+"""`xen-remus migrate-receive` end to end on pipes, with a fake `xl` as the sink.
+
+The fake xl speaks stock xl's receiver side (banner, ready, report) and records the
+bytes it was given, so these tests check what would reach libxl, the handshake relay,
+the failover log and the watchdog, without Xen.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from xen_remus import xlproto as X
+from xen_remus.stream import Decoder, EpochEnd
+from xen_remus.stream.synth import make_epoch, synthetic_stream
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE_XL = textwrap.dedent("""\
+    import os, sys, time
+    from xen_remus.stream import Decoder
+    from xen_remus import xlproto as X
+    d = os.environ["FAKE_XL_DIR"]
+    argv = sys.argv[1:]
+    if argv[0] == "destroy":
+        open(os.path.join(d, "destroyed"), "a").write(argv[1] + "\\n")
+        sys.exit(0)
+    open(os.path.join(d, "pid"), "w").write(str(os.getpid()))
+    out, inp = sys.stdout.buffer, sys.stdin.buffer
+    out.write(X.BANNER); out.flush()
+    got = bytearray()
+    if "-r" in argv:
+        while chunk := os.read(0, 65536):
+            got += chunk
+        open(os.path.join(d, "received"), "wb").write(got)
+        if os.environ.get("FAKE_XL_HANG"):
+            time.sleep(600)
+        sys.exit(0)
+    dec = Decoder()
+    while not dec.done:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            sys.exit(3)
+        got += chunk
+        dec.feed(chunk)
+    open(os.path.join(d, "received"), "wb").write(got)
+    out.write(X.READY); out.flush()
+    assert os.read(0, len(X.GO)) == X.GO
+    status = int(os.environ.get("FAKE_XL_STATUS", "0"))
+    out.write(X.REPORT + bytes([status])); out.flush()
+    if status:
+        out.write(X.GO); out.flush()
+""")
+
+
+def make_stream(epochs: int, end: bool) -> bytes:
+    eps = [make_epoch([1, 2, 3], seed=0)] + [make_epoch([n], seed=n) for n in range(1, epochs)]
+    return b"".join(bytes(b) for b in synthetic_stream("xl", True, eps, end=end))
+
+
+def ends_of(data: bytes) -> list[int]:
+    return [e.offset for e in Decoder().feed(data) if isinstance(e, EpochEnd)]
+
+
+def start(tmp: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    fake = tmp / "xl"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_XL)
+    fake.chmod(0o755)
+    e = dict(os.environ, FAKE_XL_DIR=str(tmp), PYTHONPATH=str(ROOT), **env)
+    return subprocess.Popen([sys.executable, "-m", "xen_remus", "migrate-receive", "--xl",
+                             str(fake), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=e)
+
+
+def read_exact(p: subprocess.Popen[bytes], n: int) -> bytes:
+    assert p.stdout is not None
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(p.stdout.fileno(), n - len(buf))
+        assert chunk, f"receiver closed its output after {buf!r}"
+        buf += chunk
+    return buf
+
+
+def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
+    if p.stdin is not None:
+        p.stdin.close()
+        p.stdin = None
+    _out, err = p.communicate(timeout=timeout)
+    return p.returncode, err.decode()
+
+
+def test_plain_migration_is_relayed_with_the_handshake(tmp_path: Path) -> None:
+    data = make_stream(1, end=True)
+    p = start(tmp_path)
+    assert p.stdin is not None
+    assert read_exact(p, len(X.BANNER)) == X.BANNER
+    p.stdin.write(data)
+    p.stdin.flush()
+    assert read_exact(p, len(X.READY)) == X.READY
+    p.stdin.write(X.GO)
+    p.stdin.flush()
+    assert read_exact(p, len(X.REPORT) + 1) == X.REPORT + b"\0"
+    p.stdin.close()
+    rc, err = finish(p)
+    assert rc == 0, err
+    assert (tmp_path / "received").read_bytes() == data
+
+
+def test_plain_startup_failure_is_reported_and_domain_handed_back(tmp_path: Path) -> None:
+    p = start(tmp_path, FAKE_XL_STATUS="5")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(make_stream(1, end=True))
+    p.stdin.flush()
+    read_exact(p, len(X.READY))
+    p.stdin.write(X.GO)
+    p.stdin.flush()
+    assert read_exact(p, len(X.REPORT) + 1 + len(X.GO)) == X.REPORT + b"\5" + X.GO
+    p.stdin.close()
+    rc, err = finish(p)
+    assert rc == 1 and "startup failure (status 5)" in err and "Traceback" not in err
+
+
+def test_remus_cut_mid_epoch_resumes_from_previous_epoch(tmp_path: Path) -> None:
+    data = make_stream(5, end=False)
+    ends = ends_of(data)
+    cut = ends[2] + (ends[3] - ends[2]) // 2  # in the middle of epoch 3
+    p = start(tmp_path, "-r", "-e")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data[:cut])
+    p.stdin.close()
+    rc, err = finish(p)
+    assert rc == 0, err
+    assert (tmp_path / "received").read_bytes() == data[:ends[2]]
+    assert "discarding partial epoch 3" in err
+    assert "resuming from epoch 2" in err
+    assert "guest resumed from epoch 2 in" in err
+
+
+def test_remus_invalid_record_one_line_error_last_good_epoch(tmp_path: Path) -> None:
+    data = bytearray(make_stream(4, end=False))
+    ends = ends_of(bytes(data))
+    data[ends[1]:ends[1] + 4] = (0x7777).to_bytes(4, "little")  # unknown record type
+    p = start(tmp_path, "-r")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(bytes(data))
+    p.stdin.close()
+    rc, err = finish(p)
+    assert rc == 1
+    assert "Traceback" not in err
+    assert f"at offset {ends[1]}" in err.splitlines()[-1]
+    assert (tmp_path / "received").read_bytes() == bytes(data[:ends[1]])
+
+
+def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
+    data = make_stream(3, end=False)
+    p = start(tmp_path, "-r", "--failover-timeout", "1", FAKE_XL_HANG="1")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data)
+    t0 = time.monotonic()
+    p.stdin.close()
+    rc, err = finish(p, timeout=30)
+    took = time.monotonic() - t0
+    assert rc == 1 and "Traceback" not in err
+    assert "did not finish within 1 s" in err
+    assert took < 20  # bounded: 1 s watchdog + kill, far below the test timeout
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_plain_stream_cut_destroys_the_partial_copy(tmp_path: Path) -> None:
+    data = make_stream(1, end=True)
+    p = start(tmp_path)
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data[:len(data) // 2])
+    p.stdin.close()
+    rc, err = finish(p)
+    assert rc == 1 and "Traceback" not in err
+    assert "truncated" in err
+    assert (tmp_path / "destroyed").read_text() == "guest--incoming\n"
