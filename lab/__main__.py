@@ -15,6 +15,11 @@ from lab.errors import LabError
 from lab.lab import STATE_DIR, Lab, attach
 
 
+def cmd_deps(args: argparse.Namespace) -> int:
+    deps.install()
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Boot hosts and hold them until Ctrl-C, `python -m lab down`, or --for elapses."""
     stop = False
@@ -109,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("deps", help="apt-get install the host packages (root)")
-    s.set_defaults(func=lambda a: deps.install() or 0)
+    s.set_defaults(func=cmd_deps)
     s = sub.add_parser("build", help="build or find the cached images")
     s.set_defaults(func=lambda a: (build.build(), 0)[1])
     s = sub.add_parser("up", help="boot hosts and keep them running")

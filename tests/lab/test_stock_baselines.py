@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lab import guest
+from lab import guest, protect
 from lab.build import pattern_sha256
 from lab.guest import GuestSpec
 from lab.host import Host
@@ -104,33 +104,15 @@ def test_xl_remus_failover_on_host_kill(lab_two: Lab) -> None:
     spec = GuestSpec(name="rm", ip="169.254.20.5", mac="00:16:3e:00:00:05")
     try:
         guest.create(a, spec)
-        recv = b.spawn("exec python3 /mnt/project/lab/dom0tools/ka_exec.py 8003 "
-                       "xl migrate-receive -r")
-        recv.wait_output(r"listening", 30, stderr=True)
         t0 = time.monotonic()
-        send = a.spawn(f"exec xl remus -F -n -d -i 200 -s '' {spec.name} "
-                       f"'socat - TCP:{b.ip}:8003'")
-        # Protected once the backup holds a copy and checkpoints flow.
-        deadline = time.monotonic() + 180
-        while guest.domain_state(b, f"{spec.name}--incoming") is None:
-            assert not send.done(), f"xl remus ended: {send.stderr()}"
-            assert time.monotonic() < deadline, f"no backup after 180 s: {send.stderr()}"
-            time.sleep(2)
+        recv, send = protect.protect(a, b, spec, "xl", port=8003)
         print(f"\nbackup copy on B after {time.monotonic() - t0:.1f} s")
         time.sleep(8)  # some checkpoints
+        assert not send.done(), f"xl remus ended early: {send.stderr()}"
         before = guest.counter(a, spec)
         a.kill()
-        killed = time.monotonic()
         print(f"killed host A at counter {before.value}")
-        deadline = killed + 90
-        while True:  # bounded: stock migrate-receive -r can hang on failover (LAB-NOTES 11)
-            state = guest.domain_state(b, spec.name)
-            if state and "p" not in state:
-                break
-            assert time.monotonic() < deadline, (
-                f"no failover within 90 s (state {state})\nreceiver stderr:\n{recv.stderr()}")
-            time.sleep(1)
-        running = time.monotonic() - killed
+        running = protect.wait_failover(b, spec, recv, timeout=90)
         after = guest.counter(b, spec)
         assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
         # No output buffering (-n): A may have shown a value newer than the last checkpoint.

@@ -1,0 +1,70 @@
+"""Protecting a lab guest A -> B and waiting for failover: shared by tests and `make demo`.
+
+PROTECTORS holds the command pair (backup's receiver, primary's sender) per implementation:
+stock `xl remus` today; ours is one more row once `xen-remus protect` exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from lab import guest
+from lab.errors import LabError
+from lab.guest import GuestSpec
+from lab.host import Host, Job
+
+KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protector:
+    receiver: str  # run on B; {port}
+    sender: str  # run on A; {name} {bip} {port}
+
+
+PROTECTORS = {
+    # -F: no safety net, -n: no network buffering (Debian's libxl has no libnl), -d: no disk
+    # replication. The receiver's socket needs keepalive to notice a dead primary.
+    "xl": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
+        sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
+    ),
+    "xen-remus": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
+        sender="exec python3 -m xen_remus protect {name} 'socat - TCP:{bip}:{port}'",
+    ),
+}
+
+
+def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003,
+            timeout: float = 180.0) -> tuple[Job, Job]:
+    """Start protecting `spec` from A to B; return (receiver, sender) once B holds a copy."""
+    p = PROTECTORS[how]
+    recv = b.spawn(p.receiver.format(port=port))
+    recv.wait_output(r"listening", 30, stderr=True)
+    send = a.spawn(p.sender.format(name=spec.name, bip=b.ip, port=port))
+    deadline = time.monotonic() + timeout
+    while guest.domain_state(b, f"{spec.name}--incoming") is None:
+        if send.done() or recv.done():
+            raise LabError(f"protection of {spec.name} ended early\n--- sender stderr\n"
+                           f"{send.stderr()[-2000:]}--- receiver stderr\n{recv.stderr()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise LabError(f"no backup copy of {spec.name} on B after {timeout:.0f} s\n"
+                           f"--- sender stderr\n{send.stderr()[-2000:]}")
+        time.sleep(2)
+    return recv, send
+
+
+def wait_failover(b: Host, spec: GuestSpec, recv: Job, timeout: float = 90.0) -> float:
+    """Wait (bounded: stock migrate-receive -r can hang, LAB-NOTES 11) until the guest runs
+    unpaused on B under its own name; return the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        state = guest.domain_state(b, spec.name)
+        if state and "p" not in state:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise LabError(f"no failover of {spec.name} to B within {timeout:.0f} s "
+                           f"(state {state})\n--- receiver stderr\n{recv.stderr()[-3000:]}")
+        time.sleep(1)
