@@ -15,7 +15,6 @@ HOST_PACKAGES: dict[str, str] = {
     "zstd": "zstd",
     "busybox-static": "busybox",
     "socat": "socat",
-    "python3-venv": "python3",
 }
 
 
