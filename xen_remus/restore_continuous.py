@@ -108,7 +108,7 @@ class Receiver:
         self.outcome: Outcome | None = None
         self._held: list[Buffer] = []
         self._held_bytes = 0
-        self._held_from = 0
+        self._committed_end = 0  # stream offset just past the last whole epoch
         self.on_header: Callable[[XlHeader], None] | None = None  # sees the config first
 
     @property
@@ -164,10 +164,8 @@ class Receiver:
                     through.append(ev.wire)
                 if isinstance(ev, EpochEnd):
                     self._flush(through)
-                    self._set_committed(ev.epoch)
+                    self._set_committed(ev.epoch, ev.offset)
                 continue
-            if not self._held:
-                self._held_from = ev.offset
             if len(ev.wire):
                 self._held.append(ev.wire)
                 self._held_bytes += len(ev.wire)
@@ -176,7 +174,7 @@ class Receiver:
                                         ev.offset)
             if isinstance(ev, EpochEnd):
                 self._commit_held()
-                self._set_committed(ev.epoch)
+                self._set_committed(ev.epoch, ev.offset)
         self._flush(through)
 
     def _flush(self, through: list[Buffer]) -> None:
@@ -189,8 +187,8 @@ class Receiver:
             self.sink.send(self._held)
         self._held, self._held_bytes = [], 0
 
-    def _set_committed(self, epoch: int) -> None:
-        self.committed = epoch
+    def _set_committed(self, epoch: int, end: int) -> None:
+        self.committed, self._committed_end = epoch, end
         self.sink.committed(epoch)
 
     def _broken(self, exc: XenRemusError, eof: bool) -> Outcome:
@@ -212,9 +210,10 @@ class Receiver:
             self.sink.abort(why)
             self.outcome = Outcome("aborted", None, self.offset, why, error=error)
             raise ReceiveError(why)
-        if self._held_bytes:
+        partial = self.offset - self._committed_end
+        if partial:
             log.warning("failover: discarding partial epoch %d (%d bytes from offset %d)",
-                        epoch + 1, self._held_bytes, self._held_from)
+                        epoch + 1, partial, self._committed_end)
         self._held, self._held_bytes = [], 0
         log.warning("failover: %s; resuming from epoch %d", reason, epoch)
         t0 = time.monotonic()
