@@ -64,7 +64,7 @@ def run_guest(host: Any, kind: str, name: str, ip: str, mac: str) -> dict[str, A
     from lab import guest
 
     spec = guest.GuestSpec(name=name, kind=kind, ip=ip, mac=mac)
-    guest.create(host, spec)
+    guest.create(host, spec, timeout=300)  # TCG: the guest writes its pattern first
     before = guest.ticks(host, name)
     assert before, f"{name}: no counter ticks before the probe"
     out = probe(host, name)
