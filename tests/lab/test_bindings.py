@@ -65,13 +65,15 @@ def run_guest(host: Any, kind: str, name: str, ip: str, mac: str) -> dict[str, A
 
     spec = guest.GuestSpec(name=name, kind=kind, ip=ip, mac=mac)
     guest.create(host, spec, timeout=300)  # TCG: the guest writes its pattern first
-    before = guest.ticks(host, name)
-    assert before, f"{name}: no counter ticks before the probe"
-    out = probe(host, name)
-    mid = guest.ticks(host, name)  # the probe has resumed the guest by now
-    out["_ticks"] = (before[-1], ticks_after(host, name, mid[-1][0]))
-    host.run(f"xl destroy {name}", timeout=60)
-    return out
+    try:
+        before = guest.ticks(host, name)
+        assert before, f"{name}: no counter ticks before the probe"
+        out = probe(host, name)
+        mid = guest.ticks(host, name)  # the probe has resumed the guest by now
+        out["_ticks"] = (before[-1], ticks_after(host, name, mid[-1][0]))
+        return out
+    finally:
+        host.run(f"xl destroy {name}", timeout=60)
 
 
 def test_pv_guest(host: Any) -> None:
