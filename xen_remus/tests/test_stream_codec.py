@@ -25,7 +25,7 @@ from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
 from xen_remus.stream import records as R
 from xen_remus.stream.synth import make_epoch, synthetic_stream
-from xen_remus.tests.stream_helpers import decode, small_stream
+from xen_remus.tests.test_stream_support import decode, small_stream
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,4 +1,4 @@
-"""Shared helpers of the stream tests."""
+"""Shared helpers of the stream tests (no tests here)."""
 
 from __future__ import annotations
 
