@@ -13,16 +13,9 @@ from typing import Any, Protocol
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
-from xen_remus.save.transport import (
-    BANNER,
-    GO,
-    READY,
-    REPORT,
-    MigrationRefused,
-    Receiver,
-    receiver_command,
-)
+from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
 from xen_remus.save_continuous import SaveStats
+from xen_remus.xlproto import SenderSide
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +124,27 @@ class Saver(Protocol):
 def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
             timeout: float, xl: Callable[..., str] = xl) -> None:
     """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
-    Before GO any failure resumes the guest here; after GO the receiver owns it."""
+    Before GO any failure resumes the guest here; after GO the receiver owns it, unless it
+    reports that it could not unpause and hands the guest back."""
     domid, name = s.target.domid, s.target.name
-    recv.expect(BANNER, "receiver banner", timeout)
+    proto = SenderSide()
+    recv.await_message(proto, "receiver banner", timeout)
     stats = s.save(recv.send_fd, config, policy, what=f"migration stream ({recv.rune})")
     print(f"migration sender: stream sent: {stats.summary()}", file=sys.stderr)
     try:
-        recv.expect(READY, "'domain received' message", timeout)
-        away = f"{name}--migratedaway"
-        xl("rename", str(domid), away)
+        if not proto.stream_done():
+            recv.await_message(proto, "'domain received' message", timeout)
+        xl("rename", str(domid), f"{name}--migratedaway")
     except XenRemusError:
         s.resume()
         raise
-    recv.send(GO)
-    recv.expect(REPORT, "unpause report", timeout)
-    status = recv.read_exactly(1, "unpause status", timeout)[0]
-    if status != 0:
+    recv.send(proto.go())
+    report = recv.await_message(proto, "unpause report", timeout)
+    if report.status:
+        if not proto.expect_resume_permission():
+            recv.await_message(proto, "permission to resume", timeout)
         xl("rename", str(domid), name)
         s.resume()
-        raise MigrationRefused(f"the receiver could not unpause the domain (status {status}); "
-                               f"domain {domid} resumed here")
+        raise MigrationRefused(f"the receiver could not unpause the domain (status "
+                               f"{report.status}); domain {domid} resumed here")
     xl("destroy", str(domid))

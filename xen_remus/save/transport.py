@@ -1,6 +1,6 @@
 """The sender's end of xl's migration transport: `ssh HOST xl migrate-receive` (or the
 -s command) as a child whose stdin carries the stream and whose stdout carries the
-receiver's handshake messages (tools/xl/xl.h; each is sent with its trailing NUL)."""
+receiver's handshake messages (parsed by xen_remus.xlproto.SenderSide)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import subprocess
 import time
 
 from xen_remus.errors import XenRemusError
-
-BANNER = b"xl migration receiver ready, send binary domain data.\n\0"
-READY = b"domain received, ready to unpause\0"
-GO = b"domain is yours, you are cleared to unpause\0"
-REPORT = b"my copy unpause results are as follows\0"
+from xen_remus.xlproto import HandshakeError, Message, SenderSide
 
 
 class MigrationRefused(XenRemusError):
@@ -42,28 +38,31 @@ class Receiver:
         self.send_fd = self.proc.stdin.fileno()
         self.recv_fd = self.proc.stdout.fileno()
 
-    def expect(self, msg: bytes, what: str, timeout: float) -> None:
-        got = self.read_exactly(len(msg), what, timeout)
-        if got != msg:
-            want = msg.rstrip(b"\0")
-            raise MigrationRefused(f"receiver `{self.rune}`: expected the {what} "
-                                   f"{want!r}, got {got!r}")
-
-    def read_exactly(self, n: int, what: str, timeout: float) -> bytes:
-        buf = b""
+    def await_message(self, proto: SenderSide, what: str, timeout: float) -> Message:
+        """Read until ``proto`` recognises the next expected message (bounded wait)."""
         deadline = time.monotonic() + timeout
-        while len(buf) < n:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.recv_fd], [], [], left)[0]:
                 raise MigrationRefused(f"receiver `{self.rune}`: no {what} within "
-                                       f"{timeout:.0f} s (got {buf!r})")
-            chunk = os.read(self.recv_fd, n - len(buf))
+                                       f"{timeout:.0f} s")
+            chunk = os.read(self.recv_fd, 4096)
             if not chunk:
                 rc = self.proc.poll()
+                try:
+                    proto.eof()
+                except XenRemusError as exc:
+                    raise MigrationRefused(f"receiver `{self.rune}` closed the connection "
+                                           f"before the {what} (exit status {rc}): {exc}"
+                                           ) from None
                 raise MigrationRefused(f"receiver `{self.rune}` closed the connection before "
-                                       f"the {what} (got {buf!r}; exit status {rc})")
-            buf += chunk
-        return buf
+                                       f"the {what} (exit status {rc})")
+            try:
+                msgs = proto.feed(chunk)
+            except HandshakeError as exc:
+                raise MigrationRefused(f"receiver `{self.rune}`: {exc}") from None
+            if msgs:
+                return msgs[0]
 
     def send(self, msg: bytes) -> None:
         try:

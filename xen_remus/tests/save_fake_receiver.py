@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from xen_remus.save.transport import BANNER, GO, READY, REPORT
 from xen_remus.stream import Decoder, StreamEnd
+from xen_remus.xlproto import ReceiverSide
 
 
 def main() -> int:
@@ -20,7 +20,8 @@ def main() -> int:
         out.write(b"xl: command not found\n")
         out.flush()
         return 127
-    out.write(BANNER)
+    proto = ReceiverSide()
+    out.write(proto.banner())
     out.flush()
     dec = Decoder()
     done = False
@@ -32,12 +33,14 @@ def main() -> int:
             break
     if not done or mode == "drop":
         return 1
-    out.write(READY)
+    out.write(proto.ready())
     out.flush()
-    got = os.read(0, len(GO))
-    if got != GO:
-        return 2
-    out.write(REPORT + (b"\1" if mode == "nounpause" else b"\0"))
+    while not proto.feed(os.read(0, 64)):
+        pass
+    if mode == "nounpause":
+        out.write(proto.report(1) + proto.resume_permission())
+    else:
+        out.write(proto.report(0))
     out.flush()
     return 0
 

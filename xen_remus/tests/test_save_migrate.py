@@ -70,7 +70,7 @@ def test_migrate_success_renames_away_then_destroys() -> None:
 
 def test_refusing_host_leaves_guest_untouched() -> None:
     s = FakeSaver()
-    with pytest.raises(MigrationRefused, match=r"before the receiver banner \(got "
+    with pytest.raises(MigrationRefused, match=r"expected the banner at offset 0 .* got "
                        r"b'xl: command not found"):
         run("refuse", s)
     assert s.dom.calls == [] and s.engine is None  # never suspended, log-dirty never on
