@@ -89,7 +89,7 @@ def cmd_save(args: argparse.Namespace) -> int:
             if args.paused:
                 s.xc.pause(domid)
         else:
-            xl("destroy", str(domid))
+            s.destroy()
     return 0
 
 
@@ -120,6 +120,8 @@ class Saver(Protocol):
 
     def resume(self) -> None: ...
 
+    def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None: ...
+
 
 def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
             timeout: float, xl: Callable[..., str] = xl) -> None:
@@ -147,4 +149,4 @@ def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
         s.resume()
         raise MigrationRefused(f"the receiver could not unpause the domain (status "
                                f"{report.status}); domain {domid} resumed here")
-    xl("destroy", str(domid))
+    s.destroy(xl)

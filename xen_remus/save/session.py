@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -141,13 +141,24 @@ class SaveSession:
         if self.engine is not None:
             self.engine.resume()
 
-    def close(self) -> None:
+    def release_guest(self) -> None:
+        """Unmap what we hold of the guest (p2m, m2p, bitmap, event channel): a domain
+        destroyed while dom0 still maps its pages lingers as a zombie."""
         for obj in (self.dom, self.guest):
             if obj is not None:
                 try:
                     obj.close()
                 except XenRemusError as exc:
                     log.warning("closing: %s", exc)
+        self.dom = self.guest = None
+
+    def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None:
+        """Destroy the saved domain, as `xl save` and `xl migrate` do on success."""
+        self.release_guest()
+        (xl_cmd or xl)("destroy", str(self.target.domid))
+
+    def close(self) -> None:
+        self.release_guest()
         self.xs.close()
         self.fmem.close()
         self.xc.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ class FakeSaver:
     def resume(self) -> None:
         assert self.engine is not None
         self.engine.resume()
+
+    def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None:
+        assert xl_cmd is not None
+        xl_cmd("destroy", str(self.target.domid))
 
 
 def run(mode: str, s: FakeSaver | None = None, calls: list[tuple[str, ...]] | None = None
