@@ -29,11 +29,15 @@ def main() -> int:
     ap.add_argument("--epoch", type=int, required=True, help="last whole epoch before the cut")
     ap.add_argument("--into", type=int, default=0, help="bytes of the next epoch to pass")
     ap.add_argument("--mark", default=None, help="file to write the cut description to")
+    ap.add_argument("--pidfile", default=None, help="file to write CMD's pid to")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert child.stdin is not None and child.stdout is not None
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{child.pid}\n")
     back = threading.Thread(target=pump, args=(child.stdout.fileno(), 1), daemon=True)
     back.start()
     dec = Decoder()

@@ -1,0 +1,59 @@
+"""`make soak`: consecutive failovers into our receiver, each at a random cut (lab, one host).
+
+XEN_REMUS_SOAK_RUNS (default 3; `make soak` runs 20), XEN_REMUS_SOAK_RECEIVER=ours|stock
+(stock: `xl migrate-receive -r` behind the same relay and cuts, for comparison; it is
+allowed to hang, and the hangs are counted), XEN_REMUS_SOAK_SEED to replay a sequence.
+Every failover must finish within a bounded wait; ours must finish every time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+
+import pytest
+
+from lab.guest import GuestSpec
+from lab.host import Host
+from tests.lab.test_receive import RECV, STOCK, cut_and_fail_over
+from tests.lab.test_stock_baselines import destroy
+
+RUNS = int(os.environ.get("XEN_REMUS_SOAK_RUNS", "3"))
+WHO = os.environ.get("XEN_REMUS_SOAK_RECEIVER", "ours")
+SEED = int(os.environ.get("XEN_REMUS_SOAK_SEED", str(int(time.time()))))
+
+
+@pytest.mark.lab(timeout=300 + 240 * RUNS)
+def test_failover_soak(lab_one: Host) -> None:
+    assert WHO in ("ours", "stock")
+    recv = f"{RECV} -r" if WHO == "ours" else STOCK
+    rnd = random.Random(SEED)
+    spec = GuestSpec(name="rsk", ip="169.254.20.24", mac="00:16:3e:00:00:24")
+    times: list[float] = []
+    hangs = 0
+    print(f"\nsoak: {RUNS} failovers into {recv!r}, seed {SEED}")
+    try:
+        for i in range(RUNS):
+            epoch, into = rnd.randint(1, 6), rnd.randint(0, 400_000)
+            try:
+                _, took = cut_and_fail_over(lab_one, spec, epoch, into, recv, tag=str(i),
+                                            hang_after=60 if WHO == "stock" else 120)
+            except AssertionError:
+                if WHO == "ours":
+                    raise
+                hangs += 1
+                continue
+            times.append(took)
+            destroy(lab_one, spec.name)
+    finally:
+        destroy(lab_one, spec.name)
+        destroy(lab_one, f"{spec.name}--incoming")
+    if times:
+        print(f"soak ({WHO}): {len(times)}/{RUNS} failovers completed, {hangs} hung; guest "
+              f"running after the primary was destroyed: min {min(times):.1f} s, median "
+              f"{statistics.median(times):.1f} s, max {max(times):.1f} s")
+    assert len(times) + hangs == RUNS
+    if WHO == "ours":
+        assert len(times) == RUNS
