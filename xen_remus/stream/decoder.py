@@ -15,7 +15,11 @@ with no new headers). A bare libxc stream ends an epoch at each CHECKPOINT.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
 
 from xen_remus.stream import consts as C
 from xen_remus.stream.errors import FieldError, StreamError
@@ -81,7 +85,8 @@ class Decoder:
         self._phase = {None: DETECT, "xl": XL_HDR, "libxl": LIBXL_HDR,
                        "libxc": IMAGE_HDR}[fmt]
         self._wrapped = fmt in ("xl", "libxl")
-        self._partial: bytearray | None = None
+        self._partial: memoryview | None = None
+        self._spare: npt.NDArray[np.uint8] | None = None
         self._pfill = 0
         self._ptotal = 0  # 0 while only the fixed head is being collected
         # Ordering state.
@@ -140,14 +145,14 @@ class Decoder:
                 if self._pfill < want:
                     continue
                 if not self._ptotal:
-                    total = self._size(memoryview(part))
+                    fixed = memoryview(bytes(part[:head]))
+                    total = self._size(fixed)
                     if total > head:
-                        grown = bytearray(total)
-                        grown[:head] = part
-                        self._partial, self._ptotal = grown, total
+                        part = self._partial = None  # drop our view: the buffer is reusable
+                        self._partial, self._ptotal = self._buffer(total, fixed), total
                         continue
                 self._partial = None
-                self._item(memoryview(part), out)
+                self._item(part[:want], out)
                 continue
             if n - pos < head:
                 self._start_partial(mv[pos:], head, 0)
@@ -162,9 +167,20 @@ class Decoder:
             pos += total
 
     def _start_partial(self, data: memoryview, size: int, total: int) -> None:
-        buf = bytearray(size)
+        self._partial = self._buffer(size, data)
+        self._pfill, self._ptotal = len(data), total
+
+    def _buffer(self, size: int, data: memoryview) -> memoryview:
+        """A writable buffer of ``size`` bytes starting with ``data``: the previous
+        reassembly buffer when no event refers to it any more, else a new one (numpy
+        empty: no zero-filling of memory about to be overwritten)."""
+        spare = self._spare
+        # References: self._spare, spare, getrefcount's argument; more = views alive.
+        if spare is None or len(spare) < size or sys.getrefcount(spare) > 3:
+            spare = self._spare = np.empty(max(size, C.REC_HDR_SIZE * 8), np.uint8)
+        buf = spare.data[:size]
         buf[:len(data)] = data
-        self._partial, self._pfill, self._ptotal = buf, len(data), total
+        return buf
 
     def _detect(self, first: int) -> None:
         if first == C.XL_MAGIC[0]:

@@ -1,0 +1,10 @@
+"""Benchmarks: ``python -m xen_remus.bench [SECTION...]`` (``make bench``).
+
+A section is a module here listed in SECTIONS with ``run() -> dict[str, float]``; each
+figure is printed on its own line. A section may declare ``TARGETS = {figure: (">=" or
+"<=", bound)}``; the runner prints PASS/FAIL for each and exits 1 if any fails. Ratios to a
+baseline measured in the same run are figures of their own (named ``*_vs_*``/``*_ratio``),
+so a loaded machine slows both sides alike.
+"""
+
+SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save")
