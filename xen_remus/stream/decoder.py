@@ -86,7 +86,7 @@ class Decoder:
                        "libxc": IMAGE_HDR}[fmt]
         self._wrapped = fmt in ("xl", "libxl")
         self._partial: memoryview | None = None
-        self._spare: npt.NDArray[np.uint8] | None = None
+        self._spares: list[npt.NDArray[np.uint8]] = []
         self._pfill = 0
         self._ptotal = 0  # 0 while only the fixed head is being collected
         # Ordering state.
@@ -171,14 +171,18 @@ class Decoder:
         self._pfill, self._ptotal = len(data), total
 
     def _buffer(self, size: int, data: memoryview) -> memoryview:
-        """A writable buffer of ``size`` bytes starting with ``data``: the previous
-        reassembly buffer when no event refers to it any more, else a new one (numpy
-        empty: no zero-filling of memory about to be overwritten)."""
-        spare = self._spare
-        # References: self._spare, spare, getrefcount's argument; more = views alive.
-        if spare is None or len(spare) < size or sys.getrefcount(spare) > 3:
-            spare = self._spare = np.empty(max(size, C.REC_HDR_SIZE * 8), np.uint8)
-        buf = spare.data[:size]
+        """A writable buffer of ``size`` bytes starting with ``data``: one of the last two
+        reassembly buffers if no event refers to it any more (the record completed in the
+        same feed still does, hence two), else a new one (numpy empty: no zero-filling of
+        memory about to be overwritten)."""
+        for arr in self._spares:
+            # References: the list, ``arr``, getrefcount's argument; more = views alive.
+            if len(arr) >= size and sys.getrefcount(arr) == 3:
+                break
+        else:
+            arr = np.empty(max(size, 64), np.uint8)
+            self._spares = [*self._spares[-1:], arr]
+        buf = arr.data[:size]
         buf[:len(data)] = data
         return buf
 
