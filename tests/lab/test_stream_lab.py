@@ -1,0 +1,168 @@
+"""Streams written by stock Xen 4.17 (`xl save`, `xl migrate`, `xl remus`) verify clean and
+dump sensibly with `xen-remus stream`, run in dom0 (Debian's python3 and numpy).
+
+Captures are taken with `tee` in the transport, so they hold exactly what xl sent. A
+migration capture also holds the xl handshake after the stream (the sender's "cleared to
+unpause" message); the test checks those trailing bytes are exactly that message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+
+from lab import guest
+from lab.guest import GuestSpec
+from lab.host import Host
+from lab.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+STREAM = "python3 -m xen_remus stream"
+KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
+GO_MESSAGE = b"domain is yours, you are cleared to unpause"  # tools/xl/xl_migrate.c
+
+
+def destroy(host: Host, name: str) -> None:
+    host.run(f"xl destroy {name} 2>/dev/null; true", timeout=60)
+
+
+def dump(host: Host, path: str, extra: str = "") -> list[dict[str, Any]]:
+    r = host.run(f"{STREAM} dump --json {extra} {path}", timeout=600)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def pages(objs: list[dict[str, Any]]) -> int:
+    return sum(o.get("count", 0) for o in objs if o["record"] == "PAGE_DATA")
+
+
+@pytest.mark.lab(timeout=600)
+@pytest.mark.parametrize("kind", ["pv", "pvh"])
+def test_xl_save_stream(lab_one: Host, kind: str) -> None:
+    spec = GuestSpec(name=f"ss{kind}", kind=kind, ip="169.254.20.31",
+                     mac="00:16:3e:00:00:31")
+    path = f"/tmp/{spec.name}.save"
+    try:
+        guest.create(lab_one, spec)
+        lab_one.run(f"xl save {spec.name} {path}", timeout=300, check=True)
+        r = lab_one.run(f"{STREAM} verify --plain {path}", timeout=600)
+        print(f"\nxl save ({kind}): {r.stdout.strip()} [{r.seconds:.1f} s]{r.stderr}")
+        assert r.rc == 0, r.stderr
+        want = "x86 PV" if kind == "pv" else "x86 HVM"
+        assert r.stdout.startswith(f"valid plain xl stream ({want})"), r.stdout
+        objs = dump(lab_one, path)
+        names = [o["record"] for o in objs]
+        xl = objs[0]
+        assert xl["record"] == "XlHeader" and xl["mandatory_flags"] == 3 and xl["config_len"]
+        assert names[1:5] == ["LibxlHeader", "LIBXC_CONTEXT", "ImageHeader", "DomainHeader"]
+        assert objs[3]["version"] == 3 and objs[4]["xen_major"] == 4 \
+            and objs[4]["xen_minor"] == 17
+        assert names[-3:] == ["END", "END", "-- end of stream"]
+        assert "STATIC_DATA_END" in names and "X86_TSC_INFO" in names
+        # Every page of the guest's memory is sent at least once.
+        assert pages(objs) >= spec.memory * 256 * 0.9, pages(objs)
+        if kind == "pv":
+            info = next(o for o in objs if o["record"] == "X86_PV_INFO")
+            assert (info["guest_width"], info["pt_levels"]) == (8, 4)
+            assert {o["vcpu_id"] for o in objs if o["record"] == "X86_PV_VCPU_BASIC"} == {0}
+            assert names.index("X86_PV_P2M_FRAMES") < names.index("PAGE_DATA")
+        else:
+            assert "HVM_CONTEXT" in names and "HVM_PARAMS" in names
+        s = lab_one.run(f"{STREAM} stats {path}", timeout=600, check=True)
+        print(s.stdout)
+        assert s.stdout.splitlines()[-1].split()[0] == "total"
+    finally:
+        lab_one.run(f"rm -f {path}", timeout=30)
+        destroy(lab_one, spec.name)
+
+
+def verify_capture_with_trailer(host: Host, path: str, trailer: bytes) -> tuple[str, int]:
+    """Verify a capture whose stream is followed by ``trailer``; return the summary and
+    the stream's length."""
+    r = host.run(f"{STREAM} verify --plain {path}", timeout=600)
+    m = re.search(r"(\d+) bytes of data after the final END at offset (\d+)", r.stderr)
+    assert r.rc == 1 and m, f"rc {r.rc}: {r.stdout}{r.stderr}"
+    end = int(m.group(2))
+    tail = host.run(f"tail -c +{end + 1} {path} | head -c {len(trailer)}", timeout=60,
+                    check=True)
+    assert tail.stdout == trailer.decode(), tail.stdout
+    ok = host.run(f"head -c {end} {path} | {STREAM} verify --plain -", timeout=600)
+    assert ok.rc == 0, ok.stderr
+    return ok.stdout.strip(), end
+
+
+@pytest.mark.lab(timeout=600)
+def test_xl_migrate_stream(lab_two: Lab) -> None:
+    a, b = lab_two.a, lab_two.b
+    spec = GuestSpec(name="sm", ip="169.254.20.32", mac="00:16:3e:00:00:32")
+    cap = "/tmp/sm.migrate"
+    try:
+        guest.create(a, spec)
+        recv = b.spawn("exec socat TCP-LISTEN:8031,reuseaddr EXEC:'xl migrate-receive'")
+        time.sleep(2)
+        r = a.run(f"xl migrate -s '' {spec.name} 'tee {cap} | socat - TCP:{b.ip}:8031'",
+                  timeout=400)
+        assert r.ok, f"xl migrate rc {r.rc}\n{r.stderr}\nreceiver:\n{recv.stderr()}"
+        recv.wait(60)
+        summary, end = verify_capture_with_trailer(a, cap, GO_MESSAGE)
+        print(f"\nxl migrate capture: {summary}")
+        assert summary.startswith("valid plain xl stream (x86 PV)")
+        objs = dump(a, f"<(head -c {end} {cap})")
+        assert pages(objs) >= spec.memory * 256 * 0.9
+        assert [o["record"] for o in objs][-3:] == ["END", "END", "-- end of stream"]
+    finally:
+        a.run(f"rm -f {cap}", timeout=30)
+        destroy(a, spec.name)
+        destroy(b, spec.name)
+
+
+@pytest.mark.lab(timeout=600)
+def test_xl_remus_stream(lab_two: Lab) -> None:
+    """`xl remus` A->B into a receiver that tees; the sender is then killed (by pid)."""
+    a, b = lab_two.a, lab_two.b
+    spec = GuestSpec(name="sr2", ip="169.254.20.33", mac="00:16:3e:00:00:33")
+    cap, pidf = "/tmp/sr2.remus", "/tmp/sr2.remus.pid"
+    try:
+        guest.create(a, spec)
+        recv = b.spawn(f"exec {KA_EXEC} 8032 sh -c 'tee {cap} | xl migrate-receive -r'")
+        recv.wait_output(r"listening", 30, stderr=True)
+        send = a.spawn(f"echo $$ > {pidf}; exec xl remus -F -n -d -i 200 -s '' {spec.name} "
+                       f"'socat - TCP:{b.ip}:8032'")
+        deadline = time.monotonic() + 240
+        while guest.domain_state(b, f"{spec.name}--incoming") is None:
+            assert not send.done(), f"xl remus ended: {send.stderr()[-2000:]}"
+            assert time.monotonic() < deadline, "no backup copy on B"
+            time.sleep(2)
+        time.sleep(10)  # checkpoints every 200 ms (slower under TCG)
+        a.run(f"kill -9 $(cat {pidf})", timeout=30)
+        send.wait(60)
+        time.sleep(5)
+        r = b.run(f"{STREAM} verify --checkpointed {cap}", timeout=600)
+        print(f"\nxl remus capture: rc {r.rc} {r.stdout.strip()}{r.stderr.strip()}")
+        objs = dump(b, cap, "--checkpointed")
+        ends = [o["offset"] for o in objs if o["record"] == "-- end of epoch"]
+        assert len(ends) >= 3, f"only {len(ends)} checkpoints"
+        if r.rc != 0:
+            # The sender died mid-epoch: only a truncation of the last epoch is allowed.
+            assert "truncated" in r.stderr and f"(epoch {len(ends)})" in r.stderr, r.stderr
+            r = b.run(f"head -c {ends[-1]} {cap} | {STREAM} verify --checkpointed -",
+                      timeout=600)
+        assert r.rc == 0, r.stderr
+        assert r.stdout.startswith("valid checkpointed xl stream (x86 PV)"), r.stdout
+        names = [(o["epoch"], o["record"]) for o in objs]
+        # Every later epoch: its own pages and vCPU state, CHECKPOINT, CHECKPOINT_END.
+        for e in range(1, len(ends)):
+            recs = [n for ep, n in names if ep == e]
+            assert recs[-3:] == ["CHECKPOINT", "CHECKPOINT_END", "-- end of epoch"], recs
+            assert "X86_PV_VCPU_BASIC" in recs and "LIBXC_CONTEXT" not in recs
+            assert "ImageHeader" not in recs
+    finally:
+        a.run(f"kill -9 $(cat {pidf}) 2>/dev/null; rm -f {pidf}", timeout=30)
+        destroy(a, spec.name)
+        destroy(b, spec.name)
+        destroy(b, f"{spec.name}--incoming")
+        b.run(f"rm -f {cap}", timeout=30)
