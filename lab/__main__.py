@@ -20,6 +20,13 @@ def cmd_deps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    images = build.build()
+    if args.prune:
+        build.prune(images)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Boot hosts and hold them until Ctrl-C, `python -m lab down`, or --for elapses."""
     stop = False
@@ -116,10 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("deps", help="apt-get install the host packages (root)")
     s.set_defaults(func=cmd_deps)
     s = sub.add_parser("build", help="build or find the cached images")
-    s.set_defaults(func=lambda a: (build.build(), 0)[1])
+    s.add_argument("--prune", action="store_true", help="then delete older cached stages")
+    s.set_defaults(func=cmd_build)
     s = sub.add_parser("up", help="boot hosts and keep them running")
     s.add_argument("--hosts", type=int, default=2, choices=(1, 2))
-    s.add_argument("--for", dest="for_s", type=float, default=0, help="stop after N s")
+    s.add_argument("--for", dest="for_s", type=float, default=1800,
+                   help="stop after N s (default 1800: others queue for the lab; 0: never)")
     s.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the running lab").set_defaults(func=cmd_down)
     s = sub.add_parser("run", help="run a command in a dom0 of the running lab")

@@ -9,8 +9,8 @@ nothing and any recipe change rebuilds exactly what depends on it):
 - ``rootfs``: debootstrap of bookworm with the toolstack, trimmed kernel modules, packed as
               a zstd cpio (the large, slow part of dom0's initramfs);
 - ``guest``:  the busybox guest initramfs with the counter workload;
-- ``dom0``:   dom0's init and agent plus the guest images, as a second cpio appended to the
-              rootfs archive (the kernel unpacks concatenated archives).
+- ``dom0``:   dom0's init and agent, as a second cpio appended to the rootfs archive (the
+              kernel unpacks concatenated archives). Guest images reach dom0 over the share.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import lzma
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko")
 PATTERN_LINES = 4096
 
 HERE = Path(__file__).resolve().parent
+STAGES = ("debs", "rootfs", "guest", "dom0")
 
 
 def expected_banner() -> str:
@@ -94,6 +96,8 @@ class Images:
 
     xen: Path
     vmlinuz: Path
+    vmlinux: Path  # the uncompressed kernel ELF, booted as dom0 and as guests
+    rootfs: Path
     dom0_initrd: Path
     guest_initrd: Path
     kver: str
@@ -183,7 +187,18 @@ def build_debs(dst: Path, kpkg: str) -> None:
         raise LabError(f"{hv} lacks CONFIG_SHADOW_PAGING=y: PV log-dirty would fail")
     with open(dst / "xen", "wb") as f:  # QEMU's multiboot loader wants the gunzipped ELF
         sh(["zcat", str(next((ext / "boot").glob("xen-*.gz")))], stdout=f)
-    shutil.copy(next((ext / "boot").glob("vmlinuz-*")), dst / "vmlinuz")
+    vmlinuz = next((ext / "boot").glob("vmlinuz-*"))
+    shutil.copy(vmlinuz, dst / "vmlinuz")
+    # The ELF inside the bzImage: Xen (dom0) and xl (guests) then load it without
+    # decompressing it under TCG, which took 10-60 s per boot or xl create.
+    data = vmlinuz.read_bytes()
+    at = data.find(b"\xfd7zXZ\x00")
+    if at < 0:
+        raise LabError(f"{vmlinuz.name}: no xz payload (Debian's kernels are xz-compressed)")
+    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[at:])
+    if not elf.startswith(b"\x7fELF"):
+        raise LabError(f"{vmlinuz.name}: xz payload at offset {at} is not an ELF image")
+    (dst / "vmlinux").write_bytes(elf)
     kver = next((ext / "lib/modules").iterdir()).name
     (dst / "KVER").write_text(kver)
     shutil.move(ext / "lib/modules", dst / "modules")
@@ -242,13 +257,11 @@ def build_guest(dst: Path, debs: Path, rootfs: Path) -> None:
     shutil.rmtree(d)
 
 
-def build_dom0(dst: Path, rootfs: Path, guest: Path, debs: Path) -> None:
+def build_dom0(dst: Path, rootfs: Path) -> None:
     d = dst / "overlay"
-    (d / "guest").mkdir(parents=True)
+    d.mkdir()
     shutil.copy(HERE / "dom0/init", d / "init")
     shutil.copy(HERE / "dom0/agent", d / "agent")
-    shutil.copy(debs / "vmlinuz", d / "guest/vmlinuz")
-    shutil.copy(guest / "guest-initrd.cpio.gz", d / "guest/initrd.gz")
     pack(d, dst / "overlay.cpio.gz", "gzip -1")
     with open(dst / "dom0-initrd", "wb") as f:
         for part in (rootfs / "rootfs.cpio.zst", dst / "overlay.cpio.gz"):
@@ -271,13 +284,24 @@ def build() -> Images:
         guest = cached("guest", key_of(build_guest, debs.name, rootfs.name,
                                        files_digest(HERE / "guest"), *GUEST_MODULES),
                        lambda p: build_guest(p, debs, rootfs))
-        dom0 = cached("dom0", key_of(build_dom0, rootfs.name, guest.name,
+        dom0 = cached("dom0", key_of(build_dom0, rootfs.name,
                                      files_digest(HERE / "dom0/init", HERE / "dom0/agent")),
-                      lambda p: build_dom0(p, rootfs, guest, debs))
-    images = Images(xen=debs / "xen", vmlinuz=debs / "vmlinuz", dom0_initrd=dom0 / "dom0-initrd",
+                      lambda p: build_dom0(p, rootfs))
+    images = Images(xen=debs / "xen", vmlinuz=debs / "vmlinuz", vmlinux=debs / "vmlinux",
+                    rootfs=rootfs, dom0_initrd=dom0 / "dom0-initrd",
                     guest_initrd=guest / "guest-initrd.cpio.gz", kver=(debs / "KVER").read_text(),
-                    recipe=dom0.name)
+                    recipe=f"{dom0.name}+{guest.name}")
     (cache_root() / "latest.json").write_text(json.dumps(
         {k: str(v) for k, v in dataclasses.asdict(images).items()}, indent=1))
     print(f"lab build: ready ({images.recipe}) in {time.monotonic() - t0:.1f} s", flush=True)
     return images
+
+
+
+def prune(keep: Images) -> None:
+    """Delete cached stages that these images do not use (older recipes)."""
+    used = {keep.xen.parent, keep.rootfs, keep.dom0_initrd.parent, keep.guest_initrd.parent}
+    for d in cache_root().iterdir():
+        if d.is_dir() and d.name.split("-")[0] in STAGES and d not in used:
+            print(f"lab build: pruning {d}", flush=True)
+            shutil.rmtree(d)

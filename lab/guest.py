@@ -25,13 +25,13 @@ class GuestSpec:
     mac: str = "00:16:3e:00:00:01"
     disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
 
-    def config(self, images: str = "/guest") -> str:
+    def config(self, images: str = "/mnt/lab/guest") -> str:
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.kind}"',
             f"memory = {self.memory}",
             "vcpus = 1",
-            f'kernel = "{images}/vmlinuz"',
+            f'kernel = "{images}/vmlinux"',  # uncompressed: no xz in xl under TCG
             f'ramdisk = "{images}/initrd.gz"',
             f'extra = "console=hvc0 quiet xenlab_ip={self.ip}/16"',
             f"vif = [ 'bridge=xenbr0,mac={self.mac}' ]",
@@ -45,10 +45,8 @@ class GuestSpec:
 
     def write(self, host: Host) -> str:
         """Write the config to the lab share; return its path as every dom0 sees it."""
-        # Guest images from the share (copied there by Lab.start: no dom0 rebuild when the
-        # guest changes), else the copy built into dom0.
-        images = "/mnt/lab/guest" if (host.share / "guest/initrd.gz").exists() else "/guest"
-        (host.share / "guests" / f"{self.name}.cfg").write_text(self.config(images))
+        # Guest images come from the share (copied there by Lab.start).
+        (host.share / "guests" / f"{self.name}.cfg").write_text(self.config())
         return f"/mnt/lab/guests/{self.name}.cfg"
 
 

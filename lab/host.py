@@ -142,7 +142,7 @@ class Host:
             "-fsdev", f"local,id=lab,path={self.share},security_model=none",
             "-device", "virtio-9p-pci,fsdev=lab,mount_tag=lab",
             "-kernel", str(images.xen), "-append", xen_args,
-            "-initrd", f"{images.vmlinuz} {dom0_args},{images.dom0_initrd}",
+            "-initrd", f"{images.vmlinux} {dom0_args},{images.dom0_initrd}",
         ]
         if netdev:
             argv += ["-netdev", f"{netdev},id=n0",

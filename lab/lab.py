@@ -40,6 +40,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def first_live_ticket(queue: Path) -> str | None:
+    """Oldest ticket whose process still lives (dead waiters' tickets are removed)."""
+    for t in sorted(queue.iterdir(), key=lambda p: int(p.name.split("-")[0])):
+        if Path(f"/proc/{t.name.split('-')[-1]}").exists():
+            return t.name
+        t.unlink(missing_ok=True)
+    return None
+
+
 def kill_stale() -> None:
     """Kill QEMUs left by a crashed lab (we hold the lock, so none is anyone's live lab)."""
     for pidfile in (STATE_DIR / "pids").glob("*.pid"):
@@ -76,14 +85,23 @@ class Lab:
             raise LabError(f"this process already runs a lab ({_HELD_BY}); share it (the "
                            "lab_one/lab_two fixtures do) instead of starting a second one")
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        # First come, first served: waiters queue by ticket, only the oldest live one tries
+        # the flock (plain polling let late comers overtake for ever).
+        queue = STATE_DIR / "queue"
+        queue.mkdir(exist_ok=True)
+        ticket = queue / f"{time.time_ns()}-{os.getpid()}"
+        ticket.touch()
         f = open(STATE_DIR / "lab.lock", "a+")  # noqa: SIM115 - held until stop()
         t0 = time.monotonic()
         told = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
+        try:
+            while True:
+                if first_live_ticket(queue) == ticket.name:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        pass
                 if not told:
                     f.seek(0)
                     print(f"lab: another lab is running ({f.read().strip() or 'unknown'});"
@@ -92,8 +110,10 @@ class Lab:
                 if time.monotonic() - t0 > LOCK_TIMEOUT_S:
                     f.close()
                     raise LabError(f"lab lock {STATE_DIR / 'lab.lock'} still held after "
-                                   f"{LOCK_TIMEOUT_S:.0f} s: another lab is running") from None
+                                   f"{LOCK_TIMEOUT_S:.0f} s: another lab is running")
                 time.sleep(1)
+        finally:
+            ticket.unlink(missing_ok=True)
         if told:
             print(f"lab: got the lab lock after {time.monotonic() - t0:.0f} s", flush=True)
         f.truncate(0)
@@ -121,7 +141,7 @@ class Lab:
         (STATE_DIR / "pids").mkdir(parents=True, exist_ok=True)
         (self.rundir / "share" / "guests").mkdir(parents=True)
         (self.rundir / "share" / "guest").mkdir()
-        shutil.copy(self.images.vmlinuz, self.rundir / "share/guest/vmlinuz")
+        shutil.copy(self.images.vmlinux, self.rundir / "share/guest/vmlinux")
         shutil.copy(self.images.guest_initrd, self.rundir / "share/guest/initrd.gz")
         latest = STATE_DIR / "runs" / "latest"
         latest.unlink(missing_ok=True)
