@@ -57,8 +57,6 @@ _VCPU = {C.REC_TYPE_X86_PV_VCPU_BASIC, C.REC_TYPE_X86_PV_VCPU_EXTENDED,
 _PV_ONLY = _VCPU | {C.REC_TYPE_X86_PV_INFO, C.REC_TYPE_X86_PV_P2M_FRAMES,
                     C.REC_TYPE_SHARED_INFO}
 _HVM_ONLY = {C.REC_TYPE_HVM_CONTEXT, C.REC_TYPE_HVM_PARAMS}
-_FRAMING = {C.REC_TYPE_END, C.REC_TYPE_CHECKPOINT, C.REC_TYPE_STATIC_DATA_END,
-            C.REC_TYPE_VERIFY}
 
 
 class Decoder:
@@ -308,7 +306,7 @@ class Decoder:
             if pv and not self._pv_info:
                 raise self._fail(name, f"{name} before X86_PV_INFO")
             self._static_end = True  # implied in v2 (spec: "Version 2 compatibility")
-        if not self._static_end and not v2 and rtype not in (C.REC_TYPE_VERIFY,):
+        if not self._static_end and not v2 and rtype != C.REC_TYPE_VERIFY:
             raise self._fail(name, f"{name} before STATIC_DATA_END")
         if rtype == C.REC_TYPE_PAGE_DATA and pv and not self._p2m:
             raise self._fail(name, "PAGE_DATA before X86_PV_P2M_FRAMES")

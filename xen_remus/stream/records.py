@@ -40,9 +40,12 @@ class Body(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def _need_len(body: Buffer, exact: int, what: str = "length") -> None:
+LENGTH_REL = -4  # the record header's length field, relative to the body
+
+
+def _need_len(body: Buffer, exact: int) -> None:
     if len(body) != exact:
-        raise FieldError(what, f"{len(body)}, expected {exact}", -C.REC_HDR_SIZE + 4)
+        raise FieldError("length", f"{len(body)}, expected {exact}", LENGTH_REL)
 
 
 @dataclass
@@ -133,7 +136,7 @@ class PageData:
         want = 8 + 8 * count + C.PAGE_SIZE * ndata
         if n != want:
             raise FieldError("length", f"{n}, expected {want} for {count} pfns of which "
-                             f"{ndata} carry data", -4)
+                             f"{ndata} carry data", LENGTH_REL)
         pfns = words & np.uint64(C.PFN_MASK)
         return cls(pfns, types, memoryview(body)[8 + 8 * count:])
 
@@ -184,7 +187,7 @@ class X86PvP2mFrames:
     def unpack(cls, body: Buffer) -> X86PvP2mFrames:
         if len(body) < 16 or len(body) % 8:
             raise FieldError("length", f"{len(body)}: needs start/end and at least one "
-                             "frame, in 8-byte units", -4)
+                             "frame, in 8-byte units", LENGTH_REL)
         start, end = _II.unpack_from(body)
         if start > end:
             raise FieldError("p2m_start_pfn", f"{start} > p2m_end_pfn {end}", 0)
@@ -217,13 +220,13 @@ class X86PvVcpu:
         if len(body) == 0:
             return cls(None)
         if len(body) < 8:
-            raise FieldError("length", f"{len(body)}: shorter than the vcpu header", -4)
+            raise FieldError("length", f"{len(body)}: shorter than the vcpu header", LENGTH_REL)
         vcpu, res = _II.unpack_from(body)
         if res:
             raise FieldError("reserved", "not zero", 4)
         if (len(body) - 8) % cls.entry:
             raise FieldError("length", f"context of {len(body) - 8} bytes is not a multiple"
-                             f" of {cls.entry}", -4)
+                             f" of {cls.entry}", LENGTH_REL)
         return cls(vcpu, memoryview(body)[8:])
 
     def describe(self) -> dict[str, Any]:
@@ -251,9 +254,9 @@ class Blob:
         if cls.exact is not None:
             _need_len(body, cls.exact)
         if len(body) < cls.min_len:
-            raise FieldError("length", f"{len(body)}, expected at least {cls.min_len}", -4)
+            raise FieldError("length", f"{len(body)}, expected at least {cls.min_len}", LENGTH_REL)
         if len(body) % cls.entry:
-            raise FieldError("length", f"{len(body)} is not a multiple of {cls.entry}", -4)
+            raise FieldError("length", f"{len(body)} is not a multiple of {cls.entry}", LENGTH_REL)
         return cls(memoryview(body))
 
     def describe(self) -> dict[str, Any]:
@@ -318,7 +321,7 @@ class HvmParams:
         if len(body) == 0:
             return cls([])
         if len(body) < 8:
-            raise FieldError("length", f"{len(body)}: shorter than count/reserved", -4)
+            raise FieldError("length", f"{len(body)}: shorter than count/reserved", LENGTH_REL)
         count, res = _II.unpack_from(body)
         if res:
             raise FieldError("reserved", "not zero", 4)
@@ -344,7 +347,7 @@ class PfnList:
     @classmethod
     def unpack(cls, body: Buffer) -> PfnList:
         if len(body) % 8:
-            raise FieldError("length", f"{len(body)} is not a multiple of 8", -4)
+            raise FieldError("length", f"{len(body)} is not a multiple of 8", LENGTH_REL)
         return cls(np.frombuffer(body, dtype="<u8").astype(np.uint64))
 
     def describe(self) -> dict[str, Any]:
@@ -365,7 +368,7 @@ class Emulator:
     @classmethod
     def unpack(cls, body: Buffer) -> Self:
         if len(body) < 8:
-            raise FieldError("length", f"{len(body)}: shorter than emulator_id/index", -4)
+            raise FieldError("length", f"{len(body)}: shorter than emulator_id/index", LENGTH_REL)
         eid, index = _II.unpack_from(body)
         if eid not in C.EMULATOR_IDS:
             raise FieldError("emulator_id", f"unknown emulator {eid}", 0)
@@ -427,10 +430,6 @@ class CheckpointState:
 
     def describe(self) -> dict[str, Any]:
         return {"control_id": C.CHECKPOINT_STATES[self.control_id]}
-
-
-class _Unpacker(Protocol):
-    def unpack(self, body: Buffer) -> Body: ...
 
 
 BODY_TYPES: dict[tuple[str, int], Any] = {
