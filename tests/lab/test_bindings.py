@@ -1,30 +1,21 @@
 """End to end on real Xen: xen_remus.xen and pagetable.py on a running PV and a PVH guest.
 
-The work happens in dom0 (test_bindings_probe.py); this side boots the lab, creates each
-guest, runs the probe, checks its report and that the guest's counter keeps going after the
-suspend and fast resume.
+The work happens in dom0 (test_bindings_probe.py); this side (on the ``lab_one`` host)
+creates each guest, runs the probe, checks its report and that the guest's counter keeps
+going after the suspend and fast resume.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(timeout=900)
 
 PROBE = "/mnt/project/tests/lab/test_bindings_probe.py"
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[Any]:
-    from lab.lab import Lab
-
-    with Lab(1) as lab:
-        yield lab.a
 
 
 def probe(host: Any, name: str) -> dict[str, Any]:
@@ -76,8 +67,8 @@ def run_guest(host: Any, kind: str, name: str, ip: str, mac: str) -> dict[str, A
         host.run(f"xl destroy {name}", timeout=60)
 
 
-def test_pv_guest(host: Any) -> None:
-    out = run_guest(host, "pv", "bpv", "169.254.20.11", "00:16:3e:00:01:01")
+def test_pv_guest(lab_one: Any) -> None:
+    out = run_guest(lab_one, "pv", "bpv", "169.254.20.11", "00:16:3e:00:01:01")
     check_common(out)
     p2m = out["p2m"]
     assert p2m["valid"] > 0 and p2m["m2p_mismatch"] == 0 and p2m["p2m_m2p_mfn_mismatch"] == 0
@@ -91,8 +82,8 @@ def test_pv_guest(host: Any) -> None:
     assert all(b == bootid for _, b in after), "guest rebooted"
 
 
-def test_pvh_guest(host: Any) -> None:
-    out = run_guest(host, "pvh", "bpvh", "169.254.20.12", "00:16:3e:00:01:02")
+def test_pvh_guest(lab_one: Any) -> None:
+    out = run_guest(lab_one, "pvh", "bpvh", "169.254.20.12", "00:16:3e:00:01:02")
     check_common(out)
     assert out["info"]["pvh"] and out["hvm_context_bytes"] > 0
     assert out["hvm_params"]["store_pfn"] > 0
