@@ -1,0 +1,337 @@
+"""The two ends of the channel, sans-IO: the save engine drives a SenderChannel, the
+receiver a ReceiverChannel. They take bytes, records and times, and return bytes to write
+and events; the callers own the file descriptors and the clock (time.monotonic()).
+
+Sender (primary), in order:
+  1. After xlproto.SenderSide has matched the banner (exactly len(BANNER) bytes of the
+     receiver's channel), feed every further byte of that channel to ``feed_back``.
+     A stock receiver sends none: the channel stays ``agreed is None``, standard bytes.
+  2. Send every PAGE_DATA through ``page_records`` (standard, or compressed once agreed).
+  3. At libxc record boundaries where it has nothing else to send (waiting for the ACK or
+     the interval; never between libxc CHECKPOINT and libxl CHECKPOINT_END) write
+     ``pending(now)``: the accept, queued stats, a heartbeat when due.
+  4. After the last record of epoch N went out: ``epoch_sent(N, ...)``; wait for
+     Acked(N) from ``feed_back`` (if ``agreed.ack``), ``peer_dead(now)`` meaning the
+     backup is lost; ``wake_at()`` bounds each wait.
+Receiver (backup):
+  1. With -r, write ``offer_line()`` right after the banner (one write with it).
+  2. ``seen(now)`` for every chunk from the sender; pass every decoded Record to
+     ``on_record``: None = forward its wire bytes as they are, else forward the returned
+     buffers instead (our records vanish, compressed pages become standard PAGE_DATA).
+  3. After the sink has epoch N whole: write ``committed(N, now)`` (the ACK); write
+     ``pending(now)`` whenever woken; ``peer_dead(now)`` means fail over now.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from xen_remus.remus import compress, wire
+from xen_remus.remus.errors import ChannelError
+from xen_remus.remus.heartbeat import FailureDetector, HeartbeatTimer
+from xen_remus.remus.negotiate import HEARTBEAT_TIMEOUT_MS, Extensions, OfferReader
+from xen_remus.remus.pagecache import PageCache
+from xen_remus.remus.stats import EpochStats
+from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
+from xen_remus.stream.records import LIBXC, PageData, Record
+
+
+@dataclass(frozen=True)
+class Config:
+    """One end's wishes. ``compression`` False is `-u`."""
+
+    ack: bool = True
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS
+    heartbeat_interval_ms: int | None = None  # default: a quarter of the timeout
+    compression: bool = True
+    cache_mib: int = 256
+
+    def extensions(self) -> Extensions:
+        t = self.heartbeat_timeout_ms
+        i = self.heartbeat_interval_ms or max(1, t // 4)
+        return Extensions(ack=self.ack, heartbeat=(i, t),
+                          lz4_xor_mib=self.cache_mib if self.compression else None)
+
+
+# Events of the back channel, as the sender sees them.
+@dataclass(frozen=True)
+class Offered:
+    offer: Extensions
+
+
+@dataclass(frozen=True)
+class Acked:
+    epoch: int
+    stats: EpochStats  # complete, with ack_ms
+    commit_ms: float  # the backup's own time to commit
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str
+
+
+BackEvent = Offered | Acked | Closed
+
+
+class SenderChannel:
+    def __init__(self, config: Config, now: float) -> None:
+        self.config = config
+        self.agreed: Extensions | None = None
+        self.detector: FailureDetector | None = None
+        self.acked: int | None = None
+        self.last_sent_epoch: int | None = None
+        self._offer = OfferReader()
+        self._frames = wire.FrameDecoder("receiver channel")
+        self._accept_due: Extensions | None = None
+        self._timer: HeartbeatTimer | None = None
+        self._encoder: compress.Encoder | None = None
+        self._std_page_sent = False
+        self._unacked: dict[int, tuple[float, EpochStats]] = {}
+        self._stats_out: deque[EpochStats] = deque(maxlen=64)
+        self._raw = self._wire = 0
+
+    # -- back channel -----------------------------------------------------------
+
+    def feed_back(self, data: bytes, now: float) -> list[BackEvent]:
+        out: list[BackEvent] = []
+        if not data:
+            return out
+        if self.detector is not None:
+            self.detector.seen(now)
+        if self._offer.offer is None:
+            data = self._offer.feed(data)
+            if self._offer.offer is None:
+                return out
+            self._frames.offset = self._offer.length
+            self._accept_due = self.config.extensions().agree(self._offer.offer)
+            out.append(Offered(self._offer.offer))
+        for fr in self._frames.feed(data):
+            where = f"receiver channel, {wire.name(fr.rtype)} at offset {fr.offset}"
+            if self.agreed is None:
+                raise ChannelError(f"{where}: frame before our accept")
+            if fr.rtype == wire.REC_REMUS_ACK:
+                out.append(self._ack(*wire.parse_ack(fr.body, where), now, where))
+            elif fr.rtype == wire.REC_REMUS_HEARTBEAT:
+                wire.parse_heartbeat(fr.body, where)
+            elif fr.rtype == wire.REC_REMUS_CLOSE:
+                out.append(Closed(fr.body.decode("utf-8", "replace")))
+            else:
+                raise ChannelError(f"{where}: not a frame of this direction")
+        return out
+
+    def _ack(self, epoch: int, commit_us: int, now: float, where: str) -> Acked:
+        if not self.agreed or not self.agreed.ack:
+            raise ChannelError(f"{where}: ACK was not agreed")
+        if epoch not in self._unacked:
+            raise ChannelError(f"{where}: ACK of epoch {epoch}, but the epochs awaiting one "
+                               f"are {sorted(self._unacked) or 'none'}")
+        for e in [e for e in self._unacked if e < epoch]:  # a later ACK covers them
+            del self._unacked[e]
+        t_end, st = self._unacked.pop(epoch)
+        st.ack_ms = (now - t_end) * 1000
+        self.acked = epoch
+        self._stats_out.append(st)
+        return Acked(epoch, st, commit_us / 1000)
+
+    # -- forward stream -----------------------------------------------------------
+
+    def page_records(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
+                     pages: Buffer | Sequence[Buffer], now: float) -> list[Buffer]:
+        """The buffers of one PAGE_DATA (``pages``: the contents of the pfns whose type
+        carries data), preceded by the accept if it is due."""
+        out = self._accept(now)
+        if self._encoder is not None and self._std_page_sent:
+            enc = self._encoder.encode(pfns, types, pages)
+            out += enc.buffers
+            self._raw += enc.raw_bytes
+            self._wire += enc.wire_bytes
+        else:
+            # The first PAGE_DATA stays standard: the stream's ordering rules (vCPU
+            # records after some PAGE_DATA) must hold for the records a decoder knows.
+            rec = wire.frame(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, [pages] if
+                             isinstance(pages, bytes | bytearray | memoryview) else
+                             pages).pack())
+            if self._encoder is not None:
+                self._encoder.observe(pfns, types, pages)
+            self._std_page_sent = True
+            n = sum(len(b) for b in rec)
+            self._raw += n
+            self._wire += n
+            out += rec
+        self.sent(now)
+        return out
+
+    def other_bytes(self, n: int, now: float) -> None:
+        """The engine wrote ``n`` bytes of other records (they count in the epoch's raw
+        and wire bytes, and as a sign of life)."""
+        self._raw += n
+        self._wire += n
+        self.sent(now)
+
+    def sent(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.sent(now)
+
+    def pending(self, now: float) -> list[Buffer]:
+        out = self._accept(now)
+        if self.agreed is None:
+            return out
+        while self._stats_out:
+            out += wire.frame(wire.REC_REMUS_EPOCH_STATS, [self._stats_out.popleft().pack()])
+        if self._timer is not None and (out or self._timer.due(now)):
+            if not out:
+                out += [wire.heartbeat(self._timer.next_seq(now))]
+            self._timer.sent(now)
+        return out
+
+    def _accept(self, now: float) -> list[Buffer]:
+        ext = self._accept_due
+        if ext is None:
+            return []
+        self._accept_due = None
+        self.agreed = ext
+        if ext.heartbeat is not None:
+            self.detector = FailureDetector(ext.heartbeat[1] / 1000, now)
+            self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, now)
+        if ext.lz4_xor_mib is not None:
+            self._encoder = compress.Encoder(PageCache.of_mib(ext.lz4_xor_mib))
+        return wire.frame(wire.REC_REMUS_ACCEPT, [ext.tokens().encode()])
+
+    # -- epochs ---------------------------------------------------------------------
+
+    def epoch_sent(self, epoch: int, now: float, pause_ms: float, dirty_pages: int,
+                   send_ms: float) -> EpochStats | None:
+        """Epoch ``epoch`` (0 = the initial copy, as the receiver counts) is on the wire.
+        Returns its figures now when no ACK will come, else they come with Acked."""
+        want = 0 if self.last_sent_epoch is None else self.last_sent_epoch + 1
+        if epoch != want:
+            raise ValueError(f"epoch_sent({epoch}): the next epoch is {want}")
+        self.last_sent_epoch = epoch
+        st = EpochStats(epoch, pause_ms, dirty_pages, self._raw, self._wire, send_ms)
+        self._raw = self._wire = 0
+        if self.agreed is not None and self.agreed.ack:
+            self._unacked[epoch] = (now, st)
+            return None
+        if self.agreed is not None:
+            self._stats_out.append(st)
+        return st
+
+    @property
+    def acks(self) -> bool:
+        """Whether the backup will ACK each committed epoch."""
+        return self.agreed is not None and self.agreed.ack
+
+    def peer_dead(self, now: float) -> bool:
+        return self.detector is not None and self.detector.dead(now)
+
+    def wake_at(self) -> float | None:
+        """When the engine must act next without input: a heartbeat due or the backup's
+        deadline (None: no timers, a stock peer)."""
+        times = [t for t in (self._timer.next_due if self._timer else None,
+                             self.detector.deadline if self.detector else None)
+                 if t is not None]
+        return min(times) if times else None
+
+
+class ReceiverChannel:
+    def __init__(self, config: Config, now: float) -> None:
+        self.config = config
+        self.offered = config.extensions()
+        self.agreed: Extensions | None = None
+        self.detector: FailureDetector | None = None
+        self.stats: deque[EpochStats] = deque(maxlen=64)  # figures from the primary
+        self._timer: HeartbeatTimer | None = None
+        self._decoder: compress.Decoder | None = None
+        self._now = now
+
+    def offer_line(self) -> bytes:
+        return self.offered.offer_line()
+
+    def seen(self, now: float) -> None:
+        self._now = now
+        if self.detector is not None:
+            self.detector.seen(now)
+
+    def on_record(self, rec: Record) -> list[Buffer] | None:
+        if not wire.is_ours(rec.rtype):
+            if (self._decoder is not None and rec.layer == LIBXC
+                    and rec.rtype == C.REC_TYPE_PAGE_DATA):
+                self._decoder.observe(rec.parse())
+            return None
+        where = f"{wire.name(rec.rtype)} at offset {rec.offset} (epoch {rec.epoch})"
+        if rec.layer != LIBXC:
+            raise ChannelError(f"{where}: xen-remus record in the libxl layer")
+        if rec.rtype == wire.REC_REMUS_ACCEPT:
+            self._accept(rec, where)
+            return []
+        if self.agreed is None:
+            raise ChannelError(f"{where}: before REMUS_ACCEPT")
+        if rec.rtype == wire.REC_REMUS_PAGE_DATA_LZ4XOR:
+            if self._decoder is None:
+                raise ChannelError(f"{where}: compression was not agreed")
+            return self._decoder.decode(rec.body, rec.epoch, rec.offset)
+        if rec.rtype == wire.REC_REMUS_HEARTBEAT:
+            wire.parse_heartbeat(rec.body, where)
+        elif rec.rtype == wire.REC_REMUS_EPOCH_STATS:
+            self.stats.append(EpochStats.unpack(rec.body, where))
+        else:
+            raise ChannelError(f"{where}: not a record of this direction")
+        return []
+
+    def _accept(self, rec: Record, where: str) -> None:
+        if self.agreed is not None:
+            raise ChannelError(f"{where}: second REMUS_ACCEPT")
+        ext = Extensions.parse(bytes(rec.body).decode("ascii", "replace"), where)
+        off = self.offered
+        bad = [what for what, ok in (
+            ("version", ext.version <= off.version),
+            ("ack", not ext.ack or off.ack),
+            ("heartbeat", ext.heartbeat is None or (
+                off.heartbeat is not None and ext.heartbeat[0] <= off.heartbeat[0]
+                and ext.heartbeat[1] >= off.heartbeat[1])),
+            ("lz4-xor", ext.lz4_xor_mib is None or (
+                off.lz4_xor_mib is not None and ext.lz4_xor_mib <= off.lz4_xor_mib)),
+        ) if not ok]
+        if bad:
+            raise ChannelError(f"{where}: accepts what was not offered ({', '.join(bad)}): "
+                               f"offered {off.tokens()!r}, accepted {ext.tokens()!r}")
+        self.agreed = ext
+        if ext.heartbeat is not None:
+            self.detector = FailureDetector(ext.heartbeat[1] / 1000, self._now)
+            self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, self._now)
+        if ext.lz4_xor_mib is not None:
+            self._decoder = compress.Decoder(PageCache.of_mib(ext.lz4_xor_mib))
+
+    def committed(self, epoch: int, now: float, commit_ms: float = 0.0) -> bytes:
+        """The ACK of epoch ``epoch`` (b"" unless agreed)."""
+        if self.agreed is None or not self.agreed.ack:
+            return b""
+        if self._timer is not None:
+            self._timer.sent(now)
+        return wire.ack(epoch, int(commit_ms * 1000))
+
+    def pending(self, now: float) -> bytes:
+        """A heartbeat, when one is due."""
+        if self._timer is None or not self._timer.due(now):
+            return b""
+        return wire.heartbeat(self._timer.next_seq(now))
+
+    def close(self, reason: str) -> bytes:
+        """A frame telling the primary this backup stops (b"" with a stock sender)."""
+        return wire.close(reason) if self.agreed is not None else b""
+
+    def peer_dead(self, now: float) -> bool:
+        return self.detector is not None and self.detector.dead(now)
+
+    def wake_at(self) -> float | None:
+        times = [t for t in (self._timer.next_due if self._timer else None,
+                             self.detector.deadline if self.detector else None)
+                 if t is not None]
+        return min(times) if times else None

@@ -1,0 +1,209 @@
+"""Checkpoint compression: PAGE_DATA as lz4 over an XOR delta against the last-sent page.
+
+A page dirtied in an epoch usually differs from what was last sent in a few words; XOR
+against that copy leaves mostly zeros, which lz4 squeezes at memory speed. Zero pages and
+never-sent pages are XORed against nothing (base 0) and lz4 takes them as they are.
+
+REMUS_PAGE_DATA_LZ4XOR body (little-endian, like PAGE_DATA):
+  u32 count          pfns, as PAGE_DATA's count
+  u32 flags          bit 0: ``blob`` is an lz4 block (else the raw delta); others 0
+  u32 raw_len        4096 x pages carrying data (the delta's length)
+  u32 blob_len
+  u64 pfn[count]     PAGE_DATA's pfn words, type in bits 63-60, unchanged
+  u8  base[n]        per data page: 1 = XOR against the cached page, 0 = against zeros
+  (zero padding to 8 octets)
+  u64 check[n]       per data page: weighted sum of the page's u64 words (odd weights,
+                     mod 2**64) of the page as it must end up: any single changed word,
+                     a wrong base or a bad lz4 block shows, with the pfn
+  u8  blob[blob_len]
+The receiver rebuilds the standard PAGE_DATA record from it, so its sink sees a standard
+stream. Both ends put every data page of every PAGE_DATA they exchange after the accept
+(plain or compressed) into their PageCache, in stream order.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lz4.block
+import numpy as np
+import numpy.typing as npt
+
+from xen_remus.remus import wire
+from xen_remus.remus.errors import CompressionError
+from xen_remus.remus.pagecache import U8, PageCache
+from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
+from xen_remus.stream.records import PageData
+
+_HEAD = struct.Struct("<IIII")
+_PAGE_HDR = struct.Struct("<II")
+FLAG_LZ4 = 1
+_WORDS = C.PAGE_SIZE // 8
+# Odd weights (invertible mod 2**64): a change in any one word always changes the sum.
+_W = (np.arange(_WORDS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+      + np.uint64(0x632BE59BD9B4E019)) | np.uint64(1)
+_HAS_DATA = np.ones(16, dtype=bool)
+_HAS_DATA[list(C.PFINFO_NO_DATA | C.PFINFO_INVALID)] = False
+_INVALID = np.zeros(16, dtype=np.uint64)
+_INVALID[list(C.PFINFO_INVALID)] = 1
+
+
+def checksums(pages: U8) -> npt.NDArray[np.uint64]:
+    """One u64 per page (k x 4096 bytes)."""
+    words = pages.reshape(len(pages), C.PAGE_SIZE).view("<u8")
+    return np.asarray((words * _W).sum(axis=1, dtype=np.uint64), np.uint64)
+
+
+def as_pages(pages: Buffer | Sequence[Buffer], n: int) -> U8:
+    """``n`` pages as one (n x 4096) uint8 array: a view of a contiguous buffer, or one
+    copy of a list of page buffers."""
+    if isinstance(pages, bytes | bytearray | memoryview):
+        flat = np.frombuffer(pages, np.uint8)
+    else:
+        flat = np.frombuffer(b"".join(pages), np.uint8)
+    if len(flat) != n * C.PAGE_SIZE:
+        raise ValueError(f"{len(flat)} bytes of page data for {n} pages")
+    return flat.reshape(n, C.PAGE_SIZE)
+
+
+def data_mask(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    return np.asarray(_HAS_DATA[types & 0xF], bool)
+
+
+@dataclass
+class Encoded:
+    """One compressed record: buffers for writev and the byte counts for the stats."""
+
+    buffers: list[Buffer]
+    raw_bytes: int  # the standard PAGE_DATA record it replaces
+    wire_bytes: int
+
+
+class Encoder:
+    """The sender's side: PAGE_DATA contents in, REMUS_PAGE_DATA_LZ4XOR records out."""
+
+    def __init__(self, cache: PageCache, accel: int = 1) -> None:
+        self.cache = cache
+        self.accel = accel
+
+    def observe(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
+                pages: Buffer | Sequence[Buffer]) -> None:
+        """A standard PAGE_DATA was sent: remember its pages as the receiver will."""
+        has = data_mask(types)
+        self.cache.store(pfns[has], as_pages(pages, int(has.sum())))
+
+    def encode(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
+               pages: Buffer | Sequence[Buffer]) -> Encoded:
+        if len(pfns) == 0 or len(pfns) != len(types):
+            raise ValueError("PAGE_DATA needs pfns, one type each")
+        has = data_mask(types)
+        dp = pfns[has]
+        new = as_pages(pages, len(dp))
+        slots = self.cache.lookup(dp)
+        hit = slots >= 0
+        delta = new.copy()
+        delta[hit] ^= self.cache.data[slots[hit]]
+        check = checksums(new)
+        raw = delta.tobytes()
+        blob = lz4.block.compress(raw, mode="fast", acceleration=self.accel,
+                                  store_size=False) if len(raw) else b""
+        flags = FLAG_LZ4
+        if len(blob) >= len(raw):
+            blob, flags = raw, 0
+        self.cache.store(dp, new, slots)
+        words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT)))
+        base = hit.astype(np.uint8).tobytes()
+        parts: list[Buffer] = [_HEAD.pack(len(pfns), flags, len(raw), len(blob)),
+                               words.tobytes(), base, bytes(C.pad8(len(base)) - len(base)),
+                               check.astype("<u8").tobytes(), blob]
+        out = wire.frame(wire.REC_REMUS_PAGE_DATA_LZ4XOR, parts)
+        plain = C.REC_HDR_SIZE + 8 + 8 * len(pfns) + len(raw)
+        return Encoded(out, plain, sum(len(b) for b in out))
+
+
+class Decoder:
+    """The receiver's side: REMUS_PAGE_DATA_LZ4XOR bodies in, standard PAGE_DATA out."""
+
+    def __init__(self, cache: PageCache) -> None:
+        self.cache = cache
+
+    def observe(self, page_data: PageData) -> None:
+        """A standard PAGE_DATA arrived: remember its pages as the sender did."""
+        has = data_mask(page_data.types)
+        self.cache.store(page_data.pfns[has],
+                         as_pages(page_data.page_bytes(), int(has.sum())))
+
+    def decode(self, body: Buffer, epoch: int, offset: int) -> list[Buffer]:
+        """The standard PAGE_DATA record (buffers) that ``body`` stands for; ``offset``
+        (of the record in the stream) and ``epoch`` only name the place in errors."""
+
+        def fail(msg: str, pfn: int | None = None) -> CompressionError:
+            return CompressionError(msg, epoch, pfn, offset)
+
+        n = len(body)
+        if n < _HEAD.size:
+            raise fail(f"body of {n} bytes is shorter than its header")
+        count, flags, raw_len, blob_len = _HEAD.unpack_from(body)
+        if count == 0 or flags & ~FLAG_LZ4:
+            raise fail(f"count {count} / flags 0x{flags:x} invalid")
+        at = _HEAD.size
+        if at + 8 * count > n:
+            raise fail(f"{count} pfns do not fit in {n} bytes")
+        words = np.frombuffer(body, "<u8", count, at)
+        at += 8 * count
+        types = (words >> np.uint64(C.PFN_TYPE_SHIFT)).astype(np.uint8)
+        pfns = words & np.uint64(C.PFN_MASK)
+        first = int(pfns[0])
+        # The rules of PAGE_DATA itself (the sink would reject the rebuilt record).
+        bad = np.flatnonzero((words & np.uint64(C.PFN_RESERVED_MASK)) | _INVALID[types & 0xF])
+        if len(bad):
+            raise fail("pfn word with reserved bits 59-52 set or an invalid page type",
+                       int(pfns[int(bad[0])]))
+        has = data_mask(types)
+        dp = pfns[has]
+        nd = len(dp)
+        if raw_len != nd * C.PAGE_SIZE:
+            raise fail(f"raw_len {raw_len}, expected {nd * C.PAGE_SIZE} for {nd} data pages",
+                       first)
+        need = at + C.pad8(nd) + 8 * nd + blob_len
+        if need != n:
+            raise fail(f"length {n}, expected {need}", first)
+        base = np.frombuffer(body, np.uint8, nd, at).astype(bool)
+        at += C.pad8(nd)
+        check = np.frombuffer(body, "<u8", nd, at)
+        at += 8 * nd
+        blob = memoryview(body)[at:at + blob_len]
+        if flags & FLAG_LZ4:
+            try:
+                raw = lz4.block.decompress(blob, uncompressed_size=raw_len,
+                                           return_bytearray=True)
+            except lz4.block.LZ4BlockError as exc:
+                raise fail(f"lz4 block of pfns 0x{first:x}.. does not decompress ({exc})",
+                           first) from None
+            if len(raw) != raw_len:
+                raise fail(f"lz4 block expands to {len(raw)} bytes, expected {raw_len}",
+                           first)
+        else:
+            if blob_len != raw_len:
+                raise fail(f"raw delta of {blob_len} bytes, expected {raw_len}", first)
+            raw = bytearray(blob)
+        new = np.frombuffer(raw, np.uint8).reshape(nd, C.PAGE_SIZE)
+        slots = self.cache.lookup(dp)
+        hit = slots >= 0
+        bad = np.flatnonzero(hit != base)
+        if len(bad):
+            i = int(bad[0])
+            have = "has" if hit[i] else "does not have"
+            raise fail(f"page cache out of step: the sender XORed against "
+                       f"{'its cached copy' if base[i] else 'zeros'}, ours {have} one",
+                       int(dp[i]))
+        new[hit] ^= self.cache.data[slots[hit]]
+        bad = np.flatnonzero(checksums(new) != check)
+        if len(bad):
+            raise fail("page contents do not match their checksum (corrupt record or "
+                       "page cache)", int(dp[int(bad[0])]))
+        self.cache.store(dp, new, slots)
+        return wire.frame(C.REC_TYPE_PAGE_DATA, [_PAGE_HDR.pack(count, 0), words.tobytes(), raw])

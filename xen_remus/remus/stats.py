@@ -1,0 +1,167 @@
+"""Per-epoch figures, their record (REMUS_EPOCH_STATS) and the status file.
+
+The primary measures an epoch; it knows its ACK latency only once the ACK is in, so the
+figures of epoch N travel in-band early in epoch N+1 (or at exit), and the backup's status
+shows the same numbers as the primary's.
+
+Status file: /run/xen-remus/<domain>.json (XEN_REMUS_RUN_DIR overrides the directory),
+rewritten atomically (temp file + rename) at most every ``min_interval`` seconds and at
+every change of state. Fields:
+  format 1; domain; role "primary"|"backup"; pid; peer; state (e.g. "pre-copy",
+  "protected", "unprotected", "failed-over", "exited"); detail; started / updated (Unix
+  time); extensions (the agreed tokens, or null with a stock peer); epoch (last
+  committed/acknowledged); last (the last epoch's figures); totals {epochs, dirty_pages,
+  raw_bytes, wire_bytes, pause_ms, send_ms}; recent (up to 20 last epochs' figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from xen_remus.remus.errors import ChannelError
+from xen_remus.stream.events import Buffer
+
+RUN_DIR = "/run/xen-remus"
+FORMAT = 1
+RECENT = 20
+_STATS = struct.Struct("<QIIQQII")
+_UNKNOWN = 0xFFFFFFFF
+
+
+@dataclass
+class EpochStats:
+    """One epoch, as the primary saw it. Times in ms; ``ack_ms`` None when unknown (no
+    ACK negotiated, or not yet in)."""
+
+    epoch: int
+    pause_ms: float = 0.0  # suspend -> resume
+    dirty_pages: int = 0
+    raw_bytes: int = 0  # the standard stream's bytes for this epoch
+    wire_bytes: int = 0  # what went on the wire (after compression)
+    send_ms: float = 0.0
+    ack_ms: float | None = None  # end of send -> ACK in
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
+
+    def pack(self) -> bytes:
+        def us(ms: float | None) -> int:
+            return _UNKNOWN if ms is None else min(int(round(ms * 1000)), _UNKNOWN - 1)
+
+        return _STATS.pack(self.epoch, us(self.pause_ms), min(self.dirty_pages, _UNKNOWN),
+                           self.raw_bytes, self.wire_bytes, us(self.send_ms), us(self.ack_ms))
+
+    @classmethod
+    def unpack(cls, body: Buffer, where: str) -> EpochStats:
+        if len(body) != _STATS.size:
+            raise ChannelError(f"{where}: REMUS_EPOCH_STATS body of {len(body)} bytes, "
+                               f"expected {_STATS.size}")
+        epoch, pause, dirty, raw, wire, send, ack = _STATS.unpack_from(body)
+        return cls(epoch, pause / 1000, dirty, raw, wire, send / 1000,
+                   None if ack == _UNKNOWN else ack / 1000)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = round(self.ratio, 3)
+        return d
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("XEN_REMUS_RUN_DIR", RUN_DIR))
+
+
+class StatusFile:
+    """Keeps one domain's status file current; one writer per domain and role."""
+
+    def __init__(self, domain: str, role: str, peer: str = "", directory: Path | None = None,
+                 min_interval: float = 0.2) -> None:
+        self.path = (directory or run_dir()) / f"{domain}.json"
+        if role == "backup":  # both ends may run on one host (tests, localhost Remus)
+            self.path = self.path.with_name(f"{domain}.backup.json")
+        self.min_interval = min_interval
+        self.doc: dict[str, Any] = {
+            "format": FORMAT, "domain": domain, "role": role, "pid": os.getpid(),
+            "peer": peer, "state": "starting", "detail": "", "started": time.time(),
+            "updated": 0.0, "extensions": None, "epoch": None, "last": None,
+            "totals": {"epochs": 0, "dirty_pages": 0, "raw_bytes": 0, "wire_bytes": 0,
+                       "pause_ms": 0.0, "send_ms": 0.0},
+            "recent": []}
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self._written = 0.0
+
+    def state(self, state: str, detail: str = "", **extra: Any) -> None:
+        self.doc.update(state=state, detail=detail, **extra)
+        self.write(force=True)
+
+    def epoch(self, st: EpochStats, now: float | None = None) -> None:
+        d = st.to_dict()
+        self.doc["epoch"], self.doc["last"] = st.epoch, d
+        tot = self.doc["totals"]
+        tot["epochs"] += 1
+        tot["dirty_pages"] += st.dirty_pages
+        tot["raw_bytes"] += st.raw_bytes
+        tot["wire_bytes"] += st.wire_bytes
+        tot["pause_ms"] = round(tot["pause_ms"] + st.pause_ms, 3)
+        tot["send_ms"] = round(tot["send_ms"] + st.send_ms, 3)
+        self._recent.append(d)
+        self.write(now=now)
+
+    def write(self, force: bool = False, now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        if not force and t - self._written < self.min_interval:
+            return
+        self._written = t
+        self.doc["updated"] = time.time()
+        self.doc["recent"] = list(self._recent)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.doc, f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def read_all(directory: Path | None = None) -> list[dict[str, Any]]:
+    """Every status file in the directory, with ``alive`` (its writer still runs) and
+    ``path``; unreadable files come back as {"path", "error"}."""
+    d = directory or run_dir()
+    out: list[dict[str, Any]] = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            doc = json.loads(p.read_text())
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise ValueError(f"not a format {FORMAT} status document")
+        except (OSError, ValueError) as exc:
+            out.append({"path": str(p), "error": str(exc)})
+            continue
+        doc["path"] = str(p)
+        doc["alive"] = _alive(doc.get("pid"))
+        out.append(doc)
+    return out
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
