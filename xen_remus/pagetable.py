@@ -91,11 +91,13 @@ class PseudoPhysMap:
         return limit if self.max_mfn is None else min(self.max_mfn, limit)
 
     def p2m64(self, pfns: U64) -> U64:
-        """p2m[pfns] widened to uint64 with 32-bit invalid entries expanded to INVALID_MFN."""
-        # take(mode="clip") is twice as fast as fancy indexing; callers mask what it clipped.
+        """p2m[pfns] as uint64; INVALID_MFN for holes (32-bit ones expanded) and for pfns
+        beyond the p2m."""
+        # take(mode="clip") is twice as fast as fancy indexing; the clipped are masked below.
         v = np.take(self.p2m, pfns.astype(np.intp), mode="clip").astype(np.uint64, copy=False)
         if self.p2m.dtype == np.uint32:
             v[v == 0xFFFFFFFF] = np.uint64(INVALID_MFN)
+        v[pfns >= np.uint64(len(self.p2m))] = np.uint64(INVALID_MFN)
         return v
 
     def mfns_to_pfns(self, mfns: U64) -> tuple[U64, npt.NDArray[np.bool_]]:

@@ -180,3 +180,9 @@ def test_vcpu_edx_only_converted_on_vcpu0_and_errors_name_field() -> None:
     ctx.set_ctrlreg(3, foreign_mfn(G) << 12)
     with pytest.raises(PagetableError, match=r"vcpu0 ctrlreg\[3\]: mfn"):
         pt.normalise_vcpu(ctx, 0, G)
+
+
+def test_p2m64_beyond_the_p2m_is_invalid() -> None:
+    got = G.p2m64(np.array([0, 63, 64, 2**40], dtype=np.uint64))
+    assert got.tolist() == [int(G.p2m[0]), int(G.p2m[63]), pt.INVALID_MFN, pt.INVALID_MFN]
+    assert G32.p2m64(np.array([1000], dtype=np.uint64)).tolist() == [pt.INVALID_MFN]
