@@ -15,7 +15,6 @@ import pytest
 
 from lab import guest
 from lab.build import pattern_sha256
-from lab.errors import LabError
 from lab.guest import GuestSpec
 from lab.host import Host, Job
 from lab.lab import Lab
@@ -43,7 +42,7 @@ def wait_running(host: Host, name: str, timeout: float, why: Job) -> float:
 def wait_file(host: Host, path: str, timeout: float, why: Job) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        r = host.run(f"cat {path} 2>/dev/null", timeout=30)
+        r = host.run(f"cat {path} 2>/dev/null", timeout=120)
         if r.rc == 0 and r.stdout.strip():
             return r.stdout.strip()
         assert not why.done(), f"sender ended early:\n{why.stderr()}"
@@ -120,26 +119,24 @@ def cut_and_fail_over(host: Host, spec: GuestSpec, epoch: int, into: int,
                       recv: str = f"{RECV} -r", tag: str = "",
                       hang_after: float = 120.0) -> tuple[int | None, float]:
     """Stock `xl remus` on ``host`` into ``recv`` via a relay cutting ``into`` bytes past
-    epoch ``epoch``; destroy the primary; the backup must take over within ``hang_after``
-    s. Returns (the epoch our receiver says it resumed from, None for stock; seconds from
-    the primary's destroy to a running backup)."""
-    mark, pidf, rpid = f"/tmp/cut{tag}", f"/tmp/sender{tag}.pid", f"/tmp/recv{tag}.pid"
-    host.run(f"rm -f {mark} {pidf} {rpid}; xl destroy {spec.name} 2>/dev/null; true",
+    epoch ``epoch``; destroy the primary, end the stream; the backup must take over within
+    ``hang_after`` s. Returns (the epoch our receiver says it resumed from, None for stock;
+    seconds from the stream's end to a running backup)."""
+    mark, rel, rpid = f"/tmp/cut{tag}", f"/tmp/release{tag}", f"/tmp/recv{tag}.pid"
+    host.run(f"rm -f {mark} {rel} {rpid}; xl destroy {spec.name} 2>/dev/null; true",
              timeout=60)
     guest.create(host, spec, timeout=240)
-    send = host.spawn(f"echo $$ > {pidf}; exec xl remus -F -n -d -i 200 -s '' {spec.name} "
-                      f"'{RELAY} --epoch {epoch} --into {into} --mark {mark} --pidfile {rpid}"
-                      f" -- {recv}'")
+    before = guest.counter(host, spec)
+    send = host.spawn(f"exec xl remus -F -n -d -i 200 -s '' {spec.name} "
+                      f"'{RELAY} --epoch {epoch} --into {into} --mark {mark} --release {rel} "
+                      f"--pidfile {rpid} -- {recv}'")
     cut = wait_file(host, mark, 400, send)
     whole = int(re.search(r"last whole epoch (\d+)", cut)[1])  # type: ignore[index]
-    before = guest.counter(host, spec)
-    # The primary goes away (localhost: the backup can take the name only then).
-    host.run(f"xl destroy {spec.name}", timeout=60, check=True)
+    # The link is dead (the sender blocks mid-checkpoint). The primary goes away first
+    # (localhost: the backup can take the name only then), then the stream ends.
+    host.run(f"xl destroy {spec.name}", timeout=120, check=True)
     t0 = time.monotonic()
-    try:
-        send.wait(30)
-    except LabError:  # the sender did not notice: stop it by its pid
-        host.run(f"kill -9 $(cat {pidf})", timeout=30)
+    host.run(f"touch {rel}", timeout=120, check=True)
     try:
         wait_running(host, spec.name, hang_after, send)
         took = time.monotonic() - t0
@@ -150,12 +147,14 @@ def cut_and_fail_over(host: Host, spec: GuestSpec, epoch: int, into: int,
                         "for q in $p $(pgrep -P $p); do echo \"== $q\"; "
                         "cat /proc/$q/wchan; echo; ls -l /proc/$q/fd; done; "
                         "xl list", timeout=60)
-        print(f"\nHANG: {cut}; no running guest {hang_after:g} s after the primary was destroyed\n"
+        print(f"\nHANG: {cut}; no running guest {hang_after:g} s after the stream ended\n"
               f"{diag.stdout}\n{send.stderr()[-3000:]}")
         host.run(f"kill -9 $(cat {rpid}) 2>/dev/null; sleep 1; "
                  f"xl destroy {spec.name}--incoming 2>/dev/null; "
                  f"xl destroy {spec.name} 2>/dev/null; true", timeout=90)
         raise
+    if recv != STOCK:  # the receiver's log goes to the sender's stderr
+        send.wait_output(RESUMED.pattern, 60, stderr=True)
     err = send.stderr()
     m = RESUMED.search(err)
     if recv != STOCK:
@@ -164,9 +163,10 @@ def cut_and_fail_over(host: Host, spec: GuestSpec, epoch: int, into: int,
         assert f"resuming from epoch {whole}" in err and "Traceback" not in err, err
     after = guest.counter(host, spec)
     assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
+    assert after.value >= before.value, f"counter went back: {before} -> {after}"
     advancing(host, spec, after)
     said = f"receiver resumed from epoch {m[1]}, sink failover {m[2]} s" if m else "stock"
-    print(f"\n{cut}; {said}; guest running {took:.1f} s after the primary was destroyed; counter "
+    print(f"\n{cut}; {said}; guest running {took:.1f} s after the stream ended; counter "
           f"{before.value} -> {after.value}")
     return (int(m[1]) if m else None), took
 

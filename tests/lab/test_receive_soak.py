@@ -52,7 +52,7 @@ def test_failover_soak(lab_one: Host) -> None:
         destroy(lab_one, f"{spec.name}--incoming")
     if times:
         print(f"soak ({WHO}): {len(times)}/{RUNS} failovers completed, {hangs} hung; guest "
-              f"running after the primary was destroyed: min {min(times):.1f} s, median "
+              f"running after the stream ended: min {min(times):.1f} s, median "
               f"{statistics.median(times):.1f} s, max {max(times):.1f} s")
     assert len(times) + hangs == RUNS
     if WHO == "ours":
