@@ -9,6 +9,7 @@ REMUS_PAGE_DATA_LZ4XOR body (little-endian, like PAGE_DATA):
   u32 flags          bit 0: ``blob`` is an lz4 block (else the raw delta); others 0
   u32 raw_len        4096 x pages carrying data (the delta's length)
   u32 blob_len
+  u64 pfn_check      weighted sum of the pfn words (as ``check`` below)
   u64 pfn[count]     PAGE_DATA's pfn words, type in bits 63-60, unchanged
   u8  base[n]        per data page: 1 = XOR against the cached page, 0 = against zeros
   (zero padding to 8 octets)
@@ -38,7 +39,7 @@ from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData
 
-_HEAD = struct.Struct("<IIII")
+_HEAD = struct.Struct("<IIIIQ")
 _PAGE_HDR = struct.Struct("<II")
 FLAG_LZ4 = 1
 _WORDS = C.PAGE_SIZE // 8
@@ -55,6 +56,12 @@ def checksums(pages: U8) -> npt.NDArray[np.uint64]:
     """One u64 per page (k x 4096 bytes)."""
     words = pages.reshape(len(pages), C.PAGE_SIZE).view("<u8")
     return np.asarray((words * _W).sum(axis=1, dtype=np.uint64), np.uint64)
+
+
+def words_check(words: npt.NDArray[np.uint64]) -> int:
+    """The same kind of sum over a record's pfn words (weights repeat every 512)."""
+    w = np.resize(_W, len(words))
+    return int((words.astype(np.uint64) * w).sum(dtype=np.uint64))
 
 
 def as_pages(pages: Buffer | Sequence[Buffer], n: int) -> U8:
@@ -116,7 +123,8 @@ class Encoder:
         self.cache.store(dp, new, slots)
         words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT)))
         base = hit.astype(np.uint8).tobytes()
-        parts: list[Buffer] = [_HEAD.pack(len(pfns), flags, len(raw), len(blob)),
+        parts: list[Buffer] = [_HEAD.pack(len(pfns), flags, len(raw), len(blob),
+                                          words_check(words)),
                                words.tobytes(), base, bytes(C.pad8(len(base)) - len(base)),
                                check.astype("<u8").tobytes(), blob]
         out = wire.frame(wire.REC_REMUS_PAGE_DATA_LZ4XOR, parts)
@@ -146,7 +154,7 @@ class Decoder:
         n = len(body)
         if n < _HEAD.size:
             raise fail(f"body of {n} bytes is shorter than its header")
-        count, flags, raw_len, blob_len = _HEAD.unpack_from(body)
+        count, flags, raw_len, blob_len, wcheck = _HEAD.unpack_from(body)
         if count == 0 or flags & ~FLAG_LZ4:
             raise fail(f"count {count} / flags 0x{flags:x} invalid")
         at = _HEAD.size
@@ -154,6 +162,8 @@ class Decoder:
             raise fail(f"{count} pfns do not fit in {n} bytes")
         words = np.frombuffer(body, "<u8", count, at)
         at += 8 * count
+        if words_check(words) != wcheck:
+            raise fail("pfn words do not match their checksum")
         types = (words >> np.uint64(C.PFN_TYPE_SHIFT)).astype(np.uint8)
         pfns = words & np.uint64(C.PFN_MASK)
         first = int(pfns[0])
@@ -171,7 +181,12 @@ class Decoder:
         need = at + C.pad8(nd) + 8 * nd + blob_len
         if need != n:
             raise fail(f"length {n}, expected {need}", first)
-        base = np.frombuffer(body, np.uint8, nd, at).astype(bool)
+        base8 = np.frombuffer(body, np.uint8, C.pad8(nd), at)
+        if base8[:nd].max(initial=0) > 1 or base8[nd:].any():
+            i = int(np.flatnonzero(base8 > 1)[0]) if base8[:nd].max(initial=0) > 1 else nd
+            raise fail("base flag neither 0 nor 1, or padding not zero",
+                       int(dp[i]) if i < nd else None)
+        base = base8[:nd].astype(bool)
         at += C.pad8(nd)
         check = np.frombuffer(body, "<u8", nd, at)
         at += 8 * nd
