@@ -19,6 +19,8 @@ import pytest
 pytestmark = pytest.mark.lab
 
 PROBE = "/mnt/project/tests/lab/test_netbuf_probe.py"
+HOOKED = {"ingress": True, "filters": ["matchall"], "ifb": ["plug"]}
+UNHOOKED = {"ingress": False, "filters": [], "ifb": None}
 SPEC = dict(name="nbuf", kind="pv", ip="169.254.20.61", mac="00:16:3e:00:06:01")
 
 
@@ -51,7 +53,7 @@ def test_netbuf_on_a_pv_guest(lab_one: Any) -> None:
     # Plain traffic works before.
     assert out["greeting"] and out["unbuffered_ping"] == [[100], [100]]
     assert out["unbuffered_arp"]
-    assert out["tc_after_setup"] == {"vif": ["ingress"], "ifb": ["plug"]}
+    assert out["tc_after_setup"] == HOOKED
     assert out["state_files"] == [vif]
     # Held while buffering; each commit releases exactly its epoch's replies.
     assert out["held_tcp_e1"] and out["held_ping_e1"] and out["held_ping_e2_before_commit1"]
@@ -67,17 +69,17 @@ def test_netbuf_on_a_pv_guest(lab_one: Any) -> None:
     assert out["cadence_error"] is None and out["cadence_epochs"] > 0
     assert len(out["rtt_cadence100_ms"]) == 20
     # Teardown restores plain traffic and leaves nothing.
-    assert out["tc_after_teardown"] == {"vif": [], "ifb": None}
+    assert out["tc_after_teardown"] == UNHOOKED
     assert out["state_after_teardown"] == []
     assert len(out["rtt_after_teardown_ms"]) == 10
     # Crash (SIGKILL) leaves qdiscs and the state file; the next setup recovers.
     assert out["crash_child"]["status"] == -9
     assert out["state_after_crash"] == [vif]
-    assert out["tc_after_crash"] == {"vif": ["ingress"], "ifb": ["plug"]}
+    assert out["tc_after_crash"] == HOOKED
     assert out["held_after_crash"]
-    assert out["tc_after_recovery_setup"] == {"vif": ["ingress"], "ifb": ["plug"]}
+    assert out["tc_after_recovery_setup"] == HOOKED
     assert out["reply_after_recovery"]
-    assert out["tc_final"] == {"vif": [], "ifb": None} and len(out["rtt_final_ms"]) == 5
+    assert out["tc_final"] == UNHOOKED and len(out["rtt_final_ms"]) == 5
     assert out["missing_module"] and "sch_nonexistent_xr" in out["missing_module"]
     med = statistics.median
     print(f"\npyroute2 {out['pyroute2']}; RTT median ms: before {med(out['rtt_before_ms'])}, "

@@ -136,14 +136,19 @@ def tx_packets(ifname: str) -> int:
 
 
 def tc_state(nb: NetBuffer) -> dict[str, Any]:
+    """Whether the vif has our ingress hook (and its filters), and the IFB's qdiscs."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ip:
-        def kinds(name: str) -> list[str] | None:
-            idx = ip.link_lookup(ifname=name)
-            return [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=idx[0])] if idx else None
-
-        return {"vif": kinds(nb.vif), "ifb": kinds(nb.ifb)}
+        vif = ip.link_lookup(ifname=nb.vif)[0]
+        kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=vif)]
+        filters = []
+        if "ingress" in kinds:
+            filters = sorted({f.get_attr("TCA_KIND") for f in
+                              ip.get_filters(index=vif, parent=0xFFFF0000)} - {None})
+        idx = ip.link_lookup(ifname=nb.ifb)
+        ifb = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=idx[0])] if idx else None
+        return {"ingress": "ingress" in kinds, "filters": filters, "ifb": ifb}
 
 
 def rtts(conn: Lines, n: int) -> list[float]:
