@@ -123,9 +123,11 @@ def cut_and_fail_over(host: Host, spec: GuestSpec, epoch: int, into: int,
     ``hang_after`` s. Returns (the epoch our receiver says it resumed from, None for stock;
     seconds from the stream's end to a running backup)."""
     mark, rel, rpid = f"/tmp/cut{tag}", f"/tmp/release{tag}", f"/tmp/recv{tag}.pid"
-    host.run(f"rm -f {mark} {rel} {rpid}; xl destroy {spec.name} 2>/dev/null; true",
-             timeout=60)
-    guest.create(host, spec, timeout=240)
+    host.run(f"rm -f {mark} {rel} {rpid}", timeout=60)
+    state = guest.domain_state(host, spec.name)
+    if not state or "p" in state:  # else protect the guest again (the last failover's)
+        host.run(f"xl destroy {spec.name} 2>/dev/null; true", timeout=60)
+        guest.create(host, spec, timeout=240)
     before = guest.counter(host, spec)
     send = host.spawn(f"exec xl remus -F -n -d -i 200 -s '' {spec.name} "
                       f"'{RELAY} --epoch {epoch} --into {into} --mark {mark} --release {rel} "

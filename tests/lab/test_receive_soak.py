@@ -3,7 +3,9 @@
 XEN_REMUS_SOAK_RUNS (default 3; `make soak` runs 20), XEN_REMUS_SOAK_RECEIVER=ours|stock
 (stock: `xl migrate-receive -r` behind the same relay and cuts, for comparison; it is
 allowed to hang, and the hangs are counted), XEN_REMUS_SOAK_SEED to replay a sequence.
-Every failover must finish within a bounded wait; ours must finish every time.
+Every failover must finish within a bounded wait; ours must finish every time. The same
+guest is protected again after each failover (same boot id throughout: one guest survives
+every failover in turn).
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ def test_failover_soak(lab_one: Host) -> None:
                     raise
                 hangs += 1
                 continue
-            times.append(took)
-            destroy(lab_one, spec.name)
+            times.append(took)  # the guest now runs from the backup copy: protect it again
     finally:
         destroy(lab_one, spec.name)
         destroy(lab_one, f"{spec.name}--incoming")
