@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.stream.cli",
     "xen_remus.save_cli",
     "xen_remus.receive_cli",
+    "xen_remus.remus.status_cli",
 )
 
 
