@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from xen_remus.devices.base import DeviceSet
 from xen_remus.devices.netbuf import NetbufError, NetBuffer, ifb_name
 
 
@@ -44,3 +45,12 @@ def netbufs_for_domain(domid: int, xs: _Store | None = None, **kw: Any) -> list[
     else:
         vifs = domain_vifs(xs, domid)
     return [NetBuffer(vif, ifb_name(domid, devid), **kw) for devid, vif in vifs]
+
+
+def device_set(domid: int, *, net: bool = True, xs: _Store | None = None,
+               **kw: Any) -> DeviceSet:
+    """The checkpointed devices of ``domid`` (``net=False``: no buffering, like ``xl -n``).
+
+    Use it around the epoch loop: ``with device_set(domid) as devs: ...``.
+    """
+    return DeviceSet(netbufs_for_domain(domid, xs, **kw) if net else [])

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from xen_remus.devices.discover import domain_vifs, netbufs_for_domain
+from xen_remus.devices.discover import device_set, domain_vifs, netbufs_for_domain
 from xen_remus.devices.kmod import MissingKernelModule, Modules
 from xen_remus.devices.netbuf import (
     INGRESS,
@@ -517,3 +517,16 @@ def test_discovery_of_a_domains_vifs(kernel: FakeKernel, state: StateDir) -> Non
     xs.data[f"{fe}/2/backend-id"] = "3"
     with pytest.raises(NetbufError, match="vif 2 of domain 7 has its backend in domain 3"):
         domain_vifs(xs, 7)
+
+
+def test_device_set_of_a_domain(kernel: FakeKernel, state: StateDir) -> None:
+    xs = FakeStore({"/local/domain/5/device/vif/0/backend": "/local/domain/0/backend/vif/5/0"})
+    assert device_set(5, net=False, xs=xs).devices == []
+    with device_set(5, xs=xs, iproute=kernel.iproute, state=state,
+                    modules=Modules(proc=Path("/nonexistent"))) as devs:
+        e1 = send(kernel, "e1", 2)
+        devs.postsuspend(1)
+        devs.preresume()
+        devs.commit(1)
+        assert kernel.wire == e1
+    assert "xrifb5.0" not in kernel.links and state.keys() == []
