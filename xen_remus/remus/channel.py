@@ -25,7 +25,6 @@ Receiver (backup):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +142,7 @@ class SenderChannel:
     # -- forward stream -----------------------------------------------------------
 
     def page_records(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
-                     pages: Buffer | Sequence[Buffer], now: float) -> list[Buffer]:
+                     pages: compress.PagesIn, now: float) -> list[Buffer]:
         """The buffers of one PAGE_DATA (``pages``: the contents of the pfns whose type
         carries data), preceded by the accept if it is due."""
         out = self._accept(now)
@@ -155,6 +154,8 @@ class SenderChannel:
         else:
             # The first PAGE_DATA stays standard: the stream's ordering rules (vCPU
             # records after some PAGE_DATA) must hold for the records a decoder knows.
+            if isinstance(pages, np.ndarray):
+                pages = pages.reshape(-1).data
             rec = wire.frame(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, [pages] if
                              isinstance(pages, bytes | bytearray | memoryview) else
                              pages).pack())

@@ -2,7 +2,7 @@
 
 A page dirtied in an epoch usually differs from what was last sent in a few words; XOR
 against that copy leaves mostly zeros, which lz4 squeezes at memory speed. Zero pages and
-never-sent pages are XORed against nothing (base 0) and lz4 takes them as they are.
+never-sent pages are XORed against nothing and lz4 takes them as they are.
 
 REMUS_PAGE_DATA_LZ4XOR body (little-endian, like PAGE_DATA):
   u32 count          pfns, as PAGE_DATA's count
@@ -11,7 +11,10 @@ REMUS_PAGE_DATA_LZ4XOR body (little-endian, like PAGE_DATA):
   u32 blob_len
   u64 pfn_check      weighted sum of the pfn words (as ``check`` below)
   u64 pfn[count]     PAGE_DATA's pfn words, type in bits 63-60, unchanged
-  u8  base[n]        per data page: 1 = XOR against the cached page, 0 = against zeros
+  u8  base[n]        per data page, what the delta is against: 1 = the cached page;
+                     0 = zeros, the sender has no cached copy; 2 = zeros although it
+                     has one (the page became zero: XOR with the old copy would not
+                     compress). The receiver's cache must agree on having a copy.
   (zero padding to 8 octets)
   u64 check[n]       per data page: weighted sum of the page's u64 words (odd weights,
                      mod 2**64) of the page as it must end up: any single changed word,
@@ -34,14 +37,17 @@ import numpy.typing as npt
 
 from xen_remus.remus import wire
 from xen_remus.remus.errors import CompressionError
-from xen_remus.remus.pagecache import U8, PageCache
+from xen_remus.remus.pagecache import I64, U8, PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData
 
 _HEAD = struct.Struct("<IIIIQ")
+# Page contents: one contiguous buffer or array, or one buffer per page.
+PagesIn = Buffer | Sequence[Buffer] | U8
 _PAGE_HDR = struct.Struct("<II")
 FLAG_LZ4 = 1
+BASE_NONE, BASE_CACHED, BASE_ZERO_CACHED = 0, 1, 2
 _WORDS = C.PAGE_SIZE // 8
 # Odd weights (invertible mod 2**64): a change in any one word always changes the sum.
 _W = (np.arange(_WORDS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -64,10 +70,12 @@ def words_check(words: npt.NDArray[np.uint64]) -> int:
     return int((words.astype(np.uint64) * w).sum(dtype=np.uint64))
 
 
-def as_pages(pages: Buffer | Sequence[Buffer], n: int) -> U8:
+def as_pages(pages: PagesIn, n: int) -> U8:
     """``n`` pages as one (n x 4096) uint8 array: a view of a contiguous buffer, or one
     copy of a list of page buffers."""
-    if isinstance(pages, bytes | bytearray | memoryview):
+    if isinstance(pages, np.ndarray):
+        flat = pages.reshape(-1).view(np.uint8)
+    elif isinstance(pages, bytes | bytearray | memoryview):
         flat = np.frombuffer(pages, np.uint8)
     else:
         flat = np.frombuffer(b"".join(pages), np.uint8)
@@ -78,6 +86,15 @@ def as_pages(pages: Buffer | Sequence[Buffer], n: int) -> U8:
 
 def data_mask(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     return np.asarray(_HAS_DATA[types & 0xF], bool)
+
+
+def _bases(cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> U8:
+    """A new array of the pages each delta is against: cached copies where ``use``, else
+    zeros (one gather, no scatter: faster than XORing a subset in place)."""
+    out = cache.data[np.where(use, slots, 0)]
+    if not use.all():
+        out[~use] = 0
+    return out
 
 
 @dataclass
@@ -97,13 +114,13 @@ class Encoder:
         self.accel = accel
 
     def observe(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
-                pages: Buffer | Sequence[Buffer]) -> None:
+                pages: PagesIn) -> None:
         """A standard PAGE_DATA was sent: remember its pages as the receiver will."""
         has = data_mask(types)
         self.cache.store(pfns[has], as_pages(pages, int(has.sum())))
 
     def encode(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
-               pages: Buffer | Sequence[Buffer]) -> Encoded:
+               pages: PagesIn) -> Encoded:
         if len(pfns) == 0 or len(pfns) != len(types):
             raise ValueError("PAGE_DATA needs pfns, one type each")
         has = data_mask(types)
@@ -111,21 +128,23 @@ class Encoder:
         new = as_pages(pages, len(dp))
         slots = self.cache.lookup(dp)
         hit = slots >= 0
-        delta = new.copy()
-        delta[hit] ^= self.cache.data[slots[hit]]
+        base = hit.astype(np.uint8)
+        base[hit & ~new.any(axis=1)] = BASE_ZERO_CACHED
+        delta = _bases(self.cache, slots, base == BASE_CACHED)
+        np.bitwise_xor(new, delta, out=delta)
         check = checksums(new)
-        raw = delta.tobytes()
-        blob = lz4.block.compress(raw, mode="fast", acceleration=self.accel,
-                                  store_size=False) if len(raw) else b""
+        raw = delta.reshape(-1).data
+        blob: Buffer = lz4.block.compress(raw, mode="fast", acceleration=self.accel,
+                                          store_size=False) if len(raw) else b""
         flags = FLAG_LZ4
         if len(blob) >= len(raw):
             blob, flags = raw, 0
         self.cache.store(dp, new, slots)
         words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT)))
-        base = hit.astype(np.uint8).tobytes()
+        nb = len(base)
         parts: list[Buffer] = [_HEAD.pack(len(pfns), flags, len(raw), len(blob),
                                           words_check(words)),
-                               words.tobytes(), base, bytes(C.pad8(len(base)) - len(base)),
+                               words.tobytes(), base.tobytes(), bytes(C.pad8(nb) - nb),
                                check.astype("<u8").tobytes(), blob]
         out = wire.frame(wire.REC_REMUS_PAGE_DATA_LZ4XOR, parts)
         plain = C.REC_HDR_SIZE + 8 + 8 * len(pfns) + len(raw)
@@ -182,11 +201,12 @@ class Decoder:
         if need != n:
             raise fail(f"length {n}, expected {need}", first)
         base8 = np.frombuffer(body, np.uint8, C.pad8(nd), at)
-        if base8[:nd].max(initial=0) > 1 or base8[nd:].any():
-            i = int(np.flatnonzero(base8 > 1)[0]) if base8[:nd].max(initial=0) > 1 else nd
-            raise fail("base flag neither 0 nor 1, or padding not zero",
+        if base8[:nd].max(initial=0) > BASE_ZERO_CACHED or base8[nd:].any():
+            i = int(np.flatnonzero(base8 > BASE_ZERO_CACHED)[0]) \
+                if base8[:nd].max(initial=0) > BASE_ZERO_CACHED else nd
+            raise fail("base flag not 0, 1 or 2, or padding not zero",
                        int(dp[i]) if i < nd else None)
-        base = base8[:nd].astype(bool)
+        base = base8[:nd]
         at += C.pad8(nd)
         check = np.frombuffer(body, "<u8", nd, at)
         at += 8 * nd
@@ -208,14 +228,13 @@ class Decoder:
         new = np.frombuffer(raw, np.uint8).reshape(nd, C.PAGE_SIZE)
         slots = self.cache.lookup(dp)
         hit = slots >= 0
-        bad = np.flatnonzero(hit != base)
+        bad = np.flatnonzero(hit != (base != BASE_NONE))
         if len(bad):
             i = int(bad[0])
-            have = "has" if hit[i] else "does not have"
-            raise fail(f"page cache out of step: the sender XORed against "
-                       f"{'its cached copy' if base[i] else 'zeros'}, ours {have} one",
-                       int(dp[i]))
-        new[hit] ^= self.cache.data[slots[hit]]
+            theirs, ours = ("had", "does not have") if base[i] else ("had no", "has")
+            raise fail(f"page cache out of step: the sender {theirs} a cached copy, ours "
+                       f"{ours} one", int(dp[i]))
+        np.bitwise_xor(new, _bases(self.cache, slots, base == BASE_CACHED), out=new)
         bad = np.flatnonzero(checksums(new) != check)
         if len(bad):
             raise fail("page contents do not match their checksum (corrupt record or "

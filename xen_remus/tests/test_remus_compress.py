@@ -123,6 +123,13 @@ def test_delta_shrinks_a_few_changed_words() -> None:
     assert second.raw_bytes / second.wire_bytes > 20
     out = standard(dec.decode(body_of(second.buffers), 1, 0))
     assert bytes(out.page_bytes()) == mem.tobytes()
+    mem[:] = 0  # pages cleared: XORed against zeros, not against their old contents
+    third = enc.encode(pfns, types, mem)
+    assert third.raw_bytes / third.wire_bytes > 50
+    assert body_of(third.buffers)[24 + 8 * 256:24 + 9 * 256] == b"\2" * 256
+    out = standard(dec.decode(body_of(third.buffers), 2, 0))
+    assert bytes(out.page_bytes()) == bytes(256 * C.PAGE_SIZE)
+    same_cache(enc.cache, dec.cache)
 
 
 def test_cache_is_bounded_and_evicts_fifo() -> None:
