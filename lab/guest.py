@@ -25,7 +25,7 @@ class GuestSpec:
     mac: str = "00:16:3e:00:00:01"
     disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
 
-    def config(self, images: str = "/mnt/lab/guest") -> str:
+    def config(self, images: str = "/guest") -> str:
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.kind}"',
@@ -45,7 +45,7 @@ class GuestSpec:
 
     def write(self, host: Host) -> str:
         """Write the config to the lab share; return its path as every dom0 sees it."""
-        # Guest images come from the share (copied there by Lab.start).
+        # Guest images: Lab.start puts them in the share, dom0's init copies them to /guest.
         (host.share / "guests" / f"{self.name}.cfg").write_text(self.config())
         return f"/mnt/lab/guests/{self.name}.cfg"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -18,7 +19,8 @@ from lab.errors import LabError
 
 QEMU_MEM_MIB = 3072
 DOM0_MEM = "1024M"
-BOOT_TIMEOUT_S = 240.0  # two hosts on 2 cores boot in 30-40 s; leave room for a busy machine
+BOOT_TIMEOUT_S = 240.0  # two hosts on 2 cores boot in 40-110 s; leave room for a busy machine
+AGENT_PICKUP_S = 30.0  # the agent polls every 0.2 s: 30 s without pickup means dom0 is stuck
 _job_ids = itertools.count(1)
 
 
@@ -92,6 +94,11 @@ class Job:
         """Wait at most `timeout` s for the command; LabError if it or the host doesn't end."""
         deadline = time.monotonic() + timeout
         while not self.done():
+            queued = time.monotonic() - self.started
+            if queued > AGENT_PICKUP_S and self.base.with_suffix(".sh").exists():
+                raise LabError(f"host {self.host.name}: the dom0 agent has not picked up "
+                               f"`{self.cmd}` in {queued:.0f} s: dom0 is stuck or dead"
+                               f"\n{self.host.serial_tail(15)}")
             if not self.host.alive():
                 raise LabError(f"host {self.host.name} died while running `{self.cmd}`"
                                f" (serial log {self.host.serial_log})")
@@ -102,8 +109,15 @@ class Job:
                     f"--- stderr so far\n{self._read('.err')[-2000:]}")
             time.sleep(0.1)
         rc_text = self._read(".rc").strip()
-        return Result(self.host.name, self.cmd, int(rc_text) if rc_text else -1,
-                      self.output(), self._read(".err"), time.monotonic() - self.started)
+        result = Result(self.host.name, self.cmd, int(rc_text) if rc_text else -1,
+                        self.output(), self._read(".err"), time.monotonic() - self.started)
+        # Keep the queue folder short: the agent lists it 5 times a second over 9p.
+        done = self.host.queue / "done"
+        done.mkdir(exist_ok=True)
+        for suffix in (".run", ".out", ".err", ".rc"):
+            with contextlib.suppress(FileNotFoundError):
+                self.base.with_suffix(suffix).rename(done / (self.base.name + suffix))
+        return result
 
 
 class Host:
