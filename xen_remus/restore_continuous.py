@@ -15,7 +15,9 @@ records up to CHECKPOINT_END (libxl_stream_read.c, SRS_PHASE_BUFFERING), then ha
 back. An EOF can land in either layer, mid-record, while the two processes are passing
 control over the callback pipe; the failover paths then differ (libxc `remus_failover`
 vs libxl `XGR_CHECKPOINT_FAILOVER` relayed back through the helper), and a primary
-killed at a random moment exercises all of them. Our sink only ever sees EOF at one
+killed at a random moment exercises all of them. That this is where the hang lives is a
+hypothesis: `make soak SOAK_RECEIVER=stock` cuts stock streams at random bytes and prints
+what a hung receiver and its helper wait on. Our sink only ever sees EOF at one
 place: right after a CHECKPOINT_END we wrote whole, when libxc is blocked reading the
 next record header — the plainest path. On top of that a watchdog bounds the wait: if
 the sink has not finished failing over within `failover_timeout`, its process group is
