@@ -247,7 +247,7 @@ class ReceiverChannel:
         self.offered = config.extensions()
         self.agreed: Extensions | None = None
         self.detector: FailureDetector | None = None
-        self.stats: deque[EpochStats] = deque(maxlen=64)  # figures from the primary
+        self._stats: deque[EpochStats] = deque(maxlen=64)  # figures from the primary
         self._timer: HeartbeatTimer | None = None
         self._decoder: compress.Decoder | None = None
         self._now = now
@@ -281,7 +281,7 @@ class ReceiverChannel:
         if rec.rtype == wire.REC_REMUS_HEARTBEAT:
             wire.parse_heartbeat(rec.body, where)
         elif rec.rtype == wire.REC_REMUS_EPOCH_STATS:
-            self.stats.append(EpochStats.unpack(rec.body, where))
+            self._stats.append(EpochStats.unpack(rec.body, where))
         else:
             raise ChannelError(f"{where}: not a record of this direction")
         return []
@@ -309,6 +309,13 @@ class ReceiverChannel:
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, self._now)
         if ext.lz4_xor_mib is not None:
             self._decoder = compress.Decoder(PageCache.of_mib(ext.lz4_xor_mib))
+
+    def take_stats(self) -> list[EpochStats]:
+        """The primary's per-epoch figures received since the last call (for the status
+        file: StatusFile.epoch each)."""
+        out = list(self._stats)
+        self._stats.clear()
+        return out
 
     def committed(self, epoch: int, now: float, commit_ms: float = 0.0) -> bytes:
         """The ACK of epoch ``epoch`` (b"" unless agreed)."""
