@@ -1,2 +1,17 @@
-"""Checkpointed devices: the interface (base.Device, base.DeviceSet) and network output
-buffering (netbuf.NetBuffer; discover.netbufs_for_domain finds a domain's vifs)."""
+"""Checkpointed devices of a protected domain.
+
+- ``base.Device``: setup / postsuspend(epoch) / preresume / commit(epoch) / release_all /
+  teardown. ``base.DeviceSet`` drives a list of them: commit in order (disks before nets),
+  teardown in reverse, exception-safe; a context manager.
+- ``netbuf.NetBuffer``: output commit for one vif (IFB + plug qdisc, through pyroute2).
+- ``discover.device_set(domid, net=True)``: the DeviceSet of a domain, from xenstore.
+
+The epoch loop uses it so (epochs increase; at most one sealed epoch awaits its commit)::
+
+    with device_set(domid, net=not no_netbuf) as devs:   # output held from here on
+        while protecting:
+            suspend(); devs.postsuspend(n); copy dirty pages
+            devs.preresume(); resume(); send epoch n; wait for ACK of n
+            devs.commit(n)                                # epoch n's packets go out
+        devs.release_all()   # backup lost: the guest goes on here, unprotected
+"""
