@@ -216,6 +216,8 @@ class NetBuffer(Device):
             with self._state.locked():
                 record = self._state.read(self.vif)
                 owner = owner_of(record) if record else None
+                if record is None and self._ifb_index is not None:
+                    record = {"vif": self.vif, "ifb": self.ifb}  # state file lost: ours
                 if record is not None and (owner is None or owner == Owner.me()):
                     self._remove(record, release=True)
                     self._state.remove(self.vif)

@@ -386,6 +386,14 @@ def test_crash_restart_cleans_leftovers(kernel: FakeKernel, state: StateDir) -> 
     assert json.loads(state.path("vif5.0").read_text())["pid"] == Owner.me().pid
 
 
+def test_teardown_without_state_file(kernel: FakeKernel, state: StateDir) -> None:
+    nb = make(kernel, state)
+    nb.setup()
+    state.remove("vif5.0")
+    nb.teardown()
+    assert "xrifb5.0" not in kernel.links and kernel.qdiscs[kernel.links["vif5.0"]] == []
+
+
 def test_leftover_without_state_file_is_replaced(kernel: FakeKernel, state: StateDir) -> None:
     nb = make(kernel, state)
     nb.setup()
