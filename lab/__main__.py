@@ -37,7 +37,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with Lab(args.hosts) as lab:
+    with Lab(args.hosts, shared=True) as lab:
         print(f"lab up: {', '.join(lab.hosts)} running; run dir {lab.rundir}\n"
               "  python -m lab run A 'xl list'    python -m lab shell A    python -m lab down",
               flush=True)

@@ -67,10 +67,12 @@ class Lab:
     Holds the machine-wide lab lock from start() to stop(); a second lab waits for it.
     """
 
-    def __init__(self, nhosts: int = 1, project: Path | None = None) -> None:
+    def __init__(self, nhosts: int = 1, project: Path | None = None,
+                 shared: bool = False) -> None:
         if nhosts not in (1, 2):
             raise LabError(f"a lab has 1 or 2 hosts, not {nhosts}")
         self.nhosts = nhosts
+        self.shared = shared  # may other processes attach()? (`python -m lab up`: yes)
         self.project = project or project_dir()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.rundir = STATE_DIR / "runs" / f"{stamp}-{os.getpid()}"
@@ -167,7 +169,7 @@ class Lab:
             print(f"lab: host {host.name} ready after {time.monotonic() - t0:.1f} s "
                   f"(qemu pid {host.pid}, dom0 {host.ip})", flush=True)
         (self.rundir / "state.json").write_text(json.dumps(
-            {"project": str(self.project), "lock_pid": os.getpid(),
+            {"project": str(self.project), "lock_pid": os.getpid(), "shared": self.shared,
              "hosts": {n: {"pid": h.pid, "ip": h.ip} for n, h in self.hosts.items()}}))
 
     def stop(self) -> None:
@@ -208,6 +210,9 @@ def attach(rundir: Path | None = None) -> dict[str, Host]:
         state = json.loads((rundir / "state.json").read_text())
     except FileNotFoundError:
         raise LabError(f"no running lab in {rundir} (start one with `python -m lab up`)") from None
+    if not state.get("shared"):
+        raise LabError(f"the lab in {rundir} belongs to pid {state['lock_pid']} (a test run): "
+                       "attach only to labs started with `python -m lab up`")
     hosts = {}
     for name, h in state["hosts"].items():
         host = Host(name, h["ip"], rundir, Path(state["project"]))
