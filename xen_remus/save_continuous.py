@@ -118,11 +118,12 @@ class SaveEngine:
         while True:
             dirty = self.dom.logdirty_clean(final=False)
             rounds = len(self.stats.rounds)
-            if not self.policy.keep_going(rounds, len(dirty) + len(self.deferred)):
+            # Deferred pages wait for the suspend: ballooned pfns would never get fewer.
+            if not self.policy.keep_going(rounds, len(dirty)):
                 log.info("pre-copy: stop after %d round(s), %d dirty, %d deferred", rounds,
                          len(dirty), len(self.deferred))
                 return dirty
-            self.send_pages(merge(dirty, self.deferred.take()), live=True)
+            self.send_pages(dirty, live=True)
 
     def suspend(self) -> None:
         t = time.monotonic()
@@ -158,10 +159,9 @@ class SaveEngine:
         frames = self.guest.pfn_to_gfn(pfns)
         types = np.full(len(pfns), XTAB, dtype=np.uint8)
         ok = frames != INVALID_FRAME
-        if not ok.all():
-            if not live:
-                raise SaveError(f"domain {self.dom.domid}: pfn {int(pfns[~ok][0]):#x} has no "
-                                "frame in the guest's p2m after suspend")
+        if live and not ok.all():
+            # Ballooned out (or not yet populated): XTAB now, looked at again once suspended,
+            # where a pfn still without a frame simply stays XTAB.
             self.defer(pfns[~ok], r)
         if ok.any():
             types[ok] = self.guest_types(pfns[ok], frames[ok])
