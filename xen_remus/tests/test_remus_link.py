@@ -1,0 +1,167 @@
+"""The fd-level links over real pipes: a backup that stops draining (powered off, no RST)
+is detected by silence within the timeout; ACK waits; heartbeats while idle."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from xen_remus.remus import wire
+from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
+from xen_remus.remus.link import BackupLost, ReceiverLink, SenderLink
+from xen_remus.stream.records import Record
+
+TIMEOUT_MS = 400
+
+
+@dataclass
+class Pipes:
+    link: SenderLink
+    rcv: ReceiverChannel
+    fwd_r: int  # the backup reads the stream here
+    back_w: int  # the backup writes here
+
+
+def drain(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def records(data: bytes) -> list[Record]:
+    out, at = [], 0
+    while at < len(data):
+        rtype, length = struct.unpack_from("<II", data, at)
+        out.append(Record(layer="libxc", rtype=rtype, length=length,
+                          body=data[at + 8:at + 8 + length], offset=at))
+        at += 8 + (length + 7) // 8 * 8
+    return out
+
+
+@pytest.fixture
+def pipes() -> Iterator[Pipes]:
+    fwd_r, fwd_w = os.pipe()
+    back_r, back_w = os.pipe()
+    cfg = Config(heartbeat_timeout_ms=TIMEOUT_MS, heartbeat_interval_ms=TIMEOUT_MS // 4)
+    now = time.monotonic()
+    rcv, snd = ReceiverChannel(cfg, now), SenderChannel(cfg, now)
+    link = SenderLink(snd, fwd_w, back_r)
+    os.write(back_w, rcv.offer_line())
+    link.idle(time.monotonic() + 0.01)  # reads the offer, writes the accept
+    for rec in records(drain(fwd_r)):
+        rcv.seen(time.monotonic())
+        assert rcv.on_record(rec) == []
+    assert snd.agreed is not None and snd.agreed == rcv.agreed
+    yield Pipes(link, rcv, fwd_r, back_w)
+    for fd in (fwd_r, fwd_w, back_r, back_w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_backup_that_stops_draining_is_lost_after_the_timeout(pipes: Pipes) -> None:
+    """The stream fills the pipe (64 KiB) and the backup neither reads nor speaks: the
+    write does not hang; it ends in BackupLost about TIMEOUT_MS after the last word."""
+    t0 = time.monotonic()
+    silent = r"no word from it for (0\.[4-9]|1\.\d)\d s \(heartbeat timeout\)"
+    with pytest.raises(BackupLost, match=silent):
+        pipes.link.write([bytes(4 << 20)])
+    det = pipes.link.chan.detector
+    assert det is not None and time.monotonic() - det.last >= TIMEOUT_MS / 1000
+    assert time.monotonic() - t0 < 2.0
+    assert 0 < pipes.link.offset < 4 << 20
+
+
+def test_heartbeats_from_the_backup_keep_a_slow_write_going(pipes: Pipes) -> None:
+    """While the stream is blocked, words from the backup keep it alive; once it drains,
+    the write completes."""
+    rl = ReceiverLink(pipes.rcv, pipes.back_w)
+    payload = bytes(1 << 20)
+    start = pipes.link.offset
+    got = 0
+    deadline = time.monotonic() + 5
+    pid = os.fork()
+    if pid == 0:  # the backup: slow reader that heartbeats
+        try:
+            while got < len(payload) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                rl.tick()
+                got += len(drain(pipes.fwd_r))
+        finally:
+            os._exit(0)
+    try:
+        pipes.link.write([payload])
+    finally:
+        os.waitpid(pid, 0)
+    assert pipes.link.offset == start + len(payload)
+
+
+def test_wait_ack_and_idle_heartbeats(pipes: Pipes) -> None:
+    link = pipes.link
+    link.write([b"x" * 8])
+    link.chan.epoch_sent(0, time.monotonic(), 1.0, 1, 1.0)
+    rl = ReceiverLink(pipes.rcv, pipes.back_w)
+    rl.committed(0, commit_ms=0.3)
+    pid = os.fork()
+    if pid == 0:  # the backup stays alive (heartbeats) for a bounded while
+        try:
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                time.sleep(0.01)
+                rl.tick()
+        finally:
+            os._exit(0)
+    try:
+        _wait_ack_and_idle(pipes)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def _wait_ack_and_idle(pipes: Pipes) -> None:
+    link = pipes.link
+    ack = link.wait_ack(0)
+    assert ack is not None and ack.epoch == 0 and ack.commit_ms == 0.3
+    assert ack.stats.ack_ms is not None and ack.stats.ack_ms >= 0
+    drain(pipes.fwd_r)
+    t0 = time.monotonic()
+    link.idle(t0 + 0.5)  # the stats record of epoch 0, then heartbeats every 100 ms
+    assert 0.5 <= time.monotonic() - t0 < 1.5
+    kinds = [r.rtype for r in records(drain(pipes.fwd_r))]
+    assert kinds[0] == wire.REC_REMUS_EPOCH_STATS
+    assert 3 <= kinds.count(wire.REC_REMUS_HEARTBEAT) <= 6
+
+
+def test_backup_closing_or_stopping(pipes: Pipes) -> None:
+    os.write(pipes.back_w, wire.close("out of memory"))
+    with pytest.raises(BackupLost, match="it stopped: out of memory"):
+        pipes.link.idle(time.monotonic() + 0.5)
+    os.close(pipes.back_w)
+    with pytest.raises(BackupLost, match="it closed its channel"):
+        pipes.link.idle(time.monotonic() + 0.5)
+
+
+def test_receiver_link_detects_a_silent_primary(pipes: Pipes) -> None:
+    rl = ReceiverLink(pipes.rcv, pipes.back_w)
+    t0 = time.monotonic()
+    dead = False
+    while not dead and time.monotonic() - t0 < 2:
+        time.sleep(min(0.01, rl.timeout() or 0.01))
+        dead = rl.tick()
+    det = pipes.rcv.detector
+    assert dead and det is not None
+    assert TIMEOUT_MS / 1000 <= time.monotonic() - det.last < TIMEOUT_MS / 1000 + 0.5
+    assert len(drain(pipes.link.recv_fd)) >= 8  # it heartbeated meanwhile (every 100 ms)
