@@ -127,10 +127,12 @@ class Lab:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> Lab:
-        self.images = build()
         self._acquire()
         atexit.register(self.stop)
         try:
+            # Under the lock: a build never competes with a running lab for the 2 cores, and
+            # the images are the current ones when we boot (not pruned while we queued).
+            self.images = build()
             self._boot()
         except BaseException:
             self.stop()
