@@ -190,3 +190,21 @@ def test_plain_stream_cut_destroys_the_partial_copy(tmp_path: Path) -> None:
     assert rc == 1 and "Traceback" not in err
     assert "truncated" in err
     assert (tmp_path / "destroyed").read_text() == "guest--incoming\n"
+
+
+def test_idle_timeout_fails_over_while_the_connection_stays_open(tmp_path: Path) -> None:
+    data = make_stream(4, end=False)
+    ends = ends_of(data)
+    p = start(tmp_path, "-r", "--idle-timeout", "1")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data[:ends[2] + 10])  # then silence, connection kept open
+    p.stdin.flush()
+    try:
+        rc = p.wait(timeout=30)
+    finally:
+        rc2, err = finish(p)
+    assert rc == rc2 == 0, err
+    assert "no data from the sender for 1 s" in err
+    assert "resuming from epoch 2" in err
+    assert (tmp_path / "received").read_bytes() == data[:ends[2]]
