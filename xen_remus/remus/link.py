@@ -5,17 +5,30 @@ the channel directly (channel.py says how).
 SenderLink never blocks without a deadline: writes are non-blocking and interleaved with
 reading the backup's channel, so a backup that powers off mid-write (no RST: the socket
 just stops draining) is declared lost once its heartbeats stop, instead of hanging.
+
+Heartbeats while the engine is busy elsewhere (suspending the guest, copying pages: under
+TCG that can outlast the timeout): ``start_heartbeats()`` runs a thread that sends them
+when due. Every method takes one lock, so the thread only ever writes between two whole
+calls; hence start it after the libxc headers, and send each libxl-layer stretch
+(CHECKPOINT ... CHECKPOINT_END) in one ``send`` call. A BackupLost the thread meets is
+raised by the engine's next call.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from xen_remus.errors import XenRemusError
 from xen_remus.remus.channel import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
+from xen_remus.remus.compress import PagesIn
+from xen_remus.remus.stats import EpochStats
 from xen_remus.stream.events import Buffer
 
 IOV_MAX = 1024
@@ -35,7 +48,68 @@ class SenderLink:
         self.offset = 0  # stream bytes written
         self.events: list[BackEvent] = []  # read but not yet taken by the caller
         self._eof = False
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._failed: BackupLost | None = None
         os.set_blocking(send_fd, False)
+
+    # -- what engines call --------------------------------------------------------------
+
+    def send_pages(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
+                   pages: PagesIn) -> None:
+        """One PAGE_DATA, standard or compressed (SenderChannel.page_records)."""
+        with self._lock:
+            self._check()
+            self.write(self.chan.page_records(pfns, types, pages, self.clock()))
+
+    def send(self, bufs: Sequence[Buffer]) -> None:
+        """Other records, written whole (counted in the epoch's bytes)."""
+        with self._lock:
+            self._check()
+            self.write(bufs)
+            self.chan.other_bytes(sum(memoryview(b).nbytes for b in bufs), self.clock())
+
+    def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
+                   send_ms: float) -> EpochStats | None:
+        with self._lock:
+            return self.chan.epoch_sent(epoch, self.clock(), pause_ms, dirty_pages, send_ms)
+
+    def start_heartbeats(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name="xen-remus heartbeat",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop_heartbeats(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self._thread = None
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._failed is not None:
+                    return
+                try:
+                    self.write(self.chan.pending(self.clock()))
+                    self._poll()
+                except BackupLost as exc:
+                    self._failed = exc
+                    return
+                wake = self.chan.wake_at()
+            pause = 0.05 if wake is None else wake - self.clock()
+            self._stop.wait(min(max(pause, 0.001), 0.05))
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _poll(self) -> None:
+        """Read what the backup sent, without waiting; raise if it is dead."""
+        self._wait(False, self.clock())
 
     def _lost(self, why: str) -> BackupLost:
         return BackupLost(f"backup lost at stream offset {self.offset} (epoch "
@@ -73,7 +147,12 @@ class SenderLink:
         return bool(w)
 
     def write(self, bufs: Sequence[Buffer]) -> None:
-        """Write all of ``bufs``, reading the backup's channel meanwhile."""
+        """Write all of ``bufs``, reading the backup's channel meanwhile (raw: no
+        accounting; engines use send/send_pages)."""
+        with self._lock:
+            self._write(bufs)
+
+    def _write(self, bufs: Sequence[Buffer]) -> None:
         views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
         i = 0
         while i < len(views):
@@ -98,10 +177,12 @@ class SenderLink:
         """Wait until ``until`` (the next epoch), sending heartbeats and reading ACKs.
         Call only at a libxc record boundary (see channel.py)."""
         while True:
-            self.write(self.chan.pending(self.clock()))
-            if self.clock() >= until:
-                return
-            self._wait(False, until)
+            with self._lock:
+                self._check()
+                self.write(self.chan.pending(self.clock()))
+                if self.clock() >= until:
+                    return
+                self._wait(False, until)
 
     def wait_ack(self, epoch: int) -> Acked | None:
         """Wait for the ACK of ``epoch`` (None at once if the backup does not ACK);
@@ -109,12 +190,14 @@ class SenderLink:
         if not self.chan.acks:
             return None
         while True:
-            for i, ev in enumerate(self.events):
-                if isinstance(ev, Acked) and ev.epoch >= epoch:
-                    del self.events[:i + 1]
-                    return ev
-            self.write(self.chan.pending(self.clock()))
-            self._wait(False, None)
+            with self._lock:
+                self._check()
+                for i, ev in enumerate(self.events):
+                    if isinstance(ev, Acked) and ev.epoch >= epoch:
+                        del self.events[:i + 1]
+                        return ev
+                self.write(self.chan.pending(self.clock()))
+                self._wait(False, None)
 
 
 class ReceiverLink:

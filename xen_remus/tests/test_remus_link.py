@@ -165,3 +165,32 @@ def test_receiver_link_detects_a_silent_primary(pipes: Pipes) -> None:
     assert dead and det is not None
     assert TIMEOUT_MS / 1000 <= time.monotonic() - det.last < TIMEOUT_MS / 1000 + 0.5
     assert len(drain(pipes.link.recv_fd)) >= 8  # it heartbeated meanwhile (every 100 ms)
+
+
+def test_heartbeat_thread_covers_a_busy_engine(pipes: Pipes) -> None:
+    """The engine is busy for 3 timeouts (a slow suspend): the thread keeps heartbeats
+    flowing; once the backup falls silent, the engine's next call raises BackupLost."""
+    link, rl = pipes.link, ReceiverLink(pipes.rcv, pipes.back_w)
+    link.start_heartbeats()
+    try:
+        arrivals = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * TIMEOUT_MS / 1000:
+            time.sleep(0.01)
+            data = drain(pipes.fwd_r)
+            if data:
+                pipes.rcv.seen(time.monotonic())
+                arrivals += [time.monotonic()] * sum(
+                    r.rtype == wire.REC_REMUS_HEARTBEAT for r in records(data))
+            assert not rl.tick(), "the backup lost the primary while the engine was busy"
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        assert len(arrivals) >= 8 and max(gaps) < TIMEOUT_MS / 1000
+        link.send([b"\0" * 8])  # the engine is back: fine
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < 2 * TIMEOUT_MS / 1000:  # the backup goes silent
+            time.sleep(0.01)
+            drain(pipes.fwd_r)
+        with pytest.raises(BackupLost, match="heartbeat timeout"):
+            link.send([b"\0" * 8])
+    finally:
+        link.stop_heartbeats()

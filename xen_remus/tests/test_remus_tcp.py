@@ -47,18 +47,16 @@ def primary(sock: socket.socket, std: bytes) -> int:
     link = SenderLink(chan, fd, fd)
     try:
         for ev in Decoder(checkpointed=True).feed(std):
-            now = time.monotonic()
             if isinstance(ev, Record) and ev.layer == "libxc" and \
                     ev.rtype == C.REC_TYPE_PAGE_DATA:
                 pd = ev.parse()
-                link.write(chan.page_records(pd.pfns, pd.types, pd.page_bytes(), now))
+                link.send_pages(pd.pfns, pd.types, pd.page_bytes())
             elif len(ev.wire):
-                link.write([ev.wire])
-                chan.other_bytes(len(ev.wire), now)
+                link.send([ev.wire])
             if isinstance(ev, DomainHeader):
-                link.idle(time.monotonic() + 0.05)  # reads the offer, sends the accept
+                link.start_heartbeats()  # from here on, libxc record boundaries
             if isinstance(ev, EpochEnd):
-                chan.epoch_sent(ev.epoch, time.monotonic(), 0.1, 4, 0.1)
+                link.epoch_sent(ev.epoch, 0.1, 4, 0.1)
                 link.wait_ack(ev.epoch)
                 link.idle(time.monotonic() + INTERVAL)
     except BackupLost as exc:
