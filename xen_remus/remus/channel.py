@@ -87,7 +87,7 @@ class SenderChannel:
         self.acked: int | None = None
         self.last_sent_epoch: int | None = None
         self._offer = OfferReader()
-        self._frames = wire.FrameDecoder("receiver channel")
+        self._frames = wire.FrameDecoder("receiver channel (after the banner)")
         self._accept_due: Extensions | None = None
         self._timer: HeartbeatTimer | None = None
         self._encoder: compress.Encoder | None = None
@@ -112,7 +112,8 @@ class SenderChannel:
             self._accept_due = self.config.extensions().agree(self._offer.offer)
             out.append(Offered(self._offer.offer))
         for fr in self._frames.feed(data):
-            where = f"receiver channel, {wire.name(fr.rtype)} at offset {fr.offset}"
+            where = (f"receiver channel (after the banner), {wire.name(fr.rtype)} at offset "
+                     f"{fr.offset}")
             if self.agreed is None:
                 raise ChannelError(f"{where}: frame before our accept")
             if fr.rtype == wire.REC_REMUS_ACK:
