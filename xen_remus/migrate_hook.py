@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.save_cli",
     "xen_remus.receive_cli",
     "xen_remus.remus.status_cli",
+    "xen_remus.protect_cli",
 )
 
 

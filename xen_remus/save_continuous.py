@@ -2,7 +2,8 @@
 
     live pre-copy rounds under log-dirty (round 0 = every page; then what got dirty)
       -> suspend -> the pages still dirty (and deferred) -> vCPU/platform state -> END
-    (Remus, issue 5: -> CHECKPOINT -> resume -> wait -> suspend -> dirty pages -> ...)
+    Remus (RemusLoop below): ... -> CHECKPOINT -> resume -> send -> ACK -> commit -> wait
+      -> suspend -> dirty pages + state into a local buffer -> resume -> send -> ...
 
 Record order follows libxc-migration-stream.pandoc; the guest-type specific records come
 from GuestSaveOps (save/pv.py, save/hvm.py); framing and writing from the Emitter.
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from xen_remus.errors import XenRemusError
+from xen_remus.remus.channel import Acked
+from xen_remus.remus.stats import EpochStats
 from xen_remus.save.ops import Buffer, DomainOps, Emitter, GuestSaveOps
 from xen_remus.save.pages import (
     PAGE_SIZE,
@@ -254,3 +258,118 @@ def page_buffers(view: memoryview, keep: np.ndarray,
 
 
 REC_STATIC_DATA_END = 0x10
+
+
+# -- Remus: the epoch loop (issue 5) ------------------------------------------------------
+
+class EpochLink(Protocol):
+    """What the loop needs of the channel to the backup (remus.link.SenderLink)."""
+
+    def start_heartbeats(self) -> None: ...
+
+    def stop_heartbeats(self) -> None: ...
+
+    def idle(self, until: float) -> None: ...
+
+    def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
+                   send_ms: float) -> EpochStats | None: ...
+
+    def wait_ack(self, epoch: int) -> Acked | None: ...
+
+
+class EpochDevices(Protocol):
+    """devices.DeviceSet: output commit (netbuf) and, later, disks."""
+
+    def postsuspend(self, epoch: int) -> None: ...
+
+    def preresume(self) -> None: ...
+
+    def commit(self, epoch: int) -> None: ...
+
+
+class EpochBuffer(Protocol):
+    """The Emitter's local buffer (save.checkpoint.CheckpointEmitter)."""
+
+    buffering: bool
+
+    def flush(self) -> None: ...
+
+    def transmit(self) -> int: ...
+
+
+class RemusLoop:
+    """Continuous checkpoints of ``engine``'s domain (the Remus figure), one per interval:
+
+        suspend -> copy dirty pages + state into the local buffer -> devices postsuspend
+        -> devices preresume -> resume (fast) -> transmit -> wait for the backup's ACK of
+        epoch N -> devices commit(N) -> wait for the interval
+
+    Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
+    returns when ``stop()`` was called (between epochs) and raises BackupLost (guest
+    running here, unprotected) when the backup stops answering. ``on_epoch`` gets each
+    epoch's figures once known (at its ACK, or at once with a stock backup).
+    """
+
+    def __init__(self, engine: SaveEngine, out: EpochBuffer, link: EpochLink,
+                 devices: EpochDevices, interval_s: float,
+                 on_epoch: Callable[[EpochStats], None] = lambda st: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine, self.out, self.link, self.devices = engine, out, link, devices
+        self.interval_s = interval_s
+        self.on_epoch = on_epoch
+        self.clock = clock
+        self.epoch = -1  # the last epoch committed by the backup
+        self._stop = False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        e = self.engine
+        try:
+            e.start_of_stream()
+            self.out.flush()
+            self.link.start_heartbeats()
+            pending = e.precopy()
+            next_at = self.clock()
+            self.checkpoint(0, pending)
+            while not self._stop:
+                next_at = max(next_at + self.interval_s, self.clock())
+                self.link.idle(next_at)
+                if self._stop:
+                    break
+                self.checkpoint(self.epoch + 1, None)
+        except BaseException:
+            e.undo()  # log-dirty off; the guest resumed if we had it suspended
+            raise
+        finally:
+            self.link.stop_heartbeats()
+        e.logdirty_off()
+
+    def checkpoint(self, epoch: int, pending: Pfns | None) -> None:
+        e = self.engine
+        self.out.buffering = True
+        t0 = self.clock()
+        e.suspend()
+        if pending is not None:
+            e.send_final(pending)  # epoch 0: what pre-copy left, plus deferred pages
+        else:
+            e.send_pages(e.dom.logdirty_clean(final=True), live=False)
+        dirty = e.stats.rounds.pop().pages  # one record per epoch: keep the list short
+        e.end_of_checkpoint()
+        e.out.checkpoint()
+        self.devices.postsuspend(epoch)  # net: a new output buffer starts here
+        self.devices.preresume()
+        e.resume()
+        self.out.buffering = False
+        t1 = self.clock()
+        self.out.transmit()
+        t2 = self.clock()
+        st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
+        ack = self.link.wait_ack(epoch)
+        self.devices.commit(epoch)  # exactly epoch N's packets go out
+        self.epoch = epoch
+        if ack is not None:
+            self.on_epoch(ack.stats)
+        elif st is not None:
+            self.on_epoch(st)

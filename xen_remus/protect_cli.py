@@ -1,0 +1,273 @@
+"""`xen-remus protect DOMAIN HOST [-i MS] [-u] [-s CMD] [-e] [-b] [-n] [-d] [-F]`, also
+`xen-remus migrate --remus DOMAIN HOST`: Remus, our epoch loop (save_continuous.RemusLoop)
+to a backup running `xen-remus migrate-receive -r` (ACK, heartbeats, compression) or stock
+`xl migrate-receive -r` (`--stock-backup`: the plain standard stream).
+
+Flags mean what they mean for `xl remus`. Stopping (SIGINT/SIGTERM) closes the stream:
+like `xl remus`, the backup then resumes its copy, so stop only with the backup gone or
+to be destroyed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections import deque
+from types import FrameType
+from typing import Any
+
+from xen_remus.errors import UsageError, XenRemusError
+from xen_remus.remus.channel import Config, Offered, SenderChannel
+from xen_remus.remus.link import BackupLost, SenderLink
+from xen_remus.remus.stats import EpochStats, StatusFile
+from xen_remus.save.checkpoint import CheckpointEmitter
+from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
+from xen_remus.save.transport import MigrationRefused, Receiver
+from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.xlproto import BANNER
+
+log = logging.getLogger("xen_remus.protect")
+EXIT_UNPROTECTED = 3  # the backup was lost; the guest runs here unprotected
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", dest="interval_ms", type=int, default=200, metavar="MS",
+                   help="checkpoint interval in ms (default 200)")
+    p.add_argument("-u", dest="uncompressed", action="store_true",
+                   help="no checkpoint compression (lz4 over XOR, with our backup)")
+    p.add_argument("-s", dest="ssh", default=None, metavar="CMD",
+                   help="use CMD instead of ssh; an empty CMD means HOST is the command")
+    p.add_argument("-e", dest="no_daemon", action="store_true",
+                   help="pass -e to the receiver (it does not wait in the background)")
+    p.add_argument("-b", dest="blackhole", action="store_true",
+                   help="checkpoint into a black hole (no backup): for measurements")
+    p.add_argument("-n", dest="no_netbuf", action="store_true",
+                   help="no network buffering (needs -F)")
+    p.add_argument("-d", dest="no_disk", action="store_true",
+                   help="no disk replication (needs -F)")
+    p.add_argument("-F", dest="unsafe", action="store_true",
+                   help="allow the unsafe modes -n and -d")
+    p.add_argument("--stock-backup", action="store_true",
+                   help="the backup runs stock `xl migrate-receive -r` (no extensions)")
+    p.add_argument("--heartbeat-timeout", type=int, default=1000, metavar="MS",
+                   help="declare the backup lost after this much silence (default 1000)")
+    p.add_argument("--max-rounds", type=int, default=5, metavar="N",
+                   help="live pre-copy rounds at most (default 5)")
+    p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
+                   help="end pre-copy once at most this many pages are dirty (default 50)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="how long to wait for the receiver's banner (default 120)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("protect", help="protect a domain with Remus, backup on HOST",
+                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(p)
+    p.add_argument("domain")
+    p.add_argument("host")
+    p.set_defaults(func=cmd_protect)
+
+
+def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> str:
+    """xl remus's `exec ssh HOST xl migrate-receive -r [-e]`, our receiver unless
+    --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command."""
+    if ssh == "":
+        return host
+    tool = "xl" if stock else "xen-remus"
+    return f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r{' -e' if no_daemon else ''}"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not 1 <= args.interval_ms <= 60_000:
+        raise UsageError(f"-i {args.interval_ms}: the interval must be 1..60000 ms")
+    if (args.no_netbuf or args.no_disk) and not args.unsafe:
+        raise UsageError("-n and -d turn off output commit or disk replication: add -F "
+                         "to accept that (as xl remus)")
+    if not args.no_disk:
+        raise UsageError("disk replication is not implemented yet: use -d -F (disks must "
+                         "then be shared or read-only)")
+    if not 10 <= args.heartbeat_timeout <= 600_000:
+        raise UsageError("--heartbeat-timeout must be 10..600000 ms")
+
+
+def read_banner(fd: int, timeout: float, what: str) -> bytes:
+    """Read exactly the xl banner from ``fd``; returns the bytes after it (the offer)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while len(buf) < len(BANNER):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise MigrationRefused(f"receiver `{what}`: no banner within {timeout:.0f} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise MigrationRefused(f"receiver `{what}` closed the connection before the "
+                                   f"banner (got {buf[:60]!r})")
+        buf += chunk
+        if buf[:len(BANNER)] != BANNER[:len(buf[:len(BANNER)])]:
+            raise MigrationRefused(f"receiver `{what}`: expected the xl banner at offset 0, "
+                                   f"got {buf[:60]!r}")
+    return buf[len(BANNER):]
+
+
+class Summary:
+    """Per-epoch figures: the status file while running, a summary at exit."""
+
+    def __init__(self, status: StatusFile | None, verbose: bool,
+                 chan: SenderChannel | None = None) -> None:
+        self.status, self.verbose, self.chan = status, verbose, chan
+        self.n = 0
+        self.pause = self.send = self.raw = self.wire = self.dirty = 0.0
+        self.ack: deque[float] = deque(maxlen=10_000)
+        self.pauses: deque[float] = deque(maxlen=10_000)
+        self.first: float | None = None
+        self.last = 0.0
+
+    def epoch(self, st: EpochStats) -> None:
+        now = time.monotonic()
+        if st.epoch == 0:
+            self.first = now  # rates count the checkpoints after the initial copy
+            print(f"xen-remus protect: initial copy committed by the backup "
+                  f"({st.wire_bytes} bytes); protecting", file=sys.stderr, flush=True)
+            if self.status is not None and self.chan is not None:
+                agreed = self.chan.agreed
+                self.status.doc["extensions"] = agreed.tokens() if agreed else None
+        else:
+            self.n += 1
+            self.pause += st.pause_ms
+            self.pauses.append(st.pause_ms)
+            self.send += st.send_ms
+            self.raw += st.raw_bytes
+            self.wire += st.wire_bytes
+            self.dirty += st.dirty_pages
+            if st.ack_ms is not None:
+                self.ack.append(st.ack_ms)
+        self.last = now
+        if self.status is not None:
+            self.status.epoch(st)
+        if self.verbose:
+            print(f"epoch {st.epoch}: pause {st.pause_ms:.1f} ms, {st.dirty_pages} dirty, "
+                  f"{st.raw_bytes} B -> {st.wire_bytes} B, send {st.send_ms:.1f} ms, ack "
+                  f"{'-' if st.ack_ms is None else f'{st.ack_ms:.1f} ms'}", file=sys.stderr)
+
+    def text(self) -> str:
+        if not self.n:
+            return "no checkpoint after the initial copy"
+        secs = self.last - (self.first or self.last)
+        p = sorted(self.pauses)
+        ack = (f", ack mean {sum(self.ack) / len(self.ack):.1f} ms" if self.ack else "")
+        return (f"{self.n} checkpoints in {secs:.1f} s ({self.n / secs if secs else 0:.1f}/s); "
+                f"pause mean {self.pause / self.n:.1f} ms, median {p[len(p) // 2]:.1f} ms, "
+                f"max {p[-1]:.1f} ms; dirty pages mean {self.dirty / self.n:.0f}; bytes "
+                f"{self.raw / self.n:.0f} -> {self.wire / self.n:.0f} per epoch "
+                f"(x{self.raw / self.wire if self.wire else 1:.2f}); send mean "
+                f"{self.send / self.n:.1f} ms{ack}")
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    logging.basicConfig(stream=sys.stderr, format="xen-remus protect: %(message)s",
+                        level=logging.DEBUG if args.verbose > 1 else
+                        logging.INFO if args.verbose else logging.WARNING)
+    check_args(args)
+    try:
+        policy = PrecopyPolicy(args.max_rounds, args.target_dirty)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from xen_remus.devices.discover import device_set  # pyroute2 only when protecting
+
+    with SaveSession(args.domain) as s, domain_lock(s.target.domid):
+        domid, name = s.target.domid, s.target.name
+        config = domain_config_json(domid)
+        guest = s.open_guest()
+        assert s.dom is not None
+        recv: Receiver | None = None
+        hole: list[int] = []
+        if args.blackhole:
+            rfd, wfd = os.pipe()  # a back channel that stays silent
+            hole = [os.open(os.devnull, os.O_WRONLY), rfd, wfd]
+            send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
+        else:
+            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon)
+            recv = Receiver(rune)
+            send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
+            rest = read_banner(recv_fd, args.timeout, rune)
+        chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
+                                    compression=not args.uncompressed), time.monotonic())
+        link = SenderLink(chan, send_fd, recv_fd)
+        status = StatusFile(name, "primary", peer)
+        try:
+            _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
+            out = CheckpointEmitter(link, config)
+            engine = SaveEngine(s.dom, guest, out, policy)
+            summary = Summary(status, args.verbose > 0, chan)
+            status.state("starting", f"initial copy of domain {domid} to {peer}")
+            rc = _protect(engine, out, link, device_set(domid, net=not args.no_netbuf),
+                          args, summary, status, name)
+            print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
+            return rc
+        finally:
+            if recv is not None:
+                recv.close(timeout=5)
+            for fd in hole:
+                os.close(fd)
+
+
+def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:
+    """Our receiver writes its offer with the banner; give it ``wait`` s to arrive (a
+    stock one never sends any; an offer later still works, the accept just comes later)."""
+    chan = link.chan
+    now = time.monotonic()
+    link.events += chan.feed_back(rest, now)
+    deadline = now + wait
+    while not any(isinstance(ev, Offered) for ev in link.events):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([link.recv_fd], [], [], left)[0]:
+            log.info("no extension offer from the backup: a stock receiver, plain stream")
+            return
+        data = os.read(link.recv_fd, 4096)
+        if not data:
+            raise MigrationRefused("the backup closed its channel right after its banner")
+        link.events += chan.feed_back(data, time.monotonic())
+
+
+def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
+             args: argparse.Namespace, summary: Summary, status: StatusFile,
+             name: str) -> int:
+    loop: RemusLoop | None = None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if loop is not None:
+            loop.stop()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        with devs:
+            loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
+                             on_epoch=summary.epoch)
+            try:
+                status.state("protecting", f"interval {args.interval_ms} ms")
+                loop.run()
+            except BackupLost as exc:
+                devs.release_all()  # the guest goes on here: its output too
+                status.state("unprotected", str(exc))
+                print(f"xen-remus protect: {exc}\nxen-remus protect: domain {name} keeps "
+                      f"running here UNPROTECTED after epoch {loop.epoch}; to protect it "
+                      "again, destroy any copy on the backup and run protect again",
+                      file=sys.stderr)
+                return EXIT_UNPROTECTED
+            except XenRemusError as exc:
+                status.state("failed", str(exc))
+                raise
+        status.state("stopped", f"after epoch {loop.epoch}")
+        print(f"xen-remus protect: stopped after epoch {loop.epoch}; the backup resumes "
+              "its copy when the stream closes (as with xl remus)", file=sys.stderr)
+        return 0
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
