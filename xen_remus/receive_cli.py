@@ -12,9 +12,12 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 from xen_remus.errors import UsageError
+from xen_remus.remus.channel import Config, ReceiverChannel
+from xen_remus.remus.negotiate import HEARTBEAT_TIMEOUT_MS
 from xen_remus.restore_continuous import (
     DEFAULT_MAX_EPOCH_BYTES,
     SinkConfig,
@@ -44,6 +47,11 @@ def register(sub: Any) -> None:
     p.add_argument("--idle-timeout", type=float, default=None,
                    help="treat the sender as gone after this many seconds without data "
                    "(default: wait for EOF, as stock xl does)")
+    p.add_argument("--no-extensions", action="store_true",
+                   help="with -r: offer no xen-remus extensions (behave as stock xl)")
+    p.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_MS,
+                   metavar="MS", help="with a xen-remus sender: fail over after this much "
+                   "silence (default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-epoch-mib and --failover-timeout must be positive")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         raise UsageError("--idle-timeout must be positive")
+    if not 10 <= args.heartbeat_timeout <= 600_000:
+        raise UsageError("--heartbeat-timeout must be 10..600000 ms")
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
                         level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Like xl: a vanished sender is an error to handle, not a signal to die of.
@@ -61,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
     sink = XlSink(cfg)
     try:
-        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20)
+        chan = None
+        if args.remus and not args.no_extensions:
+            chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout),
+                                   time.monotonic())
+        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan)
     except BaseException:
         if sink.proc.poll() is None:
             sink.abort("receiver failed")

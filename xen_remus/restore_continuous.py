@@ -42,7 +42,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xen_remus.errors import XenRemusError
-from xen_remus.stream import Decoder, EpochEnd, StreamEnd, StreamError
+from xen_remus.remus.channel import ReceiverChannel
+from xen_remus.remus.link import ReceiverLink
+from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd, StreamError
 from xen_remus.stream.events import Buffer, Event, XlHeader
 from xen_remus.xlproto import Message, ReceiverSide, SenderSide
 
@@ -112,6 +114,8 @@ class Receiver:
         self._held_bytes = 0
         self._committed_end = 0  # stream offset just past the last whole epoch
         self.on_header: Callable[[XlHeader], None] | None = None  # sees the config first
+        self.rewrite: Callable[[Record], Sequence[Buffer] | None] | None = None
+        self.on_commit: Callable[[int], None] | None = None  # the sink has the epoch whole
 
     @property
     def streaming(self) -> bool:
@@ -161,16 +165,16 @@ class Receiver:
                     self._failover(f"stream ended at offset {ev.offset} (EOF at an epoch "
                                    "boundary)", None)
                 return
+            bufs = self._bufs(ev)
             if self.streaming:
-                if len(ev.wire):
-                    through.append(ev.wire)
+                through += bufs
                 if isinstance(ev, EpochEnd):
                     self._flush(through)
                     self._set_committed(ev.epoch, ev.offset)
                 continue
-            if len(ev.wire):
-                self._held.append(ev.wire)
-                self._held_bytes += len(ev.wire)
+            if bufs:
+                self._held += bufs
+                self._held_bytes += sum(len(b) for b in bufs)
                 if self._held_bytes > self.max_epoch_bytes:
                     raise EpochTooLarge(ev.epoch, self._held_bytes, self.max_epoch_bytes,
                                         ev.offset)
@@ -178,6 +182,15 @@ class Receiver:
                 self._commit_held()
                 self._set_committed(ev.epoch, ev.offset)
         self._flush(through)
+
+    def _bufs(self, ev: Event) -> list[Buffer]:
+        """What goes to the sink for ``ev``: its wire bytes, or what ``rewrite`` (the
+        xen-remus channel: our records vanish, compressed pages become PAGE_DATA) returns."""
+        if self.rewrite is not None and isinstance(ev, Record):
+            rep = self.rewrite(ev)
+            if rep is not None:
+                return [b for b in rep if len(b)]
+        return [ev.wire] if len(ev.wire) else []
 
     def _flush(self, through: list[Buffer]) -> None:
         if through:
@@ -192,6 +205,8 @@ class Receiver:
     def _set_committed(self, epoch: int, end: int) -> None:
         self.committed, self._committed_end = epoch, end
         self.sink.committed(epoch)
+        if self.on_commit is not None:
+            self.on_commit(epoch)
 
     def _broken(self, exc: XenRemusError, eof: bool) -> Outcome:
         if not self.checkpointed or self.committed is None:
@@ -425,6 +440,16 @@ class Upstream:
             log.warning("reading the stream: %s: treating the sender as gone", exc)
             return b""
 
+    def read_within(self, timeout: float | None) -> bytes | None:
+        """Like read, but None if nothing came within ``timeout`` (time to heartbeat)."""
+        try:
+            return read_some(self.rfd, timeout, "the sender")
+        except IoTimeout:
+            return None
+        except OSError as exc:
+            log.warning("reading the stream: %s: treating the sender as gone", exc)
+            return b""
+
     def await_go(self, proto: ReceiverSide) -> None:
         data, self.pending = self.pending, b""
         deadline = time.monotonic() + self.io_timeout
@@ -440,18 +465,26 @@ class Upstream:
 
 
 def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
-            max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES) -> Outcome:
-    """Run one receive to its end: banner, stream, then the handshake or the failover."""
+            max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
+            chan: ReceiverChannel | None = None) -> Outcome:
+    """Run one receive to its end: banner, stream, then the handshake or the failover.
+    With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
+    sender accepts, each committed epoch is ACKed and a silent primary is failed over
+    from after the agreed heartbeat timeout."""
     proto = ReceiverSide()
     rx = Receiver(sink, checkpointed, max_epoch_bytes)
-    upstream.write(proto.banner())
+    link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
+    if chan is not None and link is not None:
+        rx.rewrite = chan.on_record
+        rx.on_commit = link.committed
+    upstream.write(proto.banner() + (chan.offer_line() if chan is not None else b""))
     log.info("ready to receive (%s stream) into %s",
              "checkpointed" if checkpointed else "plain", sink._what())
     rx.on_header = lambda hdr: setattr(sink, "domain_name", _domain_name(hdr))
     out: Outcome | None = None
     t0 = time.monotonic()
     while out is None:
-        chunk = upstream.read()
+        chunk = upstream.read() if link is None else _read_beating(upstream, link)
         out = rx.feed(chunk) if chunk else rx.eof()
     if out.kind == "complete":
         log.info("stream complete: %d bytes, %d epochs, %.2f s", out.offset,
@@ -462,6 +495,29 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
             raise ReceiveError(f"xl migrate-receive reported startup failure (status "
                                f"{status}); the sender was given the domain back")
     return out
+
+
+def _read_beating(upstream: Upstream, link: ReceiverLink) -> bytes:
+    """The next chunk, sending heartbeats while waiting; b"" (fail over) once the
+    primary was silent past the heartbeat timeout or ``idle_timeout``."""
+    last = time.monotonic()
+    while True:
+        if link.tick():
+            log.warning("no word from the primary for more than the heartbeat timeout: "
+                        "treating it as gone")
+            return b""
+        wait = link.timeout()
+        if upstream.idle_timeout is not None:
+            left = last + upstream.idle_timeout - time.monotonic()
+            if left <= 0:
+                log.warning("no data from the sender for %g s: treating it as gone",
+                            upstream.idle_timeout)
+                return b""
+            wait = left if wait is None else min(wait, left)
+        chunk = upstream.read_within(wait)
+        if chunk is not None:
+            link.chan.seen(time.monotonic())
+            return chunk
 
 
 def _domain_name(hdr: XlHeader) -> str | None:
