@@ -133,6 +133,8 @@ class SenderLink:
     def _wait(self, want_write: bool, until: float | None) -> bool:
         """Wait for the send fd (if ``want_write``) or back-channel input, at most until
         ``until`` and the channel's own timers; True if the send fd is writable."""
+        if self._eof:
+            raise self._lost("it closed its channel")
         now = self.clock()
         if self.chan.peer_dead(now):
             det = self.chan.detector
@@ -140,8 +142,8 @@ class SenderLink:
                              "(heartbeat timeout)")
         wake = [t for t in (until, self.chan.wake_at()) if t is not None]
         timeout = max(0.0, min(wake) - now) if wake else None
-        rd = [] if self._eof else [self.recv_fd]
-        r, w, _ = select.select(rd, [self.send_fd] if want_write else [], [], timeout)
+        r, w, _ = select.select([self.recv_fd], [self.send_fd] if want_write else [], [],
+                                timeout)
         if r:
             self._read()
         return bool(w)

@@ -152,6 +152,10 @@ def test_backup_closing_or_stopping(pipes: Pipes) -> None:
     os.close(pipes.back_w)
     with pytest.raises(BackupLost, match="it closed its channel"):
         pipes.link.idle(time.monotonic() + 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(BackupLost, match="it closed its channel"):  # again, at once
+        pipes.link.wait_ack(0)
+    assert time.monotonic() - t0 < 0.1
 
 
 def test_receiver_link_detects_a_silent_primary(pipes: Pipes) -> None:
