@@ -20,6 +20,11 @@ Receiver (backup):
      buffers instead (our records vanish, compressed pages become standard PAGE_DATA).
   3. After the sink has epoch N whole: write ``committed(N, now)`` (the ACK); write
      ``pending(now)`` whenever woken; ``peer_dead(now)`` means fail over now.
+  ``on_record`` raises ChannelError / CompressionError (XenRemusError, naming record,
+  offset, epoch, pfn) for a bad record of ours: treat it as an invalid stream (fail over
+  from the last whole epoch), like the decoder's StreamError.
+link.py wraps both ends around file descriptors (SenderLink: send, send_pages,
+epoch_sent, wait_ack, idle, a heartbeat thread; ReceiverLink: tick, committed, timeout).
 """
 
 from __future__ import annotations
