@@ -1,0 +1,230 @@
+"""The Remus epoch loop end to end on this host: RemusLoop over a fake domain, our
+CheckpointEmitter and SenderLink on one end of a socket pair, the real receiver
+(restore_continuous.receive with a ReceiverChannel) on the other, into a fake sink.
+
+Checked: the sink gets a standard checkpointed stream whose epoch N is exactly the guest's
+memory at the N-th suspend; devices commit N only after the sink has epoch N whole (the
+output-commit rule); compression shrinks the wire; the backup fails over from the last
+epoch when the primary closes; a backup that goes silent is BackupLost with the guest
+running and log-dirty off.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from xen_remus.protect_cli import Summary, _await_offer, read_banner
+from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
+from xen_remus.remus.link import BackupLost, SenderLink
+from xen_remus.remus.stats import EpochStats
+from xen_remus.restore_continuous import Outcome, Upstream, receive
+from xen_remus.save.checkpoint import CheckpointEmitter
+from xen_remus.save.pages import PAGE_SIZE
+from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.stream import Decoder, EpochEnd, Record
+from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
+from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
+
+CONFIG = '{"c_info": {"name": "g"}}'
+PAGES = 96
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.committed_epochs: list[int] = []
+        self.failed_over: int | None = None
+        self.lock = threading.Lock()
+
+    def send(self, bufs: Sequence[Buffer]) -> None:
+        with self.lock:
+            for b in bufs:
+                self.data += b
+
+    def committed(self, epoch: int) -> None:
+        with self.lock:
+            self.committed_epochs.append(epoch)
+
+    def failover(self, epoch: int) -> None:
+        self.failed_over = epoch
+
+    def abort(self, why: str) -> None:
+        raise AssertionError(f"sink aborted: {why}")
+
+    def _what(self) -> str:
+        return "test sink"
+
+
+class Devices:
+    """Records the device calls; snapshots guest memory at each postsuspend."""
+
+    def __init__(self, dom: FakeDomain, sink: Sink, acks: bool = True) -> None:
+        self.dom, self.sink, self.acks = dom, sink, acks
+        self.calls: list[tuple[str, int]] = []
+        self.snapshots: dict[int, bytes] = {}
+
+    def postsuspend(self, epoch: int) -> None:
+        assert self.dom.suspended
+        self.snapshots[epoch] = bytes(self.dom.mem)
+        self.calls.append(("postsuspend", epoch))
+
+    def preresume(self) -> None:
+        self.calls.append(("preresume", -1))
+
+    def commit(self, epoch: int) -> None:
+        with self.sink.lock:
+            if self.acks:  # the backup ACKs only once its sink has the epoch whole
+                assert epoch in self.sink.committed_epochs, "released before the backup had it"
+        self.calls.append(("commit", epoch))
+
+
+def memory_at_each_epoch(stream: bytes) -> dict[int, bytes]:
+    mem = bytearray(PAGES * PAGE_SIZE)
+    out: dict[int, bytes] = {}
+    for ev in Decoder(checkpointed=True).feed(stream):
+        if isinstance(ev, Record) and ev.layer == "libxc" and ev.rtype == C.REC_TYPE_PAGE_DATA:
+            pd = ev.parse()
+            data = pd.page_bytes()
+            n = 0
+            for pfn, t in zip(pd.pfns, pd.types, strict=True):
+                if t < 0xD:
+                    mem[int(pfn) * PAGE_SIZE:(int(pfn) + 1) * PAGE_SIZE] = \
+                        data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
+                    n += 1
+        if isinstance(ev, EpochEnd):
+            out[ev.epoch] = bytes(mem)
+    return out
+
+
+def start_backup(sock: socket.socket, sink: Sink, chan: ReceiverChannel | None,
+                 result: list[Outcome]) -> threading.Thread:
+    up = Upstream(sock.fileno(), sock.fileno(), idle_timeout=20.0, io_timeout=20.0)
+    th = threading.Thread(target=lambda: result.append(
+        receive(up, cast(Any, sink), True, chan=chan)), daemon=True)
+    th.start()
+    return th
+
+
+def primary(sock: socket.socket, dom: FakeDomain, cfg: Config, wait_offer: float
+            ) -> tuple[SaveEngine, CheckpointEmitter, SenderLink]:
+    rest = read_banner(sock.fileno(), 10, "test backup")
+    link = SenderLink(SenderChannel(cfg, time.monotonic()), sock.fileno(), sock.fileno())
+    _await_offer(link, rest, wait_offer)
+    out = CheckpointEmitter(link, CONFIG)
+    engine = SaveEngine(dom, FakeGuest(dom), out, PrecopyPolicy(3, 4))
+    return engine, out, link
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_epochs_reach_the_backup_whole_and_acked(compress: bool) -> None:
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), []
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(compression=compress), 5.0)
+    devs = Devices(dom, sink)
+    stats: list[EpochStats] = []
+    rng = np.random.default_rng(3)
+
+    def on_epoch(st: EpochStats) -> None:
+        stats.append(st)
+        if st.epoch == 6:
+            loop.stop()
+        for pfn in rng.choice(PAGES, 10, replace=False):  # the guest runs on: a counter
+            off = int(pfn) * PAGE_SIZE + 8 * int(rng.integers(0, 512))
+            dom.mem[off:off + 8] = (st.epoch + 1).to_bytes(8, "little")
+            dom.dirty.add(int(pfn))
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    loop.run()
+    assert link.chan.agreed is not None and link.chan.acks
+    a.close()  # the primary goes away: the backup fails over from epoch 6
+    th.join(20)
+    assert result and result[0].kind == "failover" and result[0].epoch == 6
+    assert sink.failed_over == 6
+    assert [s.epoch for s in stats] == list(range(7))
+    assert all(s.ack_ms is not None for s in stats)
+    assert [c for c in devs.calls if c[0] == "commit"] == [("commit", e) for e in range(7)]
+    seen = memory_at_each_epoch(bytes(sink.data))
+    assert sorted(seen) == list(range(7))
+    for e in range(7):
+        assert seen[e] == devs.snapshots[e], f"epoch {e} differs from the guest at suspend"
+    assert all(s.dirty_pages == 10 for s in stats[2:])  # one on_epoch's writes each
+    later = stats[1:]
+    raw, wire = sum(s.raw_bytes for s in later), sum(s.wire_bytes for s in later)
+    if compress:
+        assert wire < raw / 4
+    else:
+        assert wire == raw
+    assert not dom.logdirty and not dom.suspended
+    assert Summary(None, False).text() == "no checkpoint after the initial copy"
+    summ = Summary(None, False)
+    for st in stats:
+        summ.epoch(st)
+    assert summ.text().startswith("6 checkpoints")
+
+
+def test_stock_backup_gets_the_plain_stream() -> None:
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), []
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, None, result)  # no offer: as stock xl migrate-receive -r
+    engine, out, link = primary(a, dom, Config(), 0.2)
+    devs = Devices(dom, sink, acks=False)  # released once sent: all a stock backup allows
+
+    def on_epoch(st: EpochStats) -> None:
+        if st.epoch == 3:
+            loop.stop()
+        dom.write(st.epoch, 0x5A)
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    loop.run()
+    assert link.chan.agreed is None
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 3
+    seen = memory_at_each_epoch(bytes(sink.data))
+    assert all(seen[e] == devs.snapshots[e] for e in range(4))
+    assert not any(0xF0000000 <= ev.rtype for ev in Decoder(checkpointed=True).feed(
+        bytes(sink.data)) if isinstance(ev, Record))
+
+
+def test_silent_backup_is_lost_and_the_guest_runs_on() -> None:
+    dom = FakeDomain(PAGES)
+    a, b = socket.socketpair()
+    # A backup that offers, then stops answering after the initial copy (no FIN: frozen).
+    b.sendall(b"xl migration receiver ready, send binary domain data.\n" +
+              ReceiverChannel(Config(heartbeat_timeout_ms=200), 0).offer_line())
+    drained = threading.Event()
+
+    def drain() -> None:  # swallow the stream so writes do not block; never answer
+        b.settimeout(0.2)
+        while not drained.is_set():
+            try:
+                if not b.recv(1 << 20):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    threading.Thread(target=drain, daemon=True).start()
+    engine, out, link = primary(a, dom, Config(heartbeat_timeout_ms=200), 5.0)
+    loop = RemusLoop(engine, out, link, Devices(dom, Sink(), acks=False), 0.01)
+    t0 = time.monotonic()
+    with pytest.raises(BackupLost, match="heartbeat timeout"):
+        loop.run()
+    assert time.monotonic() - t0 < 5
+    assert not dom.suspended and not dom.logdirty
+    drained.set()
+    a.close()
+    b.close()
