@@ -127,7 +127,7 @@ def primary(sock: socket.socket, dom: FakeDomain, cfg: Config, wait_offer: float
 @pytest.mark.parametrize("compress", [True, False])
 def test_epochs_reach_the_backup_whole_and_acked(compress: bool) -> None:
     dom = FakeDomain(PAGES)
-    sink, result = Sink(), []
+    sink, result = Sink(), list[Outcome]()
     a, b = socket.socketpair()
     th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
     engine, out, link = primary(a, dom, Config(compression=compress), 5.0)
@@ -175,7 +175,7 @@ def test_epochs_reach_the_backup_whole_and_acked(compress: bool) -> None:
 
 def test_stock_backup_gets_the_plain_stream() -> None:
     dom = FakeDomain(PAGES)
-    sink, result = Sink(), []
+    sink, result = Sink(), list[Outcome]()
     a, b = socket.socketpair()
     th = start_backup(b, sink, None, result)  # no offer: as stock xl migrate-receive -r
     engine, out, link = primary(a, dom, Config(), 0.2)
