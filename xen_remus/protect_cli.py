@@ -36,15 +36,17 @@ log = logging.getLogger("xen_remus.protect")
 EXIT_UNPROTECTED = 3  # the backup was lost; the guest runs here unprotected
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, shared: bool = True) -> None:
+    """protect's options; ``shared`` False leaves out those `migrate` already has."""
     p.add_argument("-i", dest="interval_ms", type=int, default=200, metavar="MS",
                    help="checkpoint interval in ms (default 200)")
     p.add_argument("-u", dest="uncompressed", action="store_true",
                    help="no checkpoint compression (lz4 over XOR, with our backup)")
-    p.add_argument("-s", dest="ssh", default=None, metavar="CMD",
-                   help="use CMD instead of ssh; an empty CMD means HOST is the command")
-    p.add_argument("-e", dest="no_daemon", action="store_true",
-                   help="pass -e to the receiver (it does not wait in the background)")
+    if shared:
+        p.add_argument("-s", dest="ssh", default=None, metavar="CMD",
+                       help="use CMD instead of ssh; an empty CMD means HOST is the command")
+        p.add_argument("-e", dest="no_daemon", action="store_true",
+                       help="pass -e to the receiver (it does not wait in the background)")
     p.add_argument("-b", dest="blackhole", action="store_true",
                    help="checkpoint into a black hole (no backup): for measurements")
     p.add_argument("-n", dest="no_netbuf", action="store_true",
@@ -57,12 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the backup runs stock `xl migrate-receive -r` (no extensions)")
     p.add_argument("--heartbeat-timeout", type=int, default=1000, metavar="MS",
                    help="declare the backup lost after this much silence (default 1000)")
-    p.add_argument("--max-rounds", type=int, default=5, metavar="N",
-                   help="live pre-copy rounds at most (default 5)")
-    p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
-                   help="end pre-copy once at most this many pages are dirty (default 50)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="how long to wait for the receiver's banner (default 120)")
+    if shared:
+        p.add_argument("--max-rounds", type=int, default=5, metavar="N",
+                       help="live pre-copy rounds at most (default 5)")
+        p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
+                       help="end pre-copy once at most this many pages are dirty (default 50)")
+        p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                       help="how long to wait for the receiver's banner (default 120)")
 
 
 def register(sub: Any) -> None:
@@ -72,6 +75,18 @@ def register(sub: Any) -> None:
     p.add_argument("domain")
     p.add_argument("host")
     p.set_defaults(func=cmd_protect)
+    # `migrate --remus` is protect (as the old `xm migrate --remus`).
+    migrate = sub.choices.get("migrate")
+    if migrate is not None:
+        migrate.add_argument("--remus", action="store_true",
+                             help="protect with Remus instead (= xen-remus protect)")
+        add_arguments(migrate, shared=False)
+        plain = migrate.get_default("func")
+
+        def dispatch(args: argparse.Namespace) -> int:
+            return cmd_protect(args) if args.remus else int(plain(args))
+
+        migrate.set_defaults(func=dispatch)
 
 
 def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> str:

@@ -1,0 +1,48 @@
+"""`xen-remus protect` / `migrate --remus`: arguments, xl's rules for -n/-d/-F, the rune."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from xen_remus.errors import UsageError
+from xen_remus.migrate_hook import build_parser, main
+from xen_remus.protect_cli import check_args, cmd_protect, receiver_rune
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def test_migrate_remus_is_protect() -> None:
+    args = parse("migrate", "--remus", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
+    p = parse("protect", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
+    for key in ("interval_ms", "uncompressed", "no_netbuf", "no_disk", "unsafe", "domain",
+                "host", "ssh", "no_daemon", "blackhole", "stock_backup"):
+        assert getattr(args, key) == getattr(p, key), key
+    assert p.func is cmd_protect and args.remus
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["-n", "-d"], "add -F"),
+    (["-F"], "disk replication is not implemented"),
+    (["-i", "0", "-d", "-F"], "interval"),
+    (["-d", "-F", "--heartbeat-timeout", "5"], "heartbeat"),
+])
+def test_refused_arguments(argv: list[str], msg: str) -> None:
+    with pytest.raises(UsageError, match=msg):
+        check_args(parse("protect", *argv, "g1", "hostb"))
+
+
+def test_refusal_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["protect", "-n", "g1", "hostb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xen-remus protect: ") and "Traceback" not in err
+
+
+def test_receiver_rune() -> None:
+    assert receiver_rune("hb", None, False, False) == "exec ssh hb xen-remus migrate-receive -r"
+    assert receiver_rune("hb", None, True, True) == "exec ssh hb xl migrate-receive -r -e"
+    assert receiver_rune("hb", "rsh -p 2", False, False).startswith("exec rsh -p 2 hb ")
+    assert receiver_rune("socat - TCP:b:1", "", False, False) == "socat - TCP:b:1"
