@@ -47,7 +47,7 @@ def test_xl_save_stream(lab_one: Host, kind: str) -> None:
                      mac="00:16:3e:00:00:31")
     path = f"/tmp/{spec.name}.save"
     try:
-        guest.create(lab_one, spec)
+        guest.create(lab_one, spec, timeout=300)
         lab_one.run(f"xl save {spec.name} {path}", timeout=300, check=True)
         r = lab_one.run(f"{STREAM} verify --plain {path}", timeout=600)
         print(f"\nxl save ({kind}): {r.stdout.strip()} [{r.seconds:.1f} s]{r.stderr}")
@@ -101,7 +101,7 @@ def test_xl_migrate_stream(lab_two: Lab) -> None:
     spec = GuestSpec(name="sm", ip="169.254.20.32", mac="00:16:3e:00:00:32")
     cap = "/tmp/sm.migrate"
     try:
-        guest.create(a, spec)
+        guest.create(a, spec, timeout=300)  # slow under TCG on a loaded machine
         recv = b.spawn("exec socat TCP-LISTEN:8031,reuseaddr EXEC:'xl migrate-receive'")
         time.sleep(2)
         r = a.run(f"xl migrate -s '' {spec.name} 'tee {cap} | socat - TCP:{b.ip}:8031'",
@@ -127,7 +127,7 @@ def test_xl_remus_stream(lab_two: Lab) -> None:
     spec = GuestSpec(name="sr2", ip="169.254.20.33", mac="00:16:3e:00:00:33")
     cap, pidf = "/tmp/sr2.remus", "/tmp/sr2.remus.pid"
     try:
-        guest.create(a, spec)
+        guest.create(a, spec, timeout=300)  # slow under TCG on a loaded machine
         recv = b.spawn(f"exec {KA_EXEC} 8032 sh -c 'tee {cap} | xl migrate-receive -r'")
         recv.wait_output(r"listening", 30, stderr=True)
         send = a.spawn(f"echo $$ > {pidf}; exec xl remus -F -n -d -i 200 -s '' {spec.name} "
