@@ -95,7 +95,7 @@ def verify_capture_with_trailer(host: Host, path: str, trailer: bytes) -> tuple[
     return ok.stdout.strip(), end
 
 
-@pytest.mark.lab(timeout=600)
+@pytest.mark.lab(timeout=900)
 def test_xl_migrate_stream(lab_two: Lab) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="sm", ip="169.254.20.32", mac="00:16:3e:00:00:32")
@@ -120,7 +120,20 @@ def test_xl_migrate_stream(lab_two: Lab) -> None:
         destroy(b, spec.name)
 
 
-@pytest.mark.lab(timeout=600)
+def wait_stable(host: Host, path: str, timeout: float = 120.0) -> None:
+    """Until ``path`` stops growing (the capturing tee got EOF), bounded."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        size = int(host.run(f"stat -c %s {path}", timeout=30, check=True).stdout)
+        if size == last:
+            return
+        assert time.monotonic() < deadline, f"{path} still growing after {timeout:.0f} s"
+        last = size
+        time.sleep(3)
+
+
+@pytest.mark.lab(timeout=900)
 def test_xl_remus_stream(lab_two: Lab) -> None:
     """`xl remus` A->B into a receiver that tees; the sender is then killed (by pid)."""
     a, b = lab_two.a, lab_two.b
@@ -129,10 +142,10 @@ def test_xl_remus_stream(lab_two: Lab) -> None:
     try:
         guest.create(a, spec, timeout=300)  # slow under TCG on a loaded machine
         recv = b.spawn(f"exec {KA_EXEC} 8032 sh -c 'tee {cap} | xl migrate-receive -r'")
-        recv.wait_output(r"listening", 30, stderr=True)
+        recv.wait_output(r"listening", 60, stderr=True)
         send = a.spawn(f"echo $$ > {pidf}; exec xl remus -F -n -d -i 200 -s '' {spec.name} "
                        f"'socat - TCP:{b.ip}:8032'")
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 400
         while guest.domain_state(b, f"{spec.name}--incoming") is None:
             assert not send.done(), f"xl remus ended: {send.stderr()[-2000:]}"
             assert time.monotonic() < deadline, "no backup copy on B"
@@ -140,7 +153,7 @@ def test_xl_remus_stream(lab_two: Lab) -> None:
         time.sleep(10)  # checkpoints every 200 ms (slower under TCG)
         a.run(f"kill -9 $(cat {pidf})", timeout=30)
         send.wait(60)
-        time.sleep(5)
+        wait_stable(b, cap)
         r = b.run(f"{STREAM} verify --checkpointed {cap}", timeout=600)
         print(f"\nxl remus capture: rc {r.rc} {r.stdout.strip()}{r.stderr.strip()}")
         objs = dump(b, cap, "--checkpointed")
