@@ -7,4 +7,4 @@ baseline measured in the same run are figures of their own (named ``*_vs_*``/``*
 so a loaded machine slows both sides alike.
 """
 
-SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save", "compress")
+SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save", "compress", "remus")
