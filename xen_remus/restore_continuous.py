@@ -44,6 +44,7 @@ from typing import Protocol
 from xen_remus.errors import XenRemusError
 from xen_remus.remus.channel import ReceiverChannel
 from xen_remus.remus.link import ReceiverLink
+from xen_remus.remus.stats import StatusFile
 from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd, StreamError
 from xen_remus.stream.events import Buffer, Event, XlHeader
 from xen_remus.xlproto import Message, ReceiverSide, SenderSide
@@ -474,18 +475,37 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
     proto = ReceiverSide()
     rx = Receiver(sink, checkpointed, max_epoch_bytes)
     link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
+    bstatus: StatusFile | None = None  # ours: the backup's status file
     if chan is not None and link is not None:
         rx.rewrite = chan.on_record
-        rx.on_commit = link.committed
+
+        def committed(epoch: int) -> None:
+            link.committed(epoch)
+            if bstatus is not None:  # `xen-remus status` on the backup: the primary's figures
+                for st in chan.take_stats():
+                    bstatus.epoch(st)
+                bstatus.doc["committed"] = epoch
+                bstatus.write()
+
+        rx.on_commit = committed
     upstream.write(proto.banner() + (chan.offer_line() if chan is not None else b""))
     log.info("ready to receive (%s stream) into %s",
              "checkpointed" if checkpointed else "plain", sink._what())
-    rx.on_header = lambda hdr: setattr(sink, "domain_name", _domain_name(hdr))
+    def on_header(hdr: XlHeader) -> None:
+        nonlocal bstatus
+        sink.domain_name = _domain_name(hdr)
+        if chan is not None and sink.domain_name:
+            bstatus = StatusFile(sink.domain_name, "backup")
+            bstatus.state("receiving", "initial copy")
+
+    rx.on_header = on_header
     out: Outcome | None = None
     t0 = time.monotonic()
     while out is None:
         chunk = upstream.read() if link is None else _read_beating(upstream, link)
         out = rx.feed(chunk) if chunk else rx.eof()
+    if bstatus is not None:
+        bstatus.state(out.kind, out.reason)
     if out.kind == "complete":
         log.info("stream complete: %d bytes, %d epochs, %.2f s", out.offset,
                  (out.epoch or 0) + 1 if rx.dec.checkpointed else 1, time.monotonic() - t0)

@@ -11,10 +11,12 @@ running and log-dirty off.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -36,6 +38,12 @@ from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
 
 CONFIG = '{"c_info": {"name": "g"}}'
 PAGES = 96
+
+
+@pytest.fixture(autouse=True)
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XEN_REMUS_RUN_DIR", str(tmp_path))
+    return tmp_path
 
 
 class Sink:
@@ -125,7 +133,7 @@ def primary(sock: socket.socket, dom: FakeDomain, cfg: Config, wait_offer: float
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_epochs_reach_the_backup_whole_and_acked(compress: bool) -> None:
+def test_epochs_reach_the_backup_whole_and_acked(compress: bool, run_dir: Path) -> None:
     dom = FakeDomain(PAGES)
     sink, result = Sink(), list[Outcome]()
     a, b = socket.socketpair()
@@ -166,6 +174,9 @@ def test_epochs_reach_the_backup_whole_and_acked(compress: bool) -> None:
     else:
         assert wire == raw
     assert not dom.logdirty and not dom.suspended
+    backup = json.loads((run_dir / "g.backup.json").read_text())
+    assert backup["role"] == "backup" and backup["state"] == "failover"
+    assert backup["committed"] == 6 and backup["totals"]["epochs"] >= 5  # figures via the channel
     assert Summary(None, False).text() == "no checkpoint after the initial copy"
     summ = Summary(None, False)
     for st in stats:
