@@ -30,9 +30,23 @@ PROTECTORS = {
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
         sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
     ),
+    # Ours: output commit on (IFB + plug per vif), ACK, heartbeats (1 s), compression.
     "xen-remus": Protector(
         receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
-        sender="exec python3 -m xen_remus protect {name} 'socat - TCP:{bip}:{port}'",
+        sender="exec python3 -m xen_remus protect -F -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
+    ),
+    # The same without network buffering, for contrast (as xl's -n).
+    "xen-remus-n": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
+        sender="exec python3 -m xen_remus protect -F -n -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
+    ),
+    # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
+    "xen-remus-stock": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
+        sender="exec python3 -m xen_remus protect --stock-backup -F -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
     ),
 }
 
