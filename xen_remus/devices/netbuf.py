@@ -164,6 +164,7 @@ class NetBuffer(Device):
             try:
                 self._create(vif_index)
             except BaseException:
+                self._ifb_index = None
                 self._remove({"vif": self.vif, "ifb": self.ifb})
                 self._state.remove(self.vif)
                 raise
