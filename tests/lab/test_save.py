@@ -75,9 +75,9 @@ def test_save_then_stock_restore(lab_one: Any, kind: str) -> None:
     host, spec = lab_one, spec_of(kind)
     before = fresh_guest(host, spec)
     path = f"/tmp/{spec.name}.save"
-    r, secs = timed(host, f"{XR} -v save {spec.name} {path}", 600)
+    r, ours = timed(host, f"{XR} -v save {spec.name} {path}", 600)
     assert r.rc == 0, f"xen-remus save failed:\n{r.stdout}\n{r.stderr}"
-    print(f"\n{kind}: xen-remus save {secs:.1f} s: {r.stderr.strip().splitlines()[-1]}")
+    print(f"\n{kind}: xen-remus save {ours:.1f} s: {r.stderr.strip().splitlines()[-1]}")
     assert host.run(f"xl list {spec.name}", timeout=30).rc != 0, "guest not destroyed"
     v = host.run(f"{XR} stream verify {path}", timeout=300)
     assert v.rc == 0, f"stream verify:\n{v.stdout}\n{v.stderr}"
@@ -85,8 +85,15 @@ def test_save_then_stock_restore(lab_one: Any, kind: str) -> None:
     r, secs = timed(host, f"xl restore {path}", 300)
     assert r.rc == 0, f"xl restore failed:\n{r.stdout}\n{r.stderr}"
     print(f"{kind}: xl restore {secs:.1f} s")
-    check_goes_on(host, spec, before)
-    host.run(f"xl destroy {spec.name}; rm -f {path}", timeout=60)
+    after = check_goes_on(host, spec, before)
+    # The baseline, same guest, same run: stock xl save (bench figure: ours / stock).
+    r, stock = timed(host, f"xl save {spec.name} {path}.xl", 600)
+    assert r.rc == 0, f"xl save failed:\n{r.stderr}"
+    print(f"{kind}: xl save {stock:.1f} s; ours/stock = {ours / stock:.2f}")
+    r = host.run(f"xl restore {path}.xl", timeout=300)
+    assert r.rc == 0, f"xl restore of the stock file failed:\n{r.stderr}"
+    check_goes_on(host, spec, after)
+    host.run(f"xl destroy {spec.name}; rm -f {path} {path}.xl", timeout=60)
 
 
 @pytest.mark.lab(timeout=300)
@@ -108,7 +115,12 @@ def test_migrate_to_stock_receiver_same_host(lab_one: Any, kind: str) -> None:
           f"{[ln for ln in r.stderr.splitlines() if 'stream sent' in ln]}")
     names = re.findall(rf"^{spec.name}(\S*)\s", host.run("xl list", timeout=30).stdout, re.M)
     assert names == [""], f"expected one domain named {spec.name}, found {names}"
-    check_goes_on(host, spec, before)
+    after = check_goes_on(host, spec, before)
+    # The baseline, same guest, same run: stock xl migrate to the same receiver.
+    r, stock = timed(host, f"xl migrate -s '' {spec.name} 'xl migrate-receive -e'", 600)
+    assert r.rc == 0, f"xl migrate failed:\n{r.stderr}"
+    print(f"{kind}: xl migrate (localhost) {stock:.1f} s; ours/stock = {secs / stock:.2f}")
+    check_goes_on(host, spec, after)
     host.run(f"xl destroy {spec.name}", timeout=60)
 
 
