@@ -185,10 +185,22 @@ class Cadence(threading.Thread):
             self.error = repr(exc)
 
 
-def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None:
+def pyroute2_version() -> str:
+    """Debian's package lacks the metadata pyroute2.__version__ reads ("unknown")."""
+    import subprocess
+
     import pyroute2
 
-    out["pyroute2"] = pyroute2.__version__
+    version = str(getattr(pyroute2, "__version__", "unknown"))
+    if version == "unknown":
+        r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "python3-pyroute2"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        version = f"python3-pyroute2 {r.stdout.strip()}" if r.returncode == 0 else version
+    return version
+
+
+def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None:
+    out["pyroute2"] = pyroute2_version()
     conn = Lines(guest_ip)
     out["greeting"] = conn.line(10) is not None
     out["rtt_before_ms"] = rtts(conn, 10)
