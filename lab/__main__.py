@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from lab import build, deps
+from lab import build, deps, protect
 from lab.errors import LabError
 from lab.lab import STATE_DIR, Lab, attach
 
@@ -147,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("logs", help="list the log files of the latest run").set_defaults(
         func=cmd_logs)
     s = sub.add_parser("demo", help="protect a guest, kill its host, watch it go on")
-    s.add_argument("--protect", choices=("xl", "xen-remus"), default="xl",
-                   help="stock `xl remus` or our `xen-remus protect`")
+    s.add_argument("--protect", choices=sorted(protect.PROTECTORS), default="xl",
+                   help="stock `xl remus` (xl) or our `xen-remus protect` (xen-remus...)")
     s.set_defaults(func=cmd_demo)
     args = p.parse_args(argv)
     try:
