@@ -80,7 +80,9 @@ def run_dir() -> Path:
 
 
 class StatusFile:
-    """Keeps one domain's status file current; one writer per domain and role."""
+    """Keeps one domain's status file current; one writer per domain and role. Epochs
+    are written at most every ``min_interval``; ``flush()`` writes what is pending (call
+    it when idle), ``state()`` always writes (call it at the end, e.g. "exited")."""
 
     def __init__(self, domain: str, role: str, peer: str = "", directory: Path | None = None,
                  min_interval: float = 0.2) -> None:
@@ -96,7 +98,8 @@ class StatusFile:
                        "pause_ms": 0.0, "send_ms": 0.0},
             "recent": []}
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
-        self._written = 0.0
+        self._written = -1e9
+        self._dirty = False
 
     def state(self, state: str, detail: str = "", **extra: Any) -> None:
         self.doc.update(state=state, detail=detail, **extra)
@@ -113,13 +116,18 @@ class StatusFile:
         tot["pause_ms"] = round(tot["pause_ms"] + st.pause_ms, 3)
         tot["send_ms"] = round(tot["send_ms"] + st.send_ms, 3)
         self._recent.append(d)
+        self._dirty = True
         self.write(now=now)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.write(force=True)
 
     def write(self, force: bool = False, now: float | None = None) -> None:
         t = time.monotonic() if now is None else now
         if not force and t - self._written < self.min_interval:
             return
-        self._written = t
+        self._written, self._dirty = t, False
         self.doc["updated"] = time.time()
         self.doc["recent"] = list(self._recent)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,12 @@ def test_stats_record_round_trip() -> None:
 def test_status_file_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sf = StatusFile("guest1", "primary", peer="hostB", directory=tmp_path, min_interval=10)
     sf.state("protected", extensions="version=1 ack")
+    base = time.monotonic()
     for e in range(30):
-        sf.epoch(EpochStats(e, 1.5, 100 + e, 500_000, 50_000, 3.0, 0.8), now=float(e))
-    sf.write(force=True)
+        sf.epoch(EpochStats(e, 1.5, 100 + e, 500_000, 50_000, 3.0, 0.8), now=base + e + 0.5)
+    doc = json.loads((tmp_path / "guest1.json").read_text())
+    assert doc["epoch"] == 20  # written at most every 10 s (min_interval): epochs 10, 20
+    sf.flush()
     doc = json.loads((tmp_path / "guest1.json").read_text())
     assert doc["state"] == "protected" and doc["epoch"] == 29 and doc["pid"] == os.getpid()
     assert doc["totals"]["epochs"] == 30 and doc["totals"]["dirty_pages"] == 30 * 100 + 435
