@@ -34,8 +34,6 @@ def main() -> int:
     ap.add_argument("--pidfile", default=None, help="file to write CMD's pid to")
     ap.add_argument("--release", default=None, help="after the cut, wait for this file")
     ap.add_argument("--hold-max", type=float, default=600.0, help="bound on that wait, s")
-    ap.add_argument("--tee", default=None, help="also save the first --tee-mib of the stream")
-    ap.add_argument("--tee-mib", type=int, default=8)
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -50,13 +48,10 @@ def main() -> int:
     ends: list[int] = []
     sent = 0
     cut: int | None = None
-    tee = open(args.tee, "wb") if args.tee else None  # noqa: SIM115 - closed below
     while cut is None or sent < cut:
         data = os.read(0, min(1 << 20, cut - sent) if cut is not None else 1 << 20)
         if not data:
             break
-        if tee is not None:
-            tee.write(data[:max(0, (args.tee_mib << 20) - tee.tell())])
         ends += [e.offset for e in dec.feed(data) if isinstance(e, EpochEnd)]
         if cut is None and len(ends) > args.epoch:
             cut = ends[args.epoch] + args.into
@@ -64,8 +59,6 @@ def main() -> int:
         child.stdin.write(data[:limit])
         child.stdin.flush()
         sent += limit
-    if tee is not None:
-        tee.close()
     if cut is not None and sent >= cut:
         whole = max(i for i, e in enumerate(ends) if e <= cut)
         line = f"cut at offset {cut}: last whole epoch {whole}\n"
