@@ -360,6 +360,8 @@ class XlSink:
         try:
             rc = self.proc.wait(timeout=self.cfg.failover_timeout)
         except subprocess.TimeoutExpired:
+            for line in _describe_tree(self.proc.pid):  # evidence of where stock hangs
+                log.warning("watchdog: %s", line)
             self._kill()
             raise ReceiveError(
                 f"failover from epoch {epoch}: {self._what()} did not finish within "
@@ -408,6 +410,33 @@ class XlSink:
                 subprocess.run([self.cfg.xl, "destroy", self.incoming_name()],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, timeout=30, check=False)
+
+
+def _describe_tree(pid: int, depth: int = 0) -> list[str]:
+    """``pid`` and its descendants: name, state, CPU ticks and what each waits in."""
+    proc = f"/proc/{pid}"
+    try:
+        with open(f"{proc}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"{proc}/comm") as f:
+            comm = f.read().strip()
+        with open(f"{proc}/wchan") as f:
+            wchan = f.read().strip() or "-"
+        fds = sorted(os.listdir(f"{proc}/fd"), key=int)
+        links = [f"{fd}->{os.readlink(f'{proc}/fd/{fd}')}" for fd in fds[:8]]
+    except OSError:
+        return []
+    state, utime, stime = fields[0], fields[11], fields[12]
+    out = [f"{'  ' * depth}pid {pid} ({comm}) state {state} utime {utime} stime {stime} "
+           f"wchan {wchan} fds {' '.join(links)}"]
+    try:
+        with open(f"{proc}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for kid in kids:
+        out += _describe_tree(kid, depth + 1)
+    return out
 
 
 # -- the driver: our sender side of the pipes ---------------------------------------------

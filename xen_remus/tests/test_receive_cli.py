@@ -8,6 +8,7 @@ the failover log and the watchdog, without Xen.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,8 @@ def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
     took = time.monotonic() - t0
     assert rc == 1 and "Traceback" not in err
     assert "did not finish within 1 s" in err
+    pid = int((tmp_path / "pid").read_text())
+    assert re.search(rf"watchdog: pid {pid} \(\S+\) state S ", err), err  # evidence kept
     assert took < 20  # bounded: 1 s watchdog + kill, far below the test timeout
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
