@@ -182,3 +182,17 @@ def test_checkpointed_stream_with_final_end_completes() -> None:
     sink, out = run(data, True, [512] * 1000)
     assert out.kind == "complete" and sink.failed_over is None
     assert bytes(sink.data) == data
+
+
+def test_bad_last_record_of_an_epoch_keeps_all_of_that_epoch_out() -> None:
+    """Validation is per whole epoch: a flaw in the epoch's final record (its
+    CHECKPOINT_END) means none of the epoch's earlier, valid records reach the sink."""
+    data = bytearray(stream(4, end=False))
+    ends = epoch_ends(bytes(data))
+    last = ends[2] - 8  # CHECKPOINT_END header of epoch 2 (an empty record)
+    assert int.from_bytes(data[last:last + 4], "little") == 4  # LIBXL_CHECKPOINT_END
+    data[last + 4:last + 8] = (3).to_bytes(4, "little")  # length 3: body + bad padding
+    sink, out = run(bytes(data), True, [4096] * 100)
+    assert out.kind == "failover" and out.epoch == 1
+    assert isinstance(out.error, StreamError)
+    assert bytes(sink.data) == bytes(data[:ends[1]])
