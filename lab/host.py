@@ -141,13 +141,17 @@ class Host:
     # --- lifecycle -----------------------------------------------------------------------
     def qemu_argv(self, images: Images, netdev: str | None, mac: str) -> list[str]:
         xen_args = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM},max:{DOM0_MEM} "
-                    "dom0_max_vcpus=2 loglvl=all guest_loglvl=all")
+                    "dom0_max_vcpus=2 loglvl=all guest_loglvl=all "
+                    + os.environ.get("XEN_REMUS_LAB_XEN_ARGS", "")).strip()
+        # Knobs for chasing the dom0 corruption (lab/README.md), e.g. "xpti=false pcid=false"
+        # and "max,-smap,-smep,-pcid,-invpcid".
+        cpu = os.environ.get("XEN_REMUS_LAB_CPU", "max,-smap,-smep")
         dom0_args = (f"console=hvc0 earlyprintk=xen xenlab_host={self.name} "
                      f"xenlab_ip={self.ip}/16")
         argv = [
             "qemu-system-x86_64", "-name", f"xenlab-{self.name}",
             # TCG: /dev/kvm here cannot run Xen; -smap,-smep or dom0 faults (LAB-NOTES 1-2).
-            "-accel", "tcg,thread=multi", "-cpu", "max,-smap,-smep",
+            "-accel", "tcg,thread=multi", "-cpu", cpu,
             "-machine", "q35", "-m", str(QEMU_MEM_MIB), "-smp", "2",
             "-display", "none", "-vga", "none", "-no-reboot", "-monitor", "none", "-nic", "none",
             "-serial", "stdio", "-pidfile", str(self.pidfile),
