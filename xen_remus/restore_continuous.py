@@ -36,6 +36,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -503,7 +504,7 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
     from after the agreed heartbeat timeout."""
     proto = ReceiverSide()
     rx = Receiver(sink, checkpointed, max_epoch_bytes)
-    link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
+    link = _Beating(ReceiverLink(chan, upstream.wfd)) if chan is not None else None
     bstatus: StatusFile | None = None  # ours: the backup's status file
     if chan is not None and link is not None:
         rx.rewrite = chan.on_record
@@ -530,9 +531,13 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
     rx.on_header = on_header
     out: Outcome | None = None
     t0 = time.monotonic()
-    while out is None:
-        chunk = upstream.read() if link is None else _read_beating(upstream, link)
-        out = rx.feed(chunk) if chunk else rx.eof()
+    try:
+        while out is None:
+            chunk = upstream.read() if link is None else _read_beating(upstream, link)
+            out = rx.feed(chunk) if chunk else rx.eof()
+    finally:
+        if link is not None:
+            link.stop()
     if bstatus is not None:
         bstatus.state(out.kind, out.reason)
     if out.kind == "complete":
@@ -546,11 +551,54 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
     return out
 
 
-def _read_beating(upstream: Upstream, link: ReceiverLink) -> bytes:
+class _Beating:
+    """The ReceiverLink with a thread that sends heartbeats when due, so that a sink slow
+    to take an epoch (xl builds the domain before it reads on; TCG) or a long decode does
+    not look like a dead backup to the primary. Only the main loop declares the primary
+    dead, and only after looking for pending input first (our own stall is no silence)."""
+
+    def __init__(self, link: ReceiverLink) -> None:
+        self.link, self.chan = link, link.chan
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="xen-remus heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.05):
+            with self._lock:
+                self.link.tick()
+
+    def tick(self) -> bool:
+        with self._lock:
+            return self.link.tick()
+
+    def committed(self, epoch: int) -> None:
+        with self._lock:
+            self.link.committed(epoch)
+
+    def timeout(self) -> float | None:
+        with self._lock:
+            return self.link.timeout()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _read_beating(upstream: Upstream, link: _Beating) -> bytes:
     """The next chunk, sending heartbeats while waiting; b"" (fail over) once the
     primary was silent past the heartbeat timeout or ``idle_timeout``."""
     last = time.monotonic()
     while True:
+        # Input already here (we were busy, not the primary silent): take it first.
+        chunk = upstream.read_within(None) if select.select(
+            [upstream.rfd], [], [], 0)[0] else None
+        if chunk is not None:
+            with link._lock:
+                link.chan.seen(time.monotonic())
+            return chunk
         if link.tick():
             log.warning("no word from the primary for more than the heartbeat timeout: "
                         "treating it as gone")
@@ -565,7 +613,8 @@ def _read_beating(upstream: Upstream, link: ReceiverLink) -> bytes:
             wait = left if wait is None else min(wait, left)
         chunk = upstream.read_within(wait)
         if chunk is not None:
-            link.chan.seen(time.monotonic())
+            with link._lock:
+                link.chan.seen(time.monotonic())
             return chunk
 
 

@@ -47,13 +47,17 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class Sink:
-    def __init__(self) -> None:
+    def __init__(self, stall_s: float = 0.0) -> None:
+        self.stall_s = stall_s  # the first send blocks this long (xl building the domain)
         self.data = bytearray()
         self.committed_epochs: list[int] = []
         self.failed_over: int | None = None
         self.lock = threading.Lock()
 
     def send(self, bufs: Sequence[Buffer]) -> None:
+        if self.stall_s:
+            time.sleep(self.stall_s)
+            self.stall_s = 0.0
         with self.lock:
             for b in bufs:
                 self.data += b
@@ -239,3 +243,23 @@ def test_silent_backup_is_lost_and_the_guest_runs_on() -> None:
     drained.set()
     a.close()
     b.close()
+
+
+def test_a_stalled_sink_is_not_a_lost_backup() -> None:
+    """As in the lab: xl builds the domain before it reads on, for longer than the
+    heartbeat timeout; the backup must keep its heartbeats going meanwhile."""
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(stall_s=2.5), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(accept_grace_ms=10_000), 5.0)
+
+    def on_epoch(st: EpochStats) -> None:
+        if st.epoch == 2:
+            loop.stop()
+
+    loop = RemusLoop(engine, out, link, Devices(dom, sink), 0.01, on_epoch=on_epoch)
+    loop.run()  # BackupLost here is the bug
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 2
