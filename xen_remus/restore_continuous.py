@@ -212,7 +212,8 @@ class Receiver:
 
     def _broken(self, exc: XenRemusError, eof: bool) -> Outcome:
         if not self.checkpointed or self.committed is None:
-            why = f"stream broken before any complete epoch: {exc}"
+            why = (f"stream broken before any complete epoch: {exc}" if self.checkpointed
+                   else f"stream broken, the guest was not received: {exc}")
             self.sink.abort(why)
             self.outcome = Outcome("aborted", None, self.offset, why, error=exc)
             raise ReceiveError(why) from exc
