@@ -5,7 +5,8 @@ Sends a line every 0.2 s and prints one JSON line per event, flushed at once (th
 lives on the share, so it survives the kill of the other host):
   {"t": UNIX_TIME, "counter": N, "bootid": B}   a reply
   {"t": UNIX_TIME, "event": "connected" | "closed" | "error", "detail": ...}
-It never reconnects: the point is whether this one connection survives a failover.
+Once connected it never reconnects: the point is whether this one connection survives
+a failover.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ def say(**kw: object) -> None:
 def main(argv: list[str]) -> int:
     ip, port, seconds = argv[0], int(argv[1]), float(argv[2])
     end = time.monotonic() + seconds
-    try:
-        s = socket.create_connection((ip, port), timeout=10)
-    except OSError as exc:
-        say(event="error", detail=f"connect: {exc}")
-        return 1
+    while True:  # output commit holds the SYN-ACK until the initial copy is committed
+        try:
+            s = socket.create_connection((ip, port), timeout=10)
+            break
+        except OSError as exc:
+            if time.monotonic() > end - 10:
+                say(event="error", detail=f"connect: {exc}")
+                return 1
+            say(event="connect-retry", detail=str(exc))
+            time.sleep(1)
     say(event="connected")
     s.settimeout(0.2)
     buf = b""
