@@ -45,11 +45,15 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> Non
         guest.create(a, spec)
         t0 = time.monotonic()
         recv, send = protect.protect(a, b, spec, how, port=8005)
-        print(f"\n[{how}] backup copy on B after {time.monotonic() - t0:.1f} s")
+        send.wait_output(r"protecting", 240, stderr=True)  # epoch 0 committed on B
+        print(f"\n[{how}] initial copy committed on B after {time.monotonic() - t0:.1f} s")
         client = b.spawn(f"exec python3 {CLIENT} {spec.ip} 7000 150")
         client.wait_output(r'"counter"', 60)
         time.sleep(8)  # checkpoints flow
         assert not send.done(), f"protect ended early: {send.stderr()[-3000:]}"
+        st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=60)
+        print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
+        assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
         before = guest.counter(a, spec)
         seen = client_events(client.output())
         top = max([before.value] + [e["counter"] for e in seen if "counter" in e])
