@@ -204,11 +204,20 @@ class SenderLink:
 
 class ReceiverLink:
     """The backup's writes to the primary: ACKs and heartbeats (``out_fd``: the channel
-    the banner went to). Call ``tick`` whenever woken; sleep at most ``timeout()``."""
+    the banner went to). Call ``tick`` whenever woken; sleep at most ``timeout()``.
+
+    ``start_heartbeats()`` sends them from a thread too: the receiver's main loop may
+    block for seconds writing into a sink that is busy (xl building the domain before it
+    reads on), and the primary would take that silence for a dead backup. The thread
+    only sends; deciding that the primary is dead stays with ``tick`` in the main loop.
+    """
 
     def __init__(self, chan: ReceiverChannel, out_fd: int,
                  clock: Clock = time.monotonic) -> None:
         self.chan, self.out_fd, self.clock = chan, out_fd, clock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def _send(self, data: bytes) -> None:
         if data:  # small frames: the pipe/socket takes them whole or the primary is gone
@@ -219,13 +228,35 @@ class ReceiverLink:
 
     def tick(self) -> bool:
         """Send a heartbeat if due; True if the primary is dead (fail over now)."""
-        now = self.clock()
-        self._send(self.chan.pending(now))
-        return self.chan.peer_dead(now)
+        with self._lock:
+            now = self.clock()
+            self._send(self.chan.pending(now))
+            return self.chan.peer_dead(now)
 
     def committed(self, epoch: int, commit_ms: float = 0.0) -> None:
-        self._send(self.chan.committed(epoch, self.clock(), commit_ms))
+        with self._lock:
+            self._send(self.chan.committed(epoch, self.clock(), commit_ms))
 
     def timeout(self) -> float | None:
         wake = self.chan.wake_at()
         return None if wake is None else max(0.0, wake - self.clock())
+
+    def start_heartbeats(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name="xen-remus heartbeat (backup)")
+            self._thread.start()
+
+    def stop_heartbeats(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self._thread = None
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self._send(self.chan.pending(self.clock()))
+            wait = self.timeout()
+            self._stop.wait(min(max(wait if wait is not None else 0.05, 0.001), 0.05))

@@ -198,3 +198,19 @@ def test_heartbeat_thread_covers_a_busy_engine(pipes: Pipes) -> None:
             link.send([b"\0" * 8])
     finally:
         link.stop_heartbeats()
+
+
+def test_backup_heartbeat_thread_covers_a_blocked_receiver(pipes: Pipes) -> None:
+    """The backup's main loop is stuck (writing into a sink that does not read) for 3
+    timeouts: its thread keeps the primary from declaring it lost."""
+    rl = ReceiverLink(pipes.rcv, pipes.back_w)
+    rl.start_heartbeats()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * TIMEOUT_MS / 1000:
+            pipes.link.idle(time.monotonic() + 0.05)  # the primary, waiting for the interval
+            drain(pipes.fwd_r)
+    finally:
+        rl.stop_heartbeats()
+    with pytest.raises(BackupLost, match="heartbeat timeout"):  # and without it: lost
+        pipes.link.idle(time.monotonic() + 3 * TIMEOUT_MS / 1000)
