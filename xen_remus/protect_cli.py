@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser, shared: bool = True) -> None:
                        help="use CMD instead of ssh; an empty CMD means HOST is the command")
         p.add_argument("-e", dest="no_daemon", action="store_true",
                        help="pass -e to the receiver (it does not wait in the background)")
-    p.add_argument("--accept-grace", type=int, default=30_000, metavar="MS",
-                   help="the backup's first heartbeat may take this much longer (its "
-                   "restore builds the domain first; default 30000)")
+    p.add_argument("--initial-grace", type=int, default=30_000, metavar="MS",
+                   help="until the initial copy is committed, allow this much more "
+                   "silence from the backup (it builds the domain; default 30000)")
     p.add_argument("-b", dest="blackhole", action="store_true",
                    help="checkpoint into a black hole (no backup): for measurements")
     p.add_argument("-n", dest="no_netbuf", action="store_true",
@@ -216,7 +216,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             rest = read_banner(recv_fd, args.timeout, rune)
         chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                     compression=not args.uncompressed,
-                                    accept_grace_ms=args.accept_grace), time.monotonic())
+                                    initial_grace_ms=args.initial_grace), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
         status = StatusFile(name, "primary", peer)
         try:

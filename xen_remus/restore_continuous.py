@@ -534,7 +534,8 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
     t0 = time.monotonic()
     try:
         while out is None:
-            chunk = upstream.read() if link is None else _read_beating(upstream, link)
+            chunk = upstream.read() if link is None else _read_beating(
+                upstream, link, armed=rx.committed is not None)
             out = rx.feed(chunk) if chunk else rx.eof()
     finally:
         if link is not None:
@@ -588,9 +589,14 @@ class _Beating:
         self._thread.join(5)
 
 
-def _read_beating(upstream: Upstream, link: _Beating) -> bytes:
+INITIAL_GRACE_S = 30.0  # silence allowed before the first committed epoch
+
+
+def _read_beating(upstream: Upstream, link: _Beating, armed: bool) -> bytes:
     """The next chunk, sending heartbeats while waiting; b"" (fail over) once the
-    primary was silent past the heartbeat timeout or ``idle_timeout``."""
+    primary was silent past the heartbeat timeout or ``idle_timeout``. Before the first
+    committed epoch (not ``armed``: nothing to fail over to, and dom0s stall while
+    domains are built) the timeout is INITIAL_GRACE_S longer."""
     last = time.monotonic()
     while True:
         # Input already here (we were busy, not the primary silent): take it first.
@@ -600,11 +606,17 @@ def _read_beating(upstream: Upstream, link: _Beating) -> bytes:
             with link._lock:
                 link.chan.seen(time.monotonic())
             return chunk
-        if link.tick():
+        dead = link.tick()
+        det = link.chan.detector
+        if dead and not armed and det is not None:
+            dead = det.silence(time.monotonic()) > det.timeout + INITIAL_GRACE_S
+        if dead:
             log.warning("no word from the primary for more than the heartbeat timeout: "
                         "treating it as gone")
             return b""
         wait = link.timeout()
+        if not armed and wait is not None:
+            wait = max(wait, 0.05)  # in the grace the deadline has passed: do not spin
         if upstream.idle_timeout is not None:
             left = last + upstream.idle_timeout - time.monotonic()
             if left <= 0:

@@ -55,7 +55,7 @@ class Config:
     heartbeat_interval_ms: int | None = None  # default: a quarter of the timeout
     compression: bool = True
     cache_mib: int = 256
-    accept_grace_ms: int = 0  # sender: extra wait for the backup's first word (see _accept)
+    initial_grace_ms: int = 0  # extra silence allowed before the first ACK (see _accept)
 
     def extensions(self) -> Extensions:
         t = self.heartbeat_timeout_ms
@@ -99,7 +99,6 @@ class SenderChannel:
         self._encoder: compress.Encoder | None = None
         self._std_page_sent = False
         self._unacked: dict[int, tuple[float, EpochStats]] = {}
-        self._heard_since_accept = False
         self._stats_out: deque[EpochStats] = deque(maxlen=64)
         self._raw = self._wire = 0
 
@@ -110,9 +109,6 @@ class SenderChannel:
         if not data:
             return out
         if self.detector is not None:
-            if not self._heard_since_accept:
-                self._heard_since_accept = True
-                self.detector.last = now  # end the grace (see _accept)
             self.detector.seen(now)
         if self._offer.offer is None:
             data = self._offer.feed(data)
@@ -144,6 +140,8 @@ class SenderChannel:
                                f"are {sorted(self._unacked) or 'none'}")
         for e in [e for e in self._unacked if e < epoch]:  # a later ACK covers them
             del self._unacked[e]
+        if self.detector is not None and self.agreed.heartbeat is not None:
+            self.detector.timeout = self.agreed.heartbeat[1] / 1000  # the grace is over
         t_end, st = self._unacked.pop(epoch)
         st.ack_ms = (now - t_end) * 1000
         self.acked = epoch
@@ -210,12 +208,11 @@ class SenderChannel:
         self._accept_due = None
         self.agreed = ext
         if ext.heartbeat is not None:
-            # The backup can only start heartbeats once it has read this accept, which
-            # may wait behind the stream while its restore builds the domain (seconds
-            # under TCG): until its first word, allow accept_grace_ms more.
-            grace = self.config.accept_grace_ms / 1000
-            self.detector = FailureDetector(ext.heartbeat[1] / 1000, now + grace)
-            self._heard_since_accept = False
+            # Until the backup's first ACK (the initial copy committed) its restore builds
+            # the domain, which stalls a dom0 for seconds under TCG, and there is nothing
+            # to fail over to yet: allow initial_grace_ms more silence (see _ack).
+            grace = self.config.initial_grace_ms / 1000
+            self.detector = FailureDetector(ext.heartbeat[1] / 1000 + grace, now)
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, now)
         if ext.lz4_xor_mib is not None:
             self._encoder = compress.Encoder(PageCache.of_mib(ext.lz4_xor_mib))

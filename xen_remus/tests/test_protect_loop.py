@@ -252,7 +252,7 @@ def test_a_stalled_sink_is_not_a_lost_backup() -> None:
     sink, result = Sink(stall_s=2.5), list[Outcome]()
     a, b = socket.socketpair()
     th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
-    engine, out, link = primary(a, dom, Config(accept_grace_ms=10_000), 5.0)
+    engine, out, link = primary(a, dom, Config(initial_grace_ms=10_000), 5.0)
 
     def on_epoch(st: EpochStats) -> None:
         if st.epoch == 2:
