@@ -136,6 +136,9 @@ class SenderLink:
         if self._eof:
             raise self._lost("it closed its channel")
         now = self.clock()
+        if self.chan.peer_dead(now) and select.select([self.recv_fd], [], [], 0)[0]:
+            self._read()  # words that waited while we were busy: not the backup's fault
+            now = self.clock()
         if self.chan.peer_dead(now):
             det = self.chan.detector
             raise self._lost(f"no word from it for {det.silence(now) if det else 0:.2f} s "
@@ -212,9 +215,11 @@ class ReceiverLink:
     only sends; deciding that the primary is dead stays with ``tick`` in the main loop.
     """
 
-    def __init__(self, chan: ReceiverChannel, out_fd: int,
+    def __init__(self, chan: ReceiverChannel, out_fd: int, in_fd: int | None = None,
                  clock: Clock = time.monotonic) -> None:
-        self.chan, self.out_fd, self.clock = chan, out_fd, clock
+        """``in_fd``: where the stream comes from; with it, ``tick`` never declares the
+        primary dead while bytes from it wait unread (the caller was busy)."""
+        self.chan, self.out_fd, self.in_fd, self.clock = chan, out_fd, in_fd, clock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -227,11 +232,15 @@ class ReceiverLink:
                 pass  # the primary went away; the stream's EOF or silence will tell
 
     def tick(self) -> bool:
-        """Send a heartbeat if due; True if the primary is dead (fail over now)."""
+        """Send a heartbeat if due; True if the primary is dead (fail over now). Read
+        what is readable (and call ``chan.seen``) before: a busy backup must not blame
+        the primary for its own delay (``in_fd`` guards against that)."""
         with self._lock:
             now = self.clock()
             self._send(self.chan.pending(now))
-            return self.chan.peer_dead(now)
+            if not self.chan.peer_dead(now):
+                return False
+        return self.in_fd is None or not select.select([self.in_fd], [], [], 0)[0]
 
     def committed(self, epoch: int, commit_ms: float = 0.0) -> None:
         with self._lock:

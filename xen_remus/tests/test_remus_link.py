@@ -214,3 +214,23 @@ def test_backup_heartbeat_thread_covers_a_blocked_receiver(pipes: Pipes) -> None
         rl.stop_heartbeats()
     with pytest.raises(BackupLost, match="heartbeat timeout"):  # and without it: lost
         pipes.link.idle(time.monotonic() + 3 * TIMEOUT_MS / 1000)
+
+
+def test_busy_ends_do_not_blame_their_peer(pipes: Pipes) -> None:
+    """Each end stops reading for 3 timeouts while the other keeps talking: the words
+    wait unread, so neither may declare the other dead when it looks again."""
+    rl = ReceiverLink(pipes.rcv, pipes.back_w, in_fd=pipes.fwd_r)
+    link = pipes.link
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3 * TIMEOUT_MS / 1000:  # the backup is busy (no reads)
+        time.sleep(0.02)
+        link.send([wire.heartbeat(0)])  # the primary talks (and reads the backup's ACKs)
+        rl.tick()  # the backup's heartbeat thread would do this
+    assert not rl.tick()  # words from the primary wait in fwd_r: alive
+    pipes.rcv.seen(time.monotonic())
+    drain(pipes.fwd_r)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3 * TIMEOUT_MS / 1000:  # now the primary is busy
+        time.sleep(0.02)
+        rl.tick()
+    link.send([wire.heartbeat(0)])  # its heartbeats waited in back_r: no BackupLost
