@@ -44,6 +44,7 @@ from typing import Protocol
 
 from xen_remus.errors import XenRemusError
 from xen_remus.remus.channel import ReceiverChannel
+from xen_remus.remus.errors import ChannelError, CompressionError
 from xen_remus.remus.link import ReceiverLink
 from xen_remus.remus.stats import StatusFile
 from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd, StreamError
@@ -66,6 +67,11 @@ class EpochTooLarge(XenRemusError):
         super().__init__(f"epoch {epoch}: {held} bytes buffered at offset {offset} exceed "
                          f"the ceiling of {ceiling} bytes (--max-epoch-mib)")
         self.epoch, self.offset = epoch, offset
+
+
+# What makes the epoch in flight unusable (the stream's own errors aside): too big, or one
+# of our channel records (compressed pages, stats) that does not decode.
+BAD_EPOCH = (EpochTooLarge, ChannelError, CompressionError)
 
 
 class Sink(Protocol):
@@ -135,8 +141,8 @@ class Receiver:
             end = next((e for e in exc.events if isinstance(e, StreamEnd)), None)
             try:
                 self._take(exc.events)
-            except EpochTooLarge as big:
-                return self._broken(big, eof=False)
+            except BAD_EPOCH as bad:
+                return self._broken(bad, eof=False)
             if end is not None and self.outcome is not None:
                 # Bytes after the final END: the handshake that follows the stream.
                 self.trailing = data[end.offset - start:]
@@ -144,7 +150,7 @@ class Receiver:
             return self._broken(exc, eof=not data)
         try:
             self._take(events)
-        except EpochTooLarge as exc:
+        except BAD_EPOCH as exc:
             return self._broken(exc, eof=False)
         return self.outcome
 

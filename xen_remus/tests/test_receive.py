@@ -196,3 +196,26 @@ def test_bad_last_record_of_an_epoch_keeps_all_of_that_epoch_out() -> None:
     assert out.kind == "failover" and out.epoch == 1
     assert isinstance(out.error, StreamError)
     assert bytes(sink.data) == bytes(data[:ends[1]])
+
+
+def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> None:
+    """A compressed-pages record of ours that does not decode (the channel's rewrite raises)
+    spoils its epoch like an invalid standard record: failover, never an escaping error."""
+    from xen_remus.remus.errors import CompressionError
+    from xen_remus.stream import Record
+
+    data = stream(4, end=False)
+    ends = epoch_ends(data)
+    sink = FakeSink()
+    rx = Receiver(sink, True)
+
+    def rewrite(rec: Record) -> None:
+        if rec.offset >= ends[1] and rec.name == "PAGE_DATA":
+            raise CompressionError("checksum mismatch", rec.epoch, 1, rec.offset)
+        return None
+
+    rx.rewrite = rewrite
+    out = rx.feed(data) or rx.eof()
+    assert out.kind == "failover" and out.epoch == 1
+    assert isinstance(out.error, CompressionError) and "checksum" in str(out.error)
+    assert bytes(sink.data) == data[:ends[1]]
