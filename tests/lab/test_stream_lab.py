@@ -150,7 +150,16 @@ def test_xl_remus_stream(lab_two: Lab) -> None:
             assert not send.done(), f"xl remus ended: {send.stderr()[-2000:]}"
             assert time.monotonic() < deadline, "no backup copy on B"
             time.sleep(2)
-        time.sleep(10)  # checkpoints every 200 ms (slower under TCG)
+        # B's "--incoming" domain appears when the stream starts: wait until the initial
+        # copy (the guest's memory, at 3-4 MB/s on the lab link) is through, then for
+        # some checkpoints (every 200 ms, slower under TCG).
+        deadline = time.monotonic() + 400
+        while int(b.run(f"stat -c %s {cap}", timeout=30, check=True).stdout) < \
+                spec.memory * 1.05 * (1 << 20):
+            assert not send.done(), f"xl remus ended: {send.stderr()[-2000:]}"
+            assert time.monotonic() < deadline, "initial copy not through"
+            time.sleep(3)
+        time.sleep(20)
         a.run(f"kill -9 $(cat {pidf})", timeout=30)
         send.wait(60)
         wait_stable(b, cap)
