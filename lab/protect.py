@@ -7,6 +7,7 @@ stock `xl remus` today; ours is one more row once `xen-remus protect` exists.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 from lab import guest
@@ -66,6 +67,18 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
         if time.monotonic() > deadline:
             raise LabError(f"no backup copy of {spec.name} on B after {timeout:.0f} s\n"
                            f"--- sender stderr\n{send.stderr()[-2000:]}")
+        time.sleep(2)
+    # The incoming domain exists from the first byte; B can only fail over once the first
+    # full copy (the guest's memory) has arrived, so wait for that many bytes on B's socket.
+    need = spec.memory << 20
+    got = 0
+    while got < need:
+        r = b.run(f"ss -tinH state established '( sport = :{port} )'", timeout=30)
+        m = re.search(r"bytes_received:(\d+)", r.stdout)
+        got = int(m.group(1)) if m else got
+        if send.done() or recv.done() or time.monotonic() > deadline:
+            raise LabError(f"first copy of {spec.name} incomplete: {got} of {need} bytes on B"
+                           f"\n--- sender stderr\n{send.stderr()[-2000:]}")
         time.sleep(2)
     return recv, send
 
