@@ -74,3 +74,15 @@ def test_job_round_trip_through_queue(tmp_path: Path) -> None:
             Job(host, "true").wait(0.3)
     finally:
         subprocess.run(["kill", str(host.pid)])
+
+
+def test_dom0_fault_pattern_matches_what_corrupted_dom0s_printed() -> None:
+    from tests.lab.conftest import DOM0_FAULT
+
+    seen = [  # lines from serial logs of labs whose dom0 went bad (runs of 2026-11-25)
+        "[  224.723628] traps: python3[350] general protection fault ip:509612 sp:7ffc7192c470",
+        "[  101.2] mv[812]: segfault at 7f3c0000 ip 00007f3c1 sp 00007ffd error 4 in ld-linux",
+        "SystemError: unknown slot ID",
+    ]
+    assert all(DOM0_FAULT.search(line) for line in seen)
+    assert not DOM0_FAULT.search("[   80.11] xenbr0: port 1(eth0) entered forwarding state")
