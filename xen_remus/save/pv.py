@@ -91,9 +91,9 @@ class PvGuest:
         ext = self.xc.vcpu_extended_context(self.domid, v)
         if ext:
             out.libxc_record(C.REC_TYPE_X86_PV_VCPU_EXTENDED, X86PvVcpu(v, ext).pack())
-        mask, area = self.xc.vcpu_xsave(self.domid, v)
-        if mask and area:
-            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_XSAVE, X86PvVcpu(v, area).pack())
+        xsave = self.xc.vcpu_extstate_raw(self.domid, v)
+        if xsave:
+            out.libxc_record(C.REC_TYPE_X86_PV_VCPU_XSAVE, X86PvVcpu(v, xsave).pack())
         msrs = self.xc.vcpu_msrs(self.domid, v)
         if msrs:
             out.libxc_record(C.REC_TYPE_X86_PV_VCPU_MSRS, X86PvVcpu(v, msrs).pack())

@@ -26,6 +26,7 @@ SIZES = {
     S.XenDomctl: 144,
     S.XenDomctlExtVcpuContext: 64,
     S.XenDomctlVcpuMsrs: 16,
+    S.XenDomctlVcpuExtstate: 32,
     S.XenDomctlVcpuMsr: 16,
     S.XenDomctlShadowOpStats: 8,
     S.XcHypercallBuffer: 40,
@@ -165,3 +166,11 @@ def test_vcpu_context_fields_both_layouts() -> None:
         assert struct.unpack_from(fmt, ctx.raw, lay.ctrlreg + 3 * width)[0] == 0x5000
     with pytest.raises(ValueError, match="needs 5168"):
         VcpuContext(bytes(100), 8)
+
+
+def test_vcpuextstate_offsets_match_the_header() -> None:
+    # xen_domctl_vcpuextstate: vcpu, (pad), xfeature_mask, size, buffer (gcc: 0/8/16/24).
+    offs = [getattr(S.XenDomctlVcpuExtstate, f).offset
+            for f in ("vcpu", "xfeature_mask", "size", "buffer")]
+    assert offs == [0, 8, 16, 24]
+    assert S.XEN_DOMCTL_getvcpuextstate == 63

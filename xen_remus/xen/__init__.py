@@ -4,8 +4,8 @@ The only package that calls ctypes. Entry points:
 
 - ``XenCtrl`` (libxenctrl): domains(), domain_info(), pause/unpause, resume(fast),
   guest_width, maximum_gpfn, log-dirty enable/clean/peek/off with a ``DirtyBitmap``,
-  pfn_types, vcpu_context / vcpu_extended_context / vcpu_xsave / vcpu_msrs, tsc_info,
-  cpu_policy, hvm_context, hvm_param.
+  pfn_types, vcpu_context / vcpu_extended_context / vcpu_xsave / vcpu_extstate_raw /
+  vcpu_msrs, tsc_info, cpu_policy, hvm_context, hvm_param.
 - ``ForeignMemory`` (libxenforeignmemory): map(domid, frames) -> ``Mapping`` (memoryview,
   per-frame errors).
 - ``P2M`` / ``M2P`` / ``read_shared_info``: a PV guest's p2m and Xen's m2p as numpy views.

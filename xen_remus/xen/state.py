@@ -83,6 +83,27 @@ class StateCalls:
         self._check(rc, "xc_vcpu_get_extstate", domid, f"vcpu {vcpu}")
         return int(st.xfeature_mask), area.raw[: st.size]
 
+    def vcpu_extstate_raw(self, domid: int, vcpu: int) -> bytes:
+        """The X86_PV_VCPU_XSAVE payload: XEN_DOMCTL_getvcpuextstate's buffer as Xen fills
+        it (u64 xcr0, u64 xcr0_accum, then the xsave area), which is what the restorer's
+        setvcpuextstate takes back; b"" when the vCPU has no extended state.
+        xc_vcpu_get_extstate is no use here: it hands back the area without that header."""
+        d = S.XenDomctl(cmd=S.XEN_DOMCTL_getvcpuextstate)
+        ext = S.XenDomctlVcpuExtstate.from_buffer(d.u)
+        ext.vcpu, ext.xfeature_mask, ext.size, ext.buffer = vcpu, 0, 0, 0
+        self._domctl(d, "xc_domctl(getvcpuextstate) size query", domid, vcpu)
+        size = int(ext.size)
+        if size == 0:
+            return b""
+        hb = HypercallBuffer(self.lib, self.handle, size)
+        try:
+            ext.buffer = hb.address
+            self._domctl(d, "xc_domctl(getvcpuextstate)", domid, vcpu)
+            assert hb.view is not None
+            return bytes(hb.view[: int(ext.size)])
+        finally:
+            hb.close()
+
     def vcpu_msrs(self, domid: int, vcpu: int) -> bytes:
         """The vCPU's MSRs as xen_domctl_vcpu_msr_t entries (X86_PV_VCPU_MSRS payload)."""
         d = S.XenDomctl(cmd=S.XEN_DOMCTL_get_vcpu_msrs)

@@ -118,6 +118,13 @@ class XenDomctlExtVcpuContext(ctypes.Structure):
     ]
 
 
+class XenDomctlVcpuExtstate(ctypes.Structure):
+    """xen_domctl_vcpuextstate (XEN_DOMCTL_getvcpuextstate)."""
+
+    _fields_ = [("vcpu", c_uint32), ("pad", c_uint32), ("xfeature_mask", c_uint64),
+                ("size", c_uint64), ("buffer", c_uint64)]
+
+
 class XenDomctlVcpuMsrs(ctypes.Structure):
     _fields_ = [("vcpu", c_uint32), ("msr_count", c_uint32), ("msrs", c_uint64)]
 
@@ -153,6 +160,7 @@ VCPU_CONTEXT_ANY_SIZE = 5168
 VcpuContextAny = c_char * VCPU_CONTEXT_ANY_SIZE
 
 XEN_DOMCTL_get_ext_vcpucontext = 43
+XEN_DOMCTL_getvcpuextstate = 63
 XEN_DOMCTL_get_vcpu_msrs = 72
 
 # shadow_op operations (XEN_DOMCTL_SHADOW_OP_*) and flags
