@@ -23,13 +23,13 @@ import time
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.bench.fakes import MemGuest
 from xen_remus.remus.channel import Config, SenderChannel
 from xen_remus.remus.link import SenderLink
 from xen_remus.remus.negotiate import Extensions
 from xen_remus.remus.stats import EpochStats
 from xen_remus.save.checkpoint import CheckpointEmitter
-from xen_remus.save.ops import Emitter, Normalised
-from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
+from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import RemusLoop, SaveEngine
 
@@ -83,31 +83,6 @@ class _Domain:
         pass
 
 
-class _Guest:
-    domain_type = 2
-
-    def nr_pfns(self) -> int:
-        return NR_PFNS
-
-    def static_data(self, out: Emitter) -> None:
-        pass
-
-    def start_of_stream(self, out: Emitter) -> None:
-        pass
-
-    def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
-        return pfns
-
-    def normalise(self, types: Types, pages: memoryview, live: bool) -> Normalised:
-        return Normalised()
-
-    def end_of_checkpoint(self, out: Emitter) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class _NoDevices:
     def postsuspend(self, epoch: int) -> None:
         pass
@@ -130,7 +105,7 @@ def _loop(compress: bool) -> list[EpochStats]:
         chan.feed_back(offer.offer_line(), time.monotonic())
         link = SenderLink(chan, null, rfd)
         out = CheckpointEmitter(link, None)
-        engine = SaveEngine(dom, _Guest(), out, PrecopyPolicy(1, 10 ** 9))
+        engine = SaveEngine(dom, MemGuest(NR_PFNS), out, PrecopyPolicy(1, 10 ** 9))
         stats: list[EpochStats] = []
 
         def on_epoch(st: EpochStats) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.bench.fakes import MemGuest
 from xen_remus.save.emit import FdEmitter, writev_all
-from xen_remus.save.ops import Emitter, Normalised
-from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
+from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import SaveEngine
 
@@ -96,38 +96,13 @@ class _Domain:
         pass
 
 
-class _Guest:
-    domain_type = 2
-
-    def nr_pfns(self) -> int:
-        return NR_PFNS
-
-    def static_data(self, out: Emitter) -> None:
-        pass
-
-    def start_of_stream(self, out: Emitter) -> None:
-        pass
-
-    def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
-        return pfns
-
-    def normalise(self, types: Types, pages: memoryview, live: bool) -> Normalised:
-        return Normalised()
-
-    def end_of_checkpoint(self, out: Emitter) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def run() -> dict[str, float]:
     """Engine (non-live, every page) vs a plain writev of the same bytes, into a pipe."""
     mem = bytearray(np.random.default_rng(1).integers(0, 256, NR_PFNS * PAGE_SIZE,
                                                       dtype=np.uint8))
 
     def engine(fd: int) -> None:
-        SaveEngine(_Domain(mem), _Guest(), FdEmitter(fd, None), PrecopyPolicy(0)).run()
+        SaveEngine(_Domain(mem), MemGuest(NR_PFNS), FdEmitter(fd, None), PrecopyPolicy(0)).run()
 
     def plain(fd: int) -> None:
         view = memoryview(mem)
