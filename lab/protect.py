@@ -89,7 +89,8 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
             break
         if send.done() or recv.done() or time.monotonic() > deadline:
             raise LabError(f"first copy of {spec.name} incomplete: {got} of {need} bytes on B"
-                           f"\n--- sender stderr\n{send.stderr()[-2000:]}")
+                           f"\n--- sender stderr\n{send.stderr()[-2000:]}"
+                           f"--- receiver stderr\n{recv.stderr()[-2000:]}")
         time.sleep(2)
     return recv, send
 
