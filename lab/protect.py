@@ -43,6 +43,12 @@ PROTECTORS = {
         sender="exec python3 -m xen_remus protect -F -n -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # No compression (-u): tells the epoch loop apart from the lz4-over-XOR records.
+    "xen-remus-u": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
+        sender="exec python3 -m xen_remus protect -u -F -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
+    ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",

@@ -36,8 +36,9 @@ def client_events(out: str) -> list[dict[str, Any]]:
 
 @pytest.mark.lab(timeout=600)
 @pytest.mark.parametrize("how,kind", [
-    ("xen-remus", "pv"), ("xen-remus-n", "pv"), ("xen-remus-stock", "pv"), ("xen-remus", "pvh"),
-], ids=["xen-remus", "xen-remus-n", "xen-remus-stock", "xen-remus-pvh"])
+    ("xen-remus", "pv"), ("xen-remus-u", "pv"), ("xen-remus-n", "pv"), ("xen-remus-stock", "pv"),
+    ("xen-remus", "pvh"),
+], ids=["xen-remus", "xen-remus-u", "xen-remus-n", "xen-remus-stock", "xen-remus-pvh"])
 def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="pt", kind=kind, ip="169.254.20.7", mac="00:16:3e:00:00:07")
