@@ -165,6 +165,11 @@ class SenderChannel:
             # records after some PAGE_DATA) must hold for the records a decoder knows.
             if isinstance(pages, np.ndarray):
                 pages = pages.reshape(-1).data
+            elif self._encoder is not None and not isinstance(pages, bytes):
+                # One snapshot for the record and the cache: live guest pages may change
+                # between two reads, and the cache must hold exactly what was sent.
+                pages = (bytes(pages) if isinstance(pages, bytearray | memoryview)
+                         else b"".join(pages))
             rec = wire.frame(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, [pages] if
                              isinstance(pages, bytes | bytearray | memoryview) else
                              pages).pack())
