@@ -62,7 +62,7 @@ STOCK_EPOCHS_AHEAD = 12
 
 
 def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003,
-            timeout: float = 180.0) -> tuple[Job, Job]:
+            timeout: float = 420.0) -> tuple[Job, Job]:
     """Start protecting `spec` from A to B; return (receiver, sender) once B holds a copy."""
     p = PROTECTORS[how]
     recv = b.spawn(p.receiver.format(port=port))
