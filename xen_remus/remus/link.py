@@ -41,7 +41,31 @@ class BackupLost(XenRemusError):
     goes on unprotected."""
 
 
-class SenderLink:
+class _Heartbeats:
+    """The heartbeat thread both ends run (``_beat`` is each end's loop)."""
+
+    _thread: threading.Thread | None
+    _stop: threading.Event
+    _beat_name = "xen-remus heartbeat"
+
+    def _beat(self) -> None:
+        raise NotImplementedError
+
+    def start_heartbeats(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name=self._beat_name)
+            self._thread.start()
+
+    def stop_heartbeats(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self._thread = None
+
+
+class SenderLink(_Heartbeats):
     def __init__(self, chan: SenderChannel, send_fd: int, recv_fd: int,
                  clock: Clock = time.monotonic) -> None:
         self.chan, self.send_fd, self.recv_fd, self.clock = chan, send_fd, recv_fd, clock
@@ -75,18 +99,6 @@ class SenderLink:
         with self._lock:
             return self.chan.epoch_sent(epoch, self.clock(), pause_ms, dirty_pages, send_ms)
 
-    def start_heartbeats(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._beat, name="xen-remus heartbeat",
-                                            daemon=True)
-            self._thread.start()
-
-    def stop_heartbeats(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(5)
-            self._thread = None
 
     def _beat(self) -> None:
         while not self._stop.is_set():
@@ -205,7 +217,7 @@ class SenderLink:
                 self._wait(False, None)
 
 
-class ReceiverLink:
+class ReceiverLink(_Heartbeats):
     """The backup's writes to the primary: ACKs and heartbeats (``out_fd``: the channel
     the banner went to). Call ``tick`` whenever woken; sleep at most ``timeout()``.
 
@@ -214,6 +226,8 @@ class ReceiverLink:
     reads on), and the primary would take that silence for a dead backup. The thread
     only sends; deciding that the primary is dead stays with ``tick`` in the main loop.
     """
+
+    _beat_name = "xen-remus heartbeat (backup)"
 
     def __init__(self, chan: ReceiverChannel, out_fd: int, in_fd: int | None = None,
                  clock: Clock = time.monotonic) -> None:
@@ -250,18 +264,6 @@ class ReceiverLink:
         wake = self.chan.wake_at()
         return None if wake is None else max(0.0, wake - self.clock())
 
-    def start_heartbeats(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._beat, daemon=True,
-                                            name="xen-remus heartbeat (backup)")
-            self._thread.start()
-
-    def stop_heartbeats(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(5)
-            self._thread = None
 
     def _beat(self) -> None:
         while not self._stop.is_set():
