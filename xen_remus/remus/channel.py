@@ -12,7 +12,9 @@ Sender (primary), in order:
      ``pending(now)``: the accept, queued stats, a heartbeat when due.
   4. After the last record of epoch N went out: ``epoch_sent(N, ...)``; wait for
      Acked(N) from ``feed_back`` (if ``agreed.ack``), ``peer_dead(now)`` meaning the
-     backup is lost; ``wake_at()`` bounds each wait.
+     backup is lost; ``wake_at()`` bounds each wait. The ACK of N may come back before
+     ``epoch_sent(N)`` (a fast backup, or a reader thread): ``epoch_sent`` then returns
+     None and the Acked waits in ``take_early()``.
 Receiver (backup):
   1. With -r, write ``offer_line()`` right after the banner (one write with it).
   2. ``seen(now)`` for every chunk from the sender; pass every decoded Record to
@@ -99,6 +101,9 @@ class SenderChannel:
         self._encoder: compress.Encoder | None = None
         self._std_page_sent = False
         self._unacked: dict[int, tuple[float, EpochStats]] = {}
+        # ACK of the epoch still being written: (epoch, commit_us), settled by epoch_sent
+        self._early: tuple[int, int] | None = None
+        self._early_acked: list[Acked] = []
         self._stats_out: deque[EpochStats] = deque(maxlen=64)
         self._raw = self._wire = 0
 
@@ -123,7 +128,9 @@ class SenderChannel:
             if self.agreed is None:
                 raise ChannelError(f"{where}: frame before our accept")
             if fr.rtype == wire.REC_REMUS_ACK:
-                out.append(self._ack(*wire.parse_ack(fr.body, where), now, where))
+                acked = self._ack(*wire.parse_ack(fr.body, where), now, where)
+                if acked is not None:
+                    out.append(acked)
             elif fr.rtype == wire.REC_REMUS_HEARTBEAT:
                 wire.parse_heartbeat(fr.body, where)
             elif fr.rtype == wire.REC_REMUS_CLOSE:
@@ -132,9 +139,14 @@ class SenderChannel:
                 raise ChannelError(f"{where}: not a frame of this direction")
         return out
 
-    def _ack(self, epoch: int, commit_us: int, now: float, where: str) -> Acked:
+    def _ack(self, epoch: int, commit_us: int, now: float, where: str) -> Acked | None:
         if not self.agreed or not self.agreed.ack:
             raise ChannelError(f"{where}: ACK was not agreed")
+        in_flight = 0 if self.last_sent_epoch is None else self.last_sent_epoch + 1
+        if epoch == in_flight and self._early is None:
+            # Its last bytes are out but epoch_sent() has not been called yet.
+            self._early = (epoch, commit_us)
+            return None
         if epoch not in self._unacked:
             raise ChannelError(f"{where}: ACK of epoch {epoch}, but the epochs awaiting one "
                                f"are {sorted(self._unacked) or 'none'}")
@@ -237,10 +249,20 @@ class SenderChannel:
         self._raw = self._wire = 0
         if self.agreed is not None and self.agreed.ack:
             self._unacked[epoch] = (now, st)
+            if self._early is not None and self._early[0] == epoch:
+                early, self._early = self._early, None
+                acked = self._ack(*early, now, f"early ACK of epoch {epoch}")
+                assert acked is not None
+                self._early_acked.append(acked)
             return None
         if self.agreed is not None:
             self._stats_out.append(st)
         return st
+
+    def take_early(self) -> list[Acked]:
+        """The ACKs that arrived before their epoch_sent() (see step 4)."""
+        out, self._early_acked = self._early_acked, []
+        return out
 
     @property
     def acks(self) -> bool:

@@ -97,7 +97,9 @@ class SenderLink(_Heartbeats):
     def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
                    send_ms: float) -> EpochStats | None:
         with self._lock:
-            return self.chan.epoch_sent(epoch, self.clock(), pause_ms, dirty_pages, send_ms)
+            st = self.chan.epoch_sent(epoch, self.clock(), pause_ms, dirty_pages, send_ms)
+            self.events.extend(self.chan.take_early())
+            return st
 
 
     def _beat(self) -> None:
@@ -110,6 +112,9 @@ class SenderLink(_Heartbeats):
                     self._poll()
                 except BackupLost as exc:
                     self._failed = exc
+                    return
+                except XenRemusError as exc:  # e.g. a ChannelError: the backup misbehaves
+                    self._failed = self._lost(str(exc))
                     return
                 wake = self.chan.wake_at()
             pause = 0.05 if wake is None else wake - self.clock()
@@ -137,7 +142,11 @@ class SenderLink(_Heartbeats):
         if not data:
             self._eof = True
             raise self._lost("it closed its channel")
-        for ev in self.chan.feed_back(data, self.clock()):
+        try:
+            events = self.chan.feed_back(data, self.clock())
+        except XenRemusError as exc:  # a ChannelError: the backup broke the protocol
+            raise self._lost(str(exc)) from None
+        for ev in events:
             if isinstance(ev, Closed):
                 raise self._lost(f"it stopped: {ev.reason}")
             self.events.append(ev)

@@ -287,6 +287,23 @@ def test_ack_covers_earlier_epochs_and_latency_is_measured() -> None:
         snd.epoch_sent(5, 3, 1, 1, 1)
 
 
+def test_ack_before_epoch_sent_is_kept_for_it() -> None:
+    """A fast backup (or the heartbeat thread reading) can see the ACK of epoch N before
+    the engine called epoch_sent(N): lab run 30450 died on that race."""
+    snd = SenderChannel(Config(), 0)
+    snd.feed_back(ReceiverChannel(Config(), 0).offer_line(), 0)
+    snd.pending(0)
+    assert snd.feed_back(wire.ack(0, 100), 1.0) == []  # epoch 0 still being written
+    assert snd.take_early() == [] and snd.acked is None
+    assert snd.epoch_sent(0, 1.5, 1, 1, 1) is None
+    (ev,) = snd.take_early()
+    assert isinstance(ev, Acked) and ev.epoch == 0 and snd.acked == 0
+    assert ev.stats.ack_ms == 0 and ev.commit_ms == 0.1
+    assert snd.take_early() == []
+    with pytest.raises(ChannelError, match="ACK of epoch 2, but the epochs awaiting one"):
+        snd.feed_back(wire.ack(2, 0), 2)  # epoch 1 is the one in flight
+
+
 def _feed_records(rcv: ReceiverChannel, recs: list[list[Buffer]]) -> None:
     std = join(synthetic_stream("xl", False, guest_epochs(1, pages=2), end=False))
     dec = Decoder(checkpointed=True)

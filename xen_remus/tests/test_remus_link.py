@@ -234,3 +234,22 @@ def test_busy_ends_do_not_blame_their_peer(pipes: Pipes) -> None:
         time.sleep(0.02)
         rl.tick()
     link.send([wire.heartbeat(0)])  # its heartbeats waited in back_r: no BackupLost
+
+
+def test_a_backup_breaking_the_protocol_is_lost_not_a_thread_traceback(
+        pipes: Pipes, capsys: pytest.CaptureFixture[str]) -> None:
+    """An ACK of an epoch never sent, read by the heartbeat thread: the engine's next call
+    raises BackupLost naming it; no traceback from the thread."""
+    link = pipes.link
+    link.start_heartbeats()
+    try:
+        os.write(pipes.back_w, wire.ack(7, 0))
+        deadline = time.monotonic() + 5
+        with pytest.raises(BackupLost, match="ACK of epoch 7, but the epochs awaiting"):
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+                drain(pipes.fwd_r)
+                link.send([b"\0" * 8])
+    finally:
+        link.stop_heartbeats()
+    assert "Traceback" not in capsys.readouterr().err
