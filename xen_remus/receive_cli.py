@@ -42,8 +42,11 @@ def register(sub: Any) -> None:
     p.add_argument("--xl", default="xl", help="the xl binary that builds the guest")
     p.add_argument("--max-epoch-mib", type=int, default=DEFAULT_MAX_EPOCH_BYTES >> 20,
                    help="ceiling on one buffered epoch (default %(default)s MiB)")
-    p.add_argument("--failover-timeout", type=float, default=30.0,
+    p.add_argument("--failover-timeout", type=float, default=300.0,
                    help="bound on the failover (watchdog), seconds (default %(default)s)")
+    p.add_argument("--failover-stall", type=float, default=30.0,
+                   help="the watchdog also gives up when xl and its hotplug scripts used "
+                   "no CPU for this many seconds (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=None,
                    help="treat the sender as gone after this many seconds without data "
                    "(default: wait for EOF, as stock xl does)")
@@ -56,8 +59,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_epoch_mib <= 0 or args.failover_timeout <= 0:
-        raise UsageError("--max-epoch-mib and --failover-timeout must be positive")
+    if args.max_epoch_mib <= 0 or args.failover_timeout <= 0 or args.failover_stall <= 0:
+        raise UsageError("--max-epoch-mib, --failover-timeout and --failover-stall must "
+                         "be positive")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         raise UsageError("--idle-timeout must be positive")
     if not 10 <= args.heartbeat_timeout <= 600_000:
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     # Like xl: a vanished sender is an error to handle, not a signal to die of.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     cfg = SinkConfig(xl=args.xl, remus=args.remus, no_daemon=args.no_daemon,
-                     failover_timeout=args.failover_timeout)
+                     failover_timeout=args.failover_timeout,
+                     failover_stall=args.failover_stall)
     upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
     sink = XlSink(cfg)
     try:

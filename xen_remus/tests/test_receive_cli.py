@@ -40,6 +40,10 @@ FAKE_XL = textwrap.dedent("""\
         while chunk := os.read(0, 65536):
             got += chunk
         open(os.path.join(d, "received"), "wb").write(got)
+        if os.environ.get("FAKE_XL_HANG") == "busy":  # slow hotplug scripts: CPU in use
+            t = time.monotonic()
+            while time.monotonic() - t < 600:
+                pass
         if os.environ.get("FAKE_XL_HANG"):
             time.sleep(600)
         sys.exit(0)
@@ -180,6 +184,27 @@ def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("hang", ["idle", "busy"])
+def test_failover_watchdog_tells_a_stall_from_slow_work(tmp_path: Path, hang: str) -> None:
+    """Failover runs hotplug scripts that take tens of seconds under TCG (lab run 30450):
+    a tree that uses CPU is given the whole --failover-timeout, an idle one --failover-stall."""
+    data = make_stream(3, end=False)
+    p = start(tmp_path, "-r", "--failover-timeout", "4", "--failover-stall", "1",
+              FAKE_XL_HANG=hang)
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data)
+    t0 = time.monotonic()
+    p.stdin.close()
+    rc, err = finish(p, timeout=30)
+    took = time.monotonic() - t0
+    assert rc == 1 and "Traceback" not in err
+    if hang == "idle":
+        assert "used no CPU for 1 s" in err and took < 4
+    else:
+        assert "did not finish within 4 s" in err and took >= 4
 
 
 def test_plain_stream_cut_destroys_the_partial_copy(tmp_path: Path) -> None:
