@@ -140,18 +140,21 @@ class Host:
 
     # --- lifecycle -----------------------------------------------------------------------
     def qemu_argv(self, images: Images, netdev: str | None, mac: str) -> list[str]:
+        # spec-ctrl=eager-fpu: with Xen's lazy FPU switching (its default on this AMD-like
+        # TCG CPU) QEMU 7.2 corrupts processes in every domain as soon as a domU runs
+        # beside dom0 (lab/README.md, "dom0 corruption"); eager switching never sets CR0.TS.
         xen_args = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM},max:{DOM0_MEM} "
-                    "dom0_max_vcpus=2 loglvl=all guest_loglvl=all "
+                    "dom0_max_vcpus=2 loglvl=all guest_loglvl=all spec-ctrl=eager-fpu "
                     + os.environ.get("XEN_REMUS_LAB_XEN_ARGS", "")).strip()
-        # Knobs for chasing the dom0 corruption (lab/README.md), e.g. "xpti=false pcid=false"
-        # and "max,-smap,-smep,-pcid,-invpcid".
+        # Knobs for experiments (lab/README.md): XEN_REMUS_LAB_XEN_ARGS (appended),
+        # XEN_REMUS_LAB_CPU, XEN_REMUS_LAB_ACCEL.
         cpu = os.environ.get("XEN_REMUS_LAB_CPU", "max,-smap,-smep")
         dom0_args = (f"console=hvc0 earlyprintk=xen xenlab_host={self.name} "
                      f"xenlab_ip={self.ip}/16")
         argv = [
             "qemu-system-x86_64", "-name", f"xenlab-{self.name}",
             # TCG: /dev/kvm here cannot run Xen; -smap,-smep or dom0 faults (LAB-NOTES 1-2).
-            "-accel", "tcg,thread=multi", "-cpu", cpu,
+            "-accel", os.environ.get("XEN_REMUS_LAB_ACCEL", "tcg,thread=multi"), "-cpu", cpu,
             "-machine", "q35", "-m", str(QEMU_MEM_MIB), "-smp", "2",
             "-display", "none", "-vga", "none", "-no-reboot", "-monitor", "none", "-nic", "none",
             "-serial", "stdio", "-pidfile", str(self.pidfile),
@@ -222,6 +225,11 @@ class Host:
             if "XENLAB-AGENT: ready" in text:
                 if not banner_checked:
                     raise LabError(f"host {self.name}: no Xen banner in {self.serial_log}")
+                if not re.search(r"Support for PV VMs:.* EAGER_FPU", text):
+                    raise LabError(f"host {self.name}: Xen does not switch FPU state eagerly "
+                                   "(no EAGER_FPU for PV VMs in its boot log): under TCG lazy "
+                                   "switching corrupts every domain (lab/README.md); keep "
+                                   f"spec-ctrl=eager-fpu (serial log {self.serial_log})")
                 return time.monotonic() - t0
             if not self.alive():
                 raise LabError(f"host {self.name}: QEMU exited during boot\n"

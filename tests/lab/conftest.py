@@ -141,6 +141,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             lab.stop()
             _state["lab"] = None
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if any(r.failed for r in reports) or _dom0_faults() > before:
+        # A failed test may leave guests, stuck xl or a faulted dom0 behind: the next test
+        # gets a freshly booted lab rather than inherit them.
+        lab = _state["lab"]
+        if isinstance(lab, Lab):
+            lab.stop()
+            _state["lab"] = None
     for r in reports:
         hook.pytest_runtest_logreport(report=r)
     hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
