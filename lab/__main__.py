@@ -117,6 +117,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.protect)
 
 
+def cmd_stress(args: argparse.Namespace) -> int:
+    from lab import stress
+
+    return stress.main(args.hosts, args.seconds)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--protect", choices=sorted(protect.PROTECTORS), default="xl",
                    help="stock `xl remus` (xl) or our `xen-remus protect` (xen-remus...)")
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("stress", help="check the lab computes right (TCG corruption)")
+    s.add_argument("--hosts", type=int, default=2, choices=(1, 2))
+    s.add_argument("--seconds", type=int, default=180)
+    s.set_defaults(func=cmd_stress)
     args = p.parse_args(argv)
     try:
         return int(args.func(args))
