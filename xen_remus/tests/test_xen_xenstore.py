@@ -122,6 +122,10 @@ class FakeXc:
 
     def __init__(self) -> None:
         self.code: int | None = None
+        self.resumed = 0
+
+    def resume(self, domid: int, fast: bool = True) -> None:
+        self.code, self.resumed = None, self.resumed + 1
 
     def domain_info(self, domid: int) -> DomainInfo:
         flags = S.DOMINF_RUNNING
@@ -153,6 +157,21 @@ def test_suspend_not_acknowledged_is_undone(xs: XenStore, xsd: FakeXenstored) ->
             pytest.raises(SuspendError, match="domain 4 did not acknowledge"):
         sus.suspend(timeout=0.3)
     assert xsd.store["/local/domain/4/control/shutdown"] == ""
+
+
+def test_a_guest_suspending_after_the_deadline_is_resumed(xs: XenStore,
+                                                          xsd: FakeXenstored) -> None:
+    """It read the request just before we withdrew it: it must not stay suspended."""
+    xc = FakeXc()
+
+    def on_write(path: str, value: str) -> None:
+        if path.endswith("/control/shutdown") and value == "":
+            xc.code = S.SHUTDOWN_SUSPEND
+    xsd.on_write = on_write
+    with Suspender(cast(XenCtrl, xc), xs, 6) as sus, \
+            pytest.raises(SuspendError, match="domain 6 did not acknowledge .* within 0 s"):
+        sus.suspend(timeout=0.3)
+    assert xc.resumed == 1 and xc.code is None
 
 
 def test_suspend_crash_instead_is_an_error(xs: XenStore, xsd: FakeXenstored) -> None:

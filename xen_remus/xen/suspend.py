@@ -27,6 +27,7 @@ class Suspender:
         self.dompath = xs.domain_path(domid)
         self._evtchn: EventChannels | None = None
         self._port = -1
+        self._asked = 0.0  # when the current xenstore request was written
         remote = (self.xs.read(f"{self.dompath}/device/suspend/event-channel") or "").strip()
         if remote.isdigit() and int(remote) > 0:
             try:
@@ -41,7 +42,9 @@ class Suspender:
                     evtchn.close()
         self.method = "evtchn" if self._evtchn is not None else "xenstore"
 
-    def suspend(self, timeout: float = 10.0) -> DomainInfo:
+    # libxl allows a guest 60 s to answer; under TCG a busy guest took over 10 s (lab run
+    # 20261126-012857, epoch 24 of a protect).
+    def suspend(self, timeout: float = 60.0) -> DomainInfo:
         """Ask the guest to suspend and wait (at most ``timeout`` s) until Xen reports it
         shut down with reason suspend. Returns that domain info."""
         deadline = time.monotonic() + timeout
@@ -53,6 +56,7 @@ class Suspender:
 
     def _request_via_xenstore(self, deadline: float) -> None:
         path = f"{self.dompath}/control/shutdown"
+        self._asked = time.monotonic()
         self.xs.write(path, "suspend")
         delay = POLL_MIN
         while time.monotonic() < deadline:
@@ -61,10 +65,19 @@ class Suspender:
                 return
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
-        if self.xs.read(path) == "suspend":
-            self.xs.write(path, "")
+        if self.xs.read(path) != "suspend":
+            return  # acknowledged just at the deadline
+        self.xs.write(path, "")  # withdraw the request
+        # The guest may have read it before we withdrew it: never leave it suspended.
+        late = time.monotonic() + 2.0
+        while time.monotonic() < late:
+            if self.xc.domain_info(self.domid).suspended:
+                self.resume(fast=True)
+                break
+            time.sleep(POLL_MAX)
         raise SuspendError(f"domain {self.domid} did not acknowledge control/shutdown=suspend "
-                           f"(is a PV suspend driver running in the guest?)")
+                           f"within {deadline - self._asked:.0f} s (is a PV suspend driver "
+                           "running in the guest?)")
 
     def _wait_suspended(self, deadline: float, timeout: float) -> DomainInfo:
         delay = POLL_MIN
