@@ -52,7 +52,7 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> Non
         client.wait_output(r'"counter"', 60)
         time.sleep(8)  # checkpoints flow
         assert not send.done(), f"protect ended early: {send.stderr()[-3000:]}"
-        st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=60)
+        st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=120)
         print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
         assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
         before = guest.counter(a, spec)
