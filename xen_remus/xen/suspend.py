@@ -85,7 +85,10 @@ class Suspender:
             info = self.xc.domain_info(self.domid)
             if info.suspended:
                 return info
-            if info.shutdown or info.dying:
+            if info.dying or (info.shutdown and info.shutdown_reason is None):
+                raise SuspendError(f"domain {self.domid} was destroyed while we waited for "
+                                   "it to suspend")
+            if info.shutdown:
                 raise SuspendError(f"domain {self.domid} shut down with reason "
                                    f"{info.shutdown_reason} instead of suspending")
             if time.monotonic() >= deadline:
