@@ -166,22 +166,25 @@ def test_remus_invalid_record_one_line_error_last_good_epoch(tmp_path: Path) -> 
     assert (tmp_path / "received").read_bytes() == bytes(data[:ends[1]])
 
 
-def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
-    data = make_stream(3, end=False)
-    p = start(tmp_path, "-r", "--failover-timeout", "1", FAKE_XL_HANG="1")
+def _fail_over_into_hung_sink(tmp_path: Path, hang: str, *opts: str) -> tuple[str, float]:
+    """Three epochs, then EOF, into a fake xl that hangs at failover: (stderr, seconds)."""
+    p = start(tmp_path, "-r", *opts, FAKE_XL_HANG=hang)
     assert p.stdin is not None
     read_exact(p, len(X.BANNER))
-    p.stdin.write(data)
+    p.stdin.write(make_stream(3, end=False))
     t0 = time.monotonic()
     p.stdin.close()
     rc, err = finish(p, timeout=30)
-    took = time.monotonic() - t0
     assert rc == 1 and "Traceback" not in err
+    return err, time.monotonic() - t0
+
+
+def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
+    err, took = _fail_over_into_hung_sink(tmp_path, "idle", "--failover-timeout", "1")
     assert "did not finish within 1 s" in err
     pid = int((tmp_path / "pid").read_text())
     assert re.search(rf"watchdog: pid {pid} \(\S+\) state S ", err), err  # evidence kept
     assert took < 20  # bounded: 1 s watchdog + kill, far below the test timeout
-    pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
@@ -190,17 +193,8 @@ def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
 def test_failover_watchdog_tells_a_stall_from_slow_work(tmp_path: Path, hang: str) -> None:
     """Failover runs hotplug scripts that take tens of seconds under TCG (lab run 30450):
     a tree that uses CPU is given the whole --failover-timeout, an idle one --failover-stall."""
-    data = make_stream(3, end=False)
-    p = start(tmp_path, "-r", "--failover-timeout", "4", "--failover-stall", "1",
-              FAKE_XL_HANG=hang)
-    assert p.stdin is not None
-    read_exact(p, len(X.BANNER))
-    p.stdin.write(data)
-    t0 = time.monotonic()
-    p.stdin.close()
-    rc, err = finish(p, timeout=30)
-    took = time.monotonic() - t0
-    assert rc == 1 and "Traceback" not in err
+    err, took = _fail_over_into_hung_sink(tmp_path, hang, "--failover-timeout", "4",
+                                          "--failover-stall", "1")
     if hang == "idle":
         assert "used no CPU for 1 s" in err and took < 4
     else:
