@@ -16,6 +16,14 @@ from lab.guest import GuestSpec
 from lab.host import Host, Job
 
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
+# Heartbeat timeout for our rows. The product default (1 s) is for real hardware; under
+# TCG a dom0 busy with an epoch (suspend, copy, or xl restoring on the backup) stalls its
+# heartbeat thread for over a second, and 1 s failed both ends over at once in lab run
+# 20261126-023013 (epoch 11), leaving the guest running on both hosts.
+HB_MS = 6000
+OURS = f"exec python3 -m xen_remus protect --heartbeat-timeout {HB_MS}"
+OURS_RECEIVER = (f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
+                 f"--heartbeat-timeout {HB_MS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,28 +39,28 @@ PROTECTORS = {
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
         sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
     ),
-    # Ours: output commit on (IFB + plug per vif), ACK, heartbeats (1 s), compression.
+    # Ours: output commit on (IFB + plug per vif), ACK, heartbeats (HB_MS), compression.
     "xen-remus": Protector(
-        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
-        sender="exec python3 -m xen_remus protect -F -d -s '' {name} "
+        receiver=OURS_RECEIVER,
+        sender=OURS + " -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
     # The same without network buffering, for contrast (as xl's -n).
     "xen-remus-n": Protector(
-        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
-        sender="exec python3 -m xen_remus protect -F -n -d -s '' {name} "
+        receiver=OURS_RECEIVER,
+        sender=OURS + " -F -n -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
     # No compression (-u): tells the epoch loop apart from the lz4-over-XOR records.
     "xen-remus-u": Protector(
-        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r",
-        sender="exec python3 -m xen_remus protect -u -F -d -s '' {name} "
+        receiver=OURS_RECEIVER,
+        sender=OURS + " -u -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
-        sender="exec python3 -m xen_remus protect --stock-backup -F -d -s '' {name} "
+        sender=OURS + " --stock-backup -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
 }
