@@ -20,7 +20,8 @@ hypothesis: `make soak SOAK_RECEIVER=stock` cuts stock streams at random bytes a
 what a hung receiver and its helper wait on. Our sink only ever sees EOF at one
 place: right after a CHECKPOINT_END we wrote whole, when libxc is blocked reading the
 next record header — the plainest path. On top of that a watchdog bounds the wait: if
-the sink has not finished failing over within `failover_timeout`, its process group is
+the sink has not finished failing over within `failover_timeout`, or its process tree
+used no CPU for `failover_stall` (a hang, not slow hotplug scripts), its process group is
 killed and the error names the epoch it held.
 
 Memory: the initial full copy (epoch 0) streams through — there is nothing to fail
