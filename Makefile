@@ -49,8 +49,8 @@ lab-test: lab-images
 lab-test-all: lab-images
 	$(PYTEST) -q -s -m lab tests/lab
 
-# Stock xl remus (DEMO_PROTECT=xen-remus: ours), kill host A, the guest goes on on B.
-DEMO_PROTECT ?= xl
+# Our protect (DEMO_PROTECT=xl: stock xl remus), kill host A, the guest goes on on B.
+DEMO_PROTECT ?= xen-remus
 demo: lab-images
 	$(PY) -m lab demo --protect $(DEMO_PROTECT)
 

@@ -153,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("logs", help="list the log files of the latest run").set_defaults(
         func=cmd_logs)
     s = sub.add_parser("demo", help="protect a guest, kill its host, watch it go on")
-    s.add_argument("--protect", choices=sorted(protect.PROTECTORS), default="xl",
-                   help="stock `xl remus` (xl) or our `xen-remus protect` (xen-remus...)")
+    s.add_argument("--protect", choices=sorted(protect.PROTECTORS), default="xen-remus",
+                   help="our `xen-remus protect` (default: output commit on) or stock "
+                        "`xl remus` (xl)")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("stress", help="check the lab computes right (TCG corruption)")
     s.add_argument("--hosts", type=int, default=2, choices=(1, 2))

@@ -1,7 +1,7 @@
 """Protecting a lab guest A -> B and waiting for failover: shared by tests and `make demo`.
 
 PROTECTORS holds the command pair (backup's receiver, primary's sender) per implementation:
-stock `xl remus` today; ours is one more row once `xen-remus protect` exists.
+stock `xl remus` and the variants of `xen-remus protect`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from lab.guest import GuestSpec
 from lab.host import Host, Job
 
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
+# One TCP connection to a guest's counter service, held across a failover (JSON per event).
+COUNTER_CLIENT = "/mnt/project/lab/dom0tools/counter_client.py"
 # Heartbeat timeout for our rows. The product default (1 s) is for real hardware; under
 # TCG a dom0 busy with an epoch (suspend, copy, or xl restoring on the backup) stalls its
 # heartbeat thread for over a second, and 1 s failed both ends over at once in lab run

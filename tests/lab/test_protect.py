@@ -2,7 +2,7 @@
 host A killed (SIGKILL of its QEMU), the guest goes on on B.
 
 A client in B's dom0 holds one TCP connection to the guest's counter service from before
-the kill to after the failover (tests/lab/protect_client.py). Checked: same guest (boot
+the kill to after the failover (lab/dom0tools/counter_client.py). Checked: same guest (boot
 id), it runs on B, with output commit (no -n) the counter never goes back from the
 highest value any client saw, the client's connection survives; the primary's stderr
 shows per-epoch progress. Failover time and what the client saw are printed.
@@ -23,7 +23,7 @@ from lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 
-CLIENT = "/mnt/project/tests/lab/protect_client.py"
+CLIENT = protect.COUNTER_CLIENT
 
 
 def destroy(host: Host, name: str) -> None:

@@ -1,6 +1,6 @@
 """Runs in a lab dom0: one TCP connection to a guest's counter service, kept open.
 
-usage: python3 protect_client.py IP PORT SECONDS
+usage: python3 counter_client.py IP PORT SECONDS
 Sends a line every 0.2 s and prints one JSON line per event, flushed at once (the output
 lives on the share, so it survives the kill of the other host):
   {"t": UNIX_TIME, "counter": N, "bootid": B}   a reply
