@@ -23,7 +23,8 @@ COUNTER_CLIENT = "/mnt/project/lab/dom0tools/counter_client.py"
 # heartbeat thread for over a second, and 1 s failed both ends over at once in lab run
 # 20261126-023013 (epoch 11), leaving the guest running on both hosts.
 HB_MS = 6000
-OURS = f"exec python3 -m xen_remus protect --heartbeat-timeout {HB_MS}"
+# -v: a line per epoch once the backup ACKed it (tests time host kills by it).
+OURS = f"exec python3 -m xen_remus -v protect --heartbeat-timeout {HB_MS}"
 OURS_RECEIVER = (f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
                  f"--heartbeat-timeout {HB_MS}")
 

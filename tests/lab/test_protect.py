@@ -11,6 +11,7 @@ shows per-epoch progress. Failover time and what the client saw are printed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from lab import guest, protect
 from lab.guest import GuestSpec
-from lab.host import Host
+from lab.host import Host, Job
 from lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -34,12 +35,36 @@ def client_events(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def kill_at(moment: str, send: Job) -> None:
+    """Wait for the moment, in the sender's epoch cycle, at which host A dies (stderr is
+    read on the share from this side, within ~0.2 s). Under TCG an epoch takes ~5 s:
+    pause ~0.8 s, send ~4 s, ACK ~0.5 s."""
+    if moment == "steady":  # wherever the loop is: mostly mid-send, being the longest
+        return
+    acked = re.findall(r"^epoch (\d+): ", send.stderr(), re.M)
+    nxt = int(acked[-1]) + 1 if acked else 1
+    send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)  # the backup ACKed it
+    if moment == "mid-send":
+        time.sleep(1.5)  # the next epoch: suspended, copied, resumed, its pages on the wire
+
+
+def landed(recv_err: str) -> str:
+    m = re.search(r"discarding partial epoch (\d+) \((\d+) bytes", recv_err)
+    if m:
+        return f"mid-epoch: B discarded {m[2]} bytes of epoch {m[1]}"
+    m = re.search(r"resuming from epoch (\d+)", recv_err)
+    return f"at an epoch boundary (after epoch {m[1] if m else '?'})"
+
+
 @pytest.mark.lab(timeout=1200)
-@pytest.mark.parametrize("how,kind", [
-    ("xen-remus", "pv"), ("xen-remus-u", "pv"), ("xen-remus-n", "pv"), ("xen-remus-stock", "pv"),
-    ("xen-remus", "pvh"),
-], ids=["xen-remus", "xen-remus-u", "xen-remus-n", "xen-remus-stock", "xen-remus-pvh"])
-def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> None:
+@pytest.mark.parametrize("how,kind,moment", [
+    ("xen-remus", "pv", "steady"), ("xen-remus-u", "pv", "steady"),
+    ("xen-remus", "pv", "after-ack"), ("xen-remus", "pv", "mid-send"),
+    ("xen-remus-n", "pv", "steady"), ("xen-remus-stock", "pv", "steady"),
+    ("xen-remus", "pvh", "steady"),
+], ids=["xen-remus", "xen-remus-u", "after-ack", "mid-send", "xen-remus-n", "xen-remus-stock",
+        "xen-remus-pvh"])
+def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="pt", kind=kind, ip="169.254.20.7", mac="00:16:3e:00:00:07")
     try:
@@ -55,8 +80,7 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> Non
         st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=120)
         print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
         assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
-        # From the held connection, not a new one: with output commit and multi-second
-        # epochs under TCG a fresh TCP exchange needs several epochs.
+        kill_at(moment, send)
         seen = [e for e in client_events(client.output()) if "counter" in e]
         assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
         before = guest.Counter(seen[-1]["counter"], seen[-1]["bootid"])
@@ -82,6 +106,7 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> Non
               f"{len(pre)} replies before, {len(post)} after, longest silence {gap:.1f} s, "
               f"went back {backwards or 'never'}, connection "
               f"{'broke: ' + str(breaks) if breaks else 'survived'}")
+        print(f"[{how}] host A died {moment}, {landed(recv.stderr())}")
         print(f"[{how}] receiver log tail:\n{recv.stderr()[-800:]}")
         if how != "xen-remus-n":  # output commit: nothing seen was ever lost
             assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
@@ -93,4 +118,41 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str) -> Non
     finally:
         if a.alive():
             destroy(a, spec.name)
+        destroy(b, spec.name)
+
+
+@pytest.mark.lab(timeout=900)
+def test_protect_host_kill_during_initial_copy(lab_two: Lab) -> None:
+    """Host A dies before B has one whole copy: nothing to fail over to. B must say so and
+    clean up (no half-built domain left), not hang or start a broken guest."""
+    a, b = lab_two.a, lab_two.b
+    spec = GuestSpec(name="pc", ip="169.254.20.8", mac="00:16:3e:00:00:08")
+    p = protect.PROTECTORS["xen-remus"]
+    try:
+        guest.create(a, spec)
+        recv = b.spawn(p.receiver.format(port=8006))
+        recv.wait_output(r"listening", 30, stderr=True)
+        send = a.spawn(p.sender.format(name=spec.name, bip=b.ip, port=8006))
+        deadline = time.monotonic() + 120
+        while guest.domain_state(b, f"{spec.name}--incoming") is None:
+            assert not send.done() and time.monotonic() < deadline, send.stderr()[-2000:]
+            time.sleep(2)
+        time.sleep(20)  # well into the initial copy (96 MiB at 3-4 MB/s)
+        assert "protecting" not in send.stderr(), "initial copy done already: too fast to test"
+        a.kill()
+        t_kill = time.monotonic()
+        r = recv.wait(180)
+        err = recv.stderr()
+        print(f"\nkilled host A during the initial copy; B's receiver ended after "
+              f"{time.monotonic() - t_kill:.1f} s, rc {r.rc}: {err.strip().splitlines()[-1:]}")
+        assert r.rc != 0 and "no complete epoch" in err and "Traceback" not in err, err[-3000:]
+        deadline = time.monotonic() + 60
+        while guest.domain_state(b, f"{spec.name}--incoming") is not None:
+            assert time.monotonic() < deadline, "the half-received domain is left on B"
+            time.sleep(2)
+        assert guest.domain_state(b, spec.name) is None, "a guest was started on B"
+    finally:
+        if a.alive():
+            destroy(a, spec.name)
+        destroy(b, f"{spec.name}--incoming")
         destroy(b, spec.name)
