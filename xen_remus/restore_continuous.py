@@ -149,6 +149,8 @@ class Receiver:
                 self.trailing = data[end.offset - start:]
                 return self.outcome
             return self._broken(exc, eof=not data)
+        if not events:  # a chunk in the middle of a record
+            return None
         try:
             self._take(events)
         except BAD_EPOCH as exc:
