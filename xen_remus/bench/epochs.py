@@ -2,10 +2,10 @@
 [-u] [--epochs N] [--dirty N] [--profile FILE]``.
 
 Sender: RemusLoop over the bench's in-memory guest (bench/remus.py), DIRTY pages dirtied
-per epoch (a few bytes each), the stream into a temporary file. Receiver: those bytes fed
-in 8 KiB chunks (socat's blocks, as the lab's backup reads them) to Receiver with the
-ReceiverChannel rewrite (compressed pages back into standard PAGE_DATA), into a sink that
-writes to /dev/null. Figures: median process CPU ms per epoch of each end (epoch 0, the
+per epoch (a few bytes each), the stream into a temporary file. Receiver: those bytes
+through a pipe in 8 KiB chunks (socat's blocks, as the lab's backup gets them), read as
+`migrate-receive -r` reads them (_read_beating, heartbeat thread on) and fed to Receiver with the ReceiverChannel rewrite (compressed pages back
+into standard PAGE_DATA), into a sink that writes to /dev/null. Figures: median process CPU ms per epoch of each end (epoch 0, the
 initial copy, excluded). ``--profile FILE`` writes cProfile stats of both ends
 (FILE.sender, FILE.receiver) and prints the top functions.
 """
@@ -25,10 +25,10 @@ import numpy as np
 from xen_remus.bench.fakes import MemGuest
 from xen_remus.bench.remus import NR_PFNS, _Domain, _NoDevices
 from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
-from xen_remus.remus.link import SenderLink
+from xen_remus.remus.link import ReceiverLink, SenderLink
 from xen_remus.remus.negotiate import Extensions
 from xen_remus.remus.stats import EpochStats
-from xen_remus.restore_continuous import Receiver, write_all
+from xen_remus.restore_continuous import Receiver, Upstream, _Beating, _read_beating, write_all
 from xen_remus.save.checkpoint import CheckpointEmitter
 from xen_remus.save.pages import PAGE_SIZE
 from xen_remus.save.policy import PrecopyPolicy
@@ -108,22 +108,30 @@ def receiver(compress: bool, stream: bytes, ends: list[int],
     rx.rewrite = chan.on_record
     cpu: list[float] = []
     mv = memoryview(stream)
+    rfd, wfd = os.pipe()
+    # The stream comes through a pipe, read as `migrate-receive -r` does (heartbeats on).
+    up = Upstream(rfd, wfd, None)
+    link = _Beating(ReceiverLink(chan, sink.fd))
     start = 0
-    for epoch, end in enumerate(ends):
-        if prof is not None and epoch > 0:
-            prof.enable()
-        t0 = time.process_time()
-        for at in range(start, end, chunk):
-            # bytes(): each read() of the pipe returns a new bytes object
-            if rx.feed(bytes(mv[at:min(at + chunk, end)])) is not None:
-                raise RuntimeError(f"receiver ended at epoch {epoch}: {rx.outcome}")
-        cpu.append((time.process_time() - t0) * 1000)
-        if prof is not None:
-            prof.disable()
-        if rx.committed != epoch:
-            raise RuntimeError(f"epoch {epoch} not committed (committed {rx.committed})")
-        start = end
-    os.close(sink.fd)
+    try:
+        for epoch, end in enumerate(ends):
+            if prof is not None and epoch > 0:
+                prof.enable()
+            t0 = time.process_time()
+            for at in range(start, end, chunk):
+                os.write(wfd, mv[at:min(at + chunk, end)])
+                if rx.feed(_read_beating(up, link, armed=True)) is not None:
+                    raise RuntimeError(f"receiver ended at epoch {epoch}: {rx.outcome}")
+            cpu.append((time.process_time() - t0) * 1000)
+            if prof is not None:
+                prof.disable()
+            if rx.committed != epoch:
+                raise RuntimeError(f"epoch {epoch} not committed (committed {rx.committed})")
+            start = end
+    finally:
+        link.stop()
+        for fd in (sink.fd, rfd, wfd):
+            os.close(fd)
     return cpu
 
 
