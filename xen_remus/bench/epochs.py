@@ -4,8 +4,9 @@
 Sender: RemusLoop over the bench's in-memory guest (bench/remus.py), DIRTY pages dirtied
 per epoch (a few bytes each), the stream into a temporary file. Receiver: those bytes
 through a pipe in 8 KiB chunks (socat's blocks, as the lab's backup gets them), read as
-`migrate-receive -r` reads them (_read_beating, heartbeat thread on) and fed to Receiver with the ReceiverChannel rewrite (compressed pages back
-into standard PAGE_DATA), into a sink that writes to /dev/null. Figures: median process CPU ms per epoch of each end (epoch 0, the
+`migrate-receive -r` reads them (_read_beating, heartbeat thread on), fed to Receiver with
+the ReceiverChannel rewrite (compressed pages back into standard PAGE_DATA), into a sink
+that writes to /dev/null. Figures: median process CPU ms per epoch of each end (epoch 0, the
 initial copy, excluded). ``--profile FILE`` writes cProfile stats of both ends
 (FILE.sender, FILE.receiver) and prints the top functions.
 """
