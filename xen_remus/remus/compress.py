@@ -58,16 +58,30 @@ _INVALID = np.zeros(16, dtype=np.uint64)
 _INVALID[list(C.PFINFO_INVALID)] = 1
 
 
+_W_BATCH = np.resize(_W, 1024)  # the weights of words_check for a whole batch of pfns
+
+
+def _page_words(pages: U8) -> npt.NDArray[np.uint64]:
+    """(k x 4096) bytes as (k x 512) little-endian u64 words (a view)."""
+    return pages.reshape(len(pages), C.PAGE_SIZE).view("<u8")
+
+
 def checksums(pages: U8) -> npt.NDArray[np.uint64]:
     """One u64 per page (k x 4096 bytes)."""
-    words = pages.reshape(len(pages), C.PAGE_SIZE).view("<u8")
-    return np.asarray((words * _W).sum(axis=1, dtype=np.uint64), np.uint64)
+    # einsum sums the products as it goes (mod 2**64, as the spec of the sum says):
+    # no k x 512 temporary, unlike (words * _W).sum(axis=1).
+    return np.asarray(np.einsum("ij,j->i", _page_words(pages), _W), np.uint64)
+
+
+def nonzero_pages(pages: U8) -> npt.NDArray[np.bool_]:
+    """Per page: any byte not zero (over u64 words: an eighth of the elements)."""
+    return np.asarray(_page_words(pages).max(axis=1, initial=0) != 0, np.bool_)
 
 
 def words_check(words: npt.NDArray[np.uint64]) -> int:
     """The same kind of sum over a record's pfn words (weights repeat every 512)."""
-    w = np.resize(_W, len(words))
-    return int((words.astype(np.uint64) * w).sum(dtype=np.uint64))
+    w = _W_BATCH[:len(words)] if len(words) <= len(_W_BATCH) else np.resize(_W, len(words))
+    return int(np.dot(words.astype(np.uint64, copy=False), w))
 
 
 def as_pages(pages: PagesIn, n: int) -> U8:
@@ -91,9 +105,10 @@ def data_mask(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
 def _bases(cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> U8:
     """A new array of the pages each delta is against: cached copies where ``use``, else
     zeros (one gather, no scatter: faster than XORing a subset in place)."""
+    if use.all():
+        return cache.data[slots]
     out = cache.data[np.where(use, slots, 0)]
-    if not use.all():
-        out[~use] = 0
+    out[~use] = 0
     return out
 
 
@@ -129,7 +144,7 @@ class Encoder:
         slots = self.cache.lookup(dp)
         hit = slots >= 0
         base = hit.astype(np.uint8)
-        base[hit & ~new.any(axis=1)] = BASE_ZERO_CACHED
+        base[hit & ~nonzero_pages(new)] = BASE_ZERO_CACHED
         delta = _bases(self.cache, slots, base == BASE_CACHED)
         np.bitwise_xor(new, delta, out=delta)
         check = checksums(new)

@@ -125,6 +125,13 @@ class Decoder:
 
     def _feed(self, mv: memoryview, out: list[Event]) -> None:
         pos, n = 0, len(mv)
+        part = self._partial
+        if part is not None and self._ptotal - self._pfill > n:
+            # The middle of an item larger than the chunks it comes in (a record of page
+            # data read from a pipe or socket): most chunks end here, so no loop for them.
+            part[self._pfill:self._pfill + n] = mv
+            self._pfill += n
+            return
         while pos < n:
             if self._phase == DETECT:
                 self._detect(mv[0])
