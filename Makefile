@@ -68,8 +68,9 @@ soak-stock-hostkill: lab-images
 	  $(PYTEST) -q -s -m lab tests/lab/test_stock_baselines.py -k remus && ok=$$((ok+1)); \
 	done; echo "soak: $$ok/$(SOAK_N) failovers passed"; [ $$ok = $(SOAK_N) ]
 
-bench: venv
-	$(PY) -m xen_remus.bench
+# Host sections, then the lab sections (one QEMU host): ours against stock xl, same run.
+bench: lab-images
+	$(PY) -m xen_remus.bench --lab
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,33 +7,49 @@ import importlib
 import sys
 import time
 
-from xen_remus.bench import SECTIONS
+from xen_remus.bench import LAB_SECTIONS, SECTIONS
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m xen_remus.bench")
     ap.add_argument("sections", nargs="*", default=list(SECTIONS), metavar="SECTION",
                     help=f"sections to run (default: all of {', '.join(SECTIONS)})")
+    ap.add_argument("--lab", action="store_true",
+                    help="then the lab sections on real Xen (one QEMU host): ours against "
+                         "stock xl in the same run")
     args = ap.parse_args(argv)
-    failed = []
+    failed: list[str] = []
     for name in args.sections:
         if name not in SECTIONS:
             ap.error(f"unknown section {name!r}")
         mod = importlib.import_module(f"xen_remus.bench.{name}")
         t0 = time.perf_counter()
-        figures: dict[str, float] = mod.run()
-        print(f"[{name}] ({time.perf_counter() - t0:.1f} s)")
-        for key, value in figures.items():
-            print(f"  {name}.{key:<32} {value:14.3f}")
-        for key, (op, bound) in getattr(mod, "TARGETS", {}).items():
-            ok = figures[key] >= bound if op == ">=" else figures[key] <= bound
-            print(f"  {'PASS' if ok else 'FAIL'}: {name}.{key} {op} {bound}")
-            if not ok:
-                failed.append(f"{name}.{key}")
-        sys.stdout.flush()
+        report(name, mod.run(), getattr(mod, "TARGETS", {}), t0, failed)
+    if args.lab:
+        from lab.lab import Lab  # the lab driver: a checkout, not the installed package
+
+        with Lab(1) as lab:
+            for name in LAB_SECTIONS:
+                mod = importlib.import_module(f"xen_remus.bench.{name}")
+                t0 = time.perf_counter()
+                report(f"{name}-lab", mod.lab_figures(lab.a), getattr(mod, "LAB_TARGETS", {}),
+                       t0, failed)
     if failed:
         print(f"bench: targets missed: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def report(name: str, figures: dict[str, float], targets: dict[str, tuple[str, float]],
+           t0: float, failed: list[str]) -> None:
+    print(f"[{name}] ({time.perf_counter() - t0:.1f} s)")
+    for key, value in figures.items():
+        print(f"  {name}.{key:<32} {value:14.3f}")
+    for key, (op, bound) in targets.items():
+        ok = figures[key] >= bound if op == ">=" else figures[key] <= bound
+        print(f"  {'PASS' if ok else 'FAIL'}: {name}.{key} {op} {bound}")
+        if not ok:
+            failed.append(f"{name}.{key}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ compression and without (-u). (A same-run baseline for the pause is still missin
 plain gather+copy of the same pages measured 8x slower than the loop's, an artefact of
 allocation and caches not yet understood, so it is not shown.)
 
-Lab part (``python -m xen_remus.bench.remus --lab``): one host, a PV guest protected by
-`xen-remus protect -b` at -i 10, 25 and 200 (checkpoints/s and pause ms from its summary).
-Not yet: stock `xl remus -F -n -d` on the same guest in the same run (it reports no pause
-times, and an interrupted `xl remus -b` leaves the guest suspended).
+Lab part (``lab_figures``; ``make bench``, or ``python -m xen_remus.bench.remus --lab``): one
+host, one PV guest protected into a receiver on the same host at -i 10, 25 and 200, by
+`xen-remus protect -F -n -d` (checkpoints/s, pause ms, wire bytes from its summary; -u too
+at 200) and by stock `xl remus -F -n -d` (checkpoints/s and dirty pages from libxc's
+progress lines: xl reports no pause times).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -138,28 +140,67 @@ def run() -> dict[str, float]:
             "compression_ratio": raw / wire}
 
 
-def run_lab(seconds: float = 12.0) -> dict[str, float]:
-    """Ours (`protect -b`) on one lab host."""
-    from lab import guest
+STOCK_CKPT = re.compile(r"Checkpointed save: (\d+)/")
+OURS_SUMMARY = re.compile(r"(\d+) checkpoints in ([\d.]+) s \(([\d.]+)/s\); pause mean "
+                          r"([\d.]+) ms, median ([\d.]+) ms.*?bytes (\d+) -> (\d+) per epoch")
+
+
+def run_lab(seconds: float = 40.0) -> dict[str, float]:
+    """Ours against stock `xl remus -F -n -d` on one lab host, same guest, same run."""
     from lab.lab import Lab
+
+    with Lab(1) as lab:
+        return lab_figures(lab.a, seconds)
+
+
+def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
+    """On lab host ``h``: each side protects the same PV guest into its own receiver on the
+    same host (no link: the epoch loops, not the wire) for ``seconds`` after the initial
+    copy, at -i 10, 25 and 200, then the backup is killed (the primary goes on)."""
+    from lab import guest
 
     xr = "cd /mnt/project && python3 -m xen_remus"
     spec = guest.GuestSpec(name="brem", kind="pv", ip="169.254.20.52", mac="00:16:3e:00:03:02")
     out: dict[str, float] = {}
-    with Lab(1) as lab:
-        h = lab.a
-        guest.create(h, spec, timeout=240)
-        for ms in (10, 25, 200):
-            job = h.spawn(f"exec {xr} protect -b -F -n -d -i {ms} {spec.name} none")
+    guest.create(h, spec, timeout=240)
+
+    def stop_backup(job: Any) -> str:
+        h.run("pkill -9 -f migrate-receive; sleep 2; xl destroy brem--incoming 2>/dev/null;"
+              " true", timeout=120)
+        r = job.wait(180)
+        if guest.domain_state(h, spec.name) is None:
+            raise RuntimeError(f"{spec.name} gone after its backup was killed: {r.stderr[-1500:]}")
+        return str(r.stderr)
+
+    for ms in (10, 25, 200):
+        for flags, tag in (("", "ours"), ("-u ", "ours_u")) if ms == 200 else (("", "ours"),):
+            job = h.spawn(f"exec {xr} -v protect {flags}-F -n -d -i {ms} -s '' {spec.name} "
+                          f"'{xr} migrate-receive -r'")
+            job.wait_output(r"protecting", 600, stderr=True)
             time.sleep(seconds)
-            h.run(f"pkill -INT -f 'xen_remus protect -b -F -n -d -i {ms} '; true")
-            r = job.wait(120)
-            m = re.search(r"(\d+) checkpoints in ([\d.]+) s \(([\d.]+)/s\); pause mean "
-                          r"([\d.]+) ms, median ([\d.]+) ms", r.stderr)
+            err = stop_backup(job)
+            m = OURS_SUMMARY.search(err)
             if not m:
-                raise RuntimeError(f"protect -b -i {ms}: no summary in {r.stderr[-1500:]!r}")
-            out[f"ours_i{ms}_checkpoints_per_s"] = float(m.group(3))
-            out[f"ours_i{ms}_pause_ms_median"] = float(m.group(5))
+                raise RuntimeError(f"protect -i {ms}: no summary in {err[-1500:]!r}")
+            out[f"{tag}_i{ms}_checkpoints_per_s"] = float(m[3])
+            out[f"{tag}_i{ms}_pause_ms_median"] = float(m[5])
+            out[f"{tag}_i{ms}_wire_bytes_per_epoch"] = float(m[7])
+        # Stock: libxc prints a progress line per checkpoint; count them over the window.
+        job = h.spawn(f"exec xl remus -F -n -d -i {ms} -s '' {spec.name} 'xl migrate-receive -r'")
+        job.wait_output(STOCK_CKPT.pattern, 600, stderr=True)
+        n0, t0 = len(STOCK_CKPT.findall(job.stderr())), time.monotonic()
+        time.sleep(seconds)
+        n1, t1 = len(STOCK_CKPT.findall(job.stderr())), time.monotonic()
+        pages = [int(x) for x in STOCK_CKPT.findall(job.stderr())[n0:n1]]
+        stop_backup(job)
+        out[f"xl_i{ms}_checkpoints_per_s"] = (n1 - n0) / (t1 - t0)
+        out[f"xl_i{ms}_dirty_pages_mean"] = sum(pages) / len(pages) if pages else 0.0
+        out[f"i{ms}_checkpoints_per_s_ours_vs_xl"] = (
+            out[f"ours_i{ms}_checkpoints_per_s"] / out[f"xl_i{ms}_checkpoints_per_s"]
+            if n1 > n0 else 0.0)
+    out["i200_compression_ratio"] = (out["ours_u_i200_wire_bytes_per_epoch"]
+                                     / out["ours_i200_wire_bytes_per_epoch"])
+    h.run(f"xl destroy {spec.name}", timeout=60)
     return out
 
 
