@@ -23,17 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xen_remus.bench.fakes import MemGuest
-from xen_remus.bench.remus import NR_PFNS, _Domain, _NoDevices
-from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
-from xen_remus.remus.link import ReceiverLink, SenderLink
-from xen_remus.remus.negotiate import Extensions
-from xen_remus.remus.stats import EpochStats
+from xen_remus.bench.remus import fake_loop
+from xen_remus.remus.channel import Config, ReceiverChannel
+from xen_remus.remus.link import ReceiverLink
 from xen_remus.restore_continuous import Receiver, Upstream, _Beating, _read_beating, write_all
-from xen_remus.save.checkpoint import CheckpointEmitter
-from xen_remus.save.pages import PAGE_SIZE
-from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.save_continuous import RemusLoop
 from xen_remus.stream.events import Buffer
 
 CHUNK = 8 << 10  # socat's default block size: the lab's receiver reads from socat
@@ -61,39 +55,23 @@ class _NullSink:
 def sender(compress: bool, epochs: int, dirty: int, out_fd: int,
            prof: cProfile.Profile | None) -> tuple[list[float], list[int]]:
     """CPU ms of each epoch's checkpoint() and the stream offset after each epoch."""
-    dom, rng = _Domain(), np.random.default_rng(2)
     rfd, wfd = os.pipe()
     cpu: list[float] = []
     ends: list[int] = []
+
+    class Timed(RemusLoop):
+        def checkpoint(self, epoch: int, pending: np.ndarray | None) -> None:
+            if prof is not None and epoch > 0:
+                prof.enable()
+            t0 = time.process_time()
+            super().checkpoint(epoch, pending)
+            cpu.append((time.process_time() - t0) * 1000)
+            if prof is not None:
+                prof.disable()
+
     try:
-        chan = SenderChannel(Config(ack=False, compression=compress), time.monotonic())
-        offer = Extensions(ack=False, heartbeat=None, lz4_xor_mib=256 if compress else None)
-        chan.feed_back(offer.offer_line(), time.monotonic())
-        link = SenderLink(chan, out_fd, rfd)
-        out = CheckpointEmitter(link, None)
-        engine = SaveEngine(dom, MemGuest(NR_PFNS), out, PrecopyPolicy(1, 10 ** 9))
-
-        def on_epoch(st: EpochStats) -> None:
-            ends.append(link.offset)
-            if st.epoch >= epochs:
-                loop.stop()
-            pfns = np.sort(rng.choice(NR_PFNS, dirty, replace=False))
-            for off in rng.integers(0, PAGE_SIZE, 4):  # a few bytes of each page
-                dom.mem[pfns, off] += 1
-            dom.dirty = pfns.astype(np.uint64)
-
-        class Timed(RemusLoop):
-            def checkpoint(self, epoch: int, pending: np.ndarray | None) -> None:
-                if prof is not None and epoch > 0:
-                    prof.enable()
-                t0 = time.process_time()
-                super().checkpoint(epoch, pending)
-                cpu.append((time.process_time() - t0) * 1000)
-                if prof is not None:
-                    prof.disable()
-
-        loop = Timed(engine, out, link, _NoDevices(), 0.0, on_epoch=on_epoch)
-        loop.run()
+        fake_loop(compress, out_fd, rfd, epochs, dirty,
+                  lambda _st, link: ends.append(link.offset), Timed)
         return cpu, ends
     finally:
         os.close(rfd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -96,31 +97,40 @@ class _NoDevices:
         pass
 
 
-def _loop(compress: bool) -> list[EpochStats]:
+def fake_loop(compress: bool, out_fd: int, back_fd: int, epochs: int, dirty: int,
+              on_stats: Callable[[EpochStats, SenderLink], None] | None = None,
+              loop_cls: type[RemusLoop] = RemusLoop) -> None:
+    """RemusLoop over the in-memory guest for ``epochs`` epochs, ``dirty`` pages dirtied per
+    epoch (a few bytes each), the stream into ``out_fd``, ``back_fd`` a silent back channel."""
     dom, rng = _Domain(), np.random.default_rng(2)
+    chan = SenderChannel(Config(ack=False, compression=compress), time.monotonic())
+    # What a backup offering compression only would say (no ACK, no heartbeats).
+    offer = Extensions(ack=False, heartbeat=None, lz4_xor_mib=256 if compress else None)
+    chan.feed_back(offer.offer_line(), time.monotonic())
+    link = SenderLink(chan, out_fd, back_fd)
+    out = CheckpointEmitter(link, None)
+    engine = SaveEngine(dom, MemGuest(NR_PFNS), out, PrecopyPolicy(1, 10 ** 9))
+
+    def on_epoch(st: EpochStats) -> None:
+        if on_stats is not None:
+            on_stats(st, link)
+        if st.epoch >= epochs:
+            loop.stop()
+        pfns = np.sort(rng.choice(NR_PFNS, dirty, replace=False))
+        for off in rng.integers(0, PAGE_SIZE, 4):  # a few bytes of each page
+            dom.mem[pfns, off] += 1
+        dom.dirty = pfns.astype(np.uint64)
+
+    loop = loop_cls(engine, out, link, _NoDevices(), 0.0, on_epoch=on_epoch)
+    loop.run()
+
+
+def _loop(compress: bool) -> list[EpochStats]:
     null = os.open(os.devnull, os.O_WRONLY)
     rfd, wfd = os.pipe()
+    stats: list[EpochStats] = []
     try:
-        chan = SenderChannel(Config(ack=False, compression=compress), time.monotonic())
-        # What a backup offering compression only would say (no ACK, no heartbeats).
-        offer = Extensions(ack=False, heartbeat=None, lz4_xor_mib=256 if compress else None)
-        chan.feed_back(offer.offer_line(), time.monotonic())
-        link = SenderLink(chan, null, rfd)
-        out = CheckpointEmitter(link, None)
-        engine = SaveEngine(dom, MemGuest(NR_PFNS), out, PrecopyPolicy(1, 10 ** 9))
-        stats: list[EpochStats] = []
-
-        def on_epoch(st: EpochStats) -> None:
-            stats.append(st)
-            if st.epoch >= EPOCHS:
-                loop.stop()
-            pfns = np.sort(rng.choice(NR_PFNS, DIRTY, replace=False))
-            for off in rng.integers(0, PAGE_SIZE, 4):  # a few bytes of each page
-                dom.mem[pfns, off] += 1
-            dom.dirty = pfns.astype(np.uint64)
-
-        loop = RemusLoop(engine, out, link, _NoDevices(), 0.0, on_epoch=on_epoch)
-        loop.run()
+        fake_loop(compress, null, rfd, EPOCHS, DIRTY, lambda st, _link: stats.append(st))
         return stats[1:]
     finally:
         for fd in (null, rfd, wfd):
