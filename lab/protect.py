@@ -42,6 +42,13 @@ PROTECTORS = {
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
         sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
     ),
+    # Stock xl remus into our receiver (issue 6): no heartbeats from a stock sender, so
+    # keepalive and --idle-timeout notice a dead primary.
+    "xl-ours": Protector(
+        receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
+                 "--idle-timeout 5",
+        sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
+    ),
     # Ours: output commit on (IFB + plug per vif), ACK, heartbeats (HB_MS), compression.
     "xen-remus": Protector(
         receiver=OURS_RECEIVER,

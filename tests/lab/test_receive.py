@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab import guest
+from lab import guest, protect
 from lab.build import pattern_sha256
 from lab.guest import GuestSpec
 from lab.host import Host, Job
@@ -81,17 +81,11 @@ def test_stock_remus_into_our_receiver_kill_host_a(lab_two: Lab) -> None:
     spec = GuestSpec(name="rrm", ip="169.254.20.22", mac="00:16:3e:00:00:22")
     try:
         guest.create(a, spec, timeout=240)
-        recv = b.spawn("exec python3 /mnt/project/lab/dom0tools/ka_exec.py 8022 "
-                       f"{RECV} -r --idle-timeout 5")
-        recv.wait_output(r"listening", 60, stderr=True)
-        send = a.spawn(f"exec xl remus -F -n -d -i 200 -s '' {spec.name} "
-                       f"'socat - TCP:{b.ip}:8022'")
-        deadline = time.monotonic() + 400
-        while guest.domain_state(b, f"{spec.name}--incoming") is None:
-            assert not send.done(), f"xl remus ended: {send.stderr()}\n{recv.stderr()}"
-            assert time.monotonic() < deadline, f"no backup copy:\n{recv.stderr()}"
-            time.sleep(2)
+        # Until B holds the whole initial copy (a kill before that has nothing to fail
+        # over to: run 20261126-040206 killed A 10 s after B's domain appeared, at 17 MB).
+        recv, send = protect.protect(a, b, spec, "xl-ours", port=8022)
         time.sleep(10)  # some checkpoints
+        assert not send.done(), f"xl remus ended: {send.stderr()}\n{recv.stderr()}"
         before = guest.last_tick(a, spec.name)  # console: see test_xl_remus_failover...
         a.kill()
         print(f"\nkilled host A at counter {before.value} (its console)")
