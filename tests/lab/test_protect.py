@@ -50,8 +50,10 @@ def kill_at(moment: str, send: Job) -> None:
 
 def landed(recv_err: str) -> str:
     m = re.search(r"discarding partial epoch (\d+) \((\d+) bytes", recv_err)
-    if m:
+    if m and int(m[2]) > 4096:  # less: a heartbeat or two after the last epoch
         return f"mid-epoch: B discarded {m[2]} bytes of epoch {m[1]}"
+    if m:
+        return f"between epochs (B had {m[2]} bytes after epoch {int(m[1]) - 1})"
     m = re.search(r"resuming from epoch (\d+)", recv_err)
     return f"at an epoch boundary (after epoch {m[1] if m else '?'})"
 
