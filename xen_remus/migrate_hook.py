@@ -23,9 +23,24 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.remus.status_cli",
     "xen_remus.protect_cli",
 )
+# Which of them a command needs (protect_cli adds --remus to save_cli's migrate). Only those
+# are imported: numpy and the rest cost seconds in a dom0 under TCG, minutes when loaded.
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "stream": ("xen_remus.stream.cli",),
+    "save": ("xen_remus.save_cli",),
+    "migrate": ("xen_remus.save_cli", "xen_remus.protect_cli"),
+    "migrate-receive": ("xen_remus.receive_cli",),
+    "status": ("xen_remus.remus.status_cli",),
+    "protect": ("xen_remus.protect_cli",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the global options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xen-remus",
         description="Remus high availability for Xen guests, on the stock Xen toolstack.",
@@ -33,13 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xen-remus {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in COMMANDS.get(command or "", COMMAND_MODULES):
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -351,18 +351,25 @@ class RemusLoop:
         self.out.buffering = True
         t0 = self.clock()
         e.suspend()
+        ts = self.clock()
         if pending is not None:
             e.send_final(pending)  # epoch 0: what pre-copy left, plus deferred pages
         else:
             e.send_pages(e.dom.logdirty_clean(final=True), live=False)
         dirty = e.stats.rounds.pop().pages  # one record per epoch: keep the list short
+        tp = self.clock()
         e.end_of_checkpoint()
         e.out.checkpoint()
+        tv = self.clock()
         self.devices.postsuspend(epoch)  # net: a new output buffer starts here
         self.devices.preresume()
+        td = self.clock()
         e.resume()
         self.out.buffering = False
         t1 = self.clock()
+        log.debug("epoch %d pause: suspend %.1f, pages %.1f, vcpu/state %.1f, devices %.1f, "
+                  "resume %.1f ms", epoch, (ts - t0) * 1e3, (tp - ts) * 1e3, (tv - tp) * 1e3,
+                  (td - tv) * 1e3, (t1 - td) * 1e3)
         self.out.transmit()
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)

@@ -150,6 +150,8 @@ def run() -> dict[str, float]:
             "compression_ratio": raw / wire}
 
 
+PHASES = re.compile(r"pause: suspend ([\d.]+), pages ([\d.]+), vcpu/state ([\d.]+), "
+                    r"devices ([\d.]+), resume ([\d.]+) ms")
 STOCK_CKPT = re.compile(r"Checkpointed save: (\d+)/")
 OURS_SUMMARY = re.compile(r"(\d+) checkpoints in ([\d.]+) s \(([\d.]+)/s\); pause mean "
                           r"([\d.]+) ms, median ([\d.]+) ms.*?bytes (\d+) -> (\d+) per epoch")
@@ -184,7 +186,7 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
 
     for ms in (10, 25, 200):
         for flags, tag in (("", "ours"), ("-u ", "ours_u")) if ms == 200 else (("", "ours"),):
-            job = h.spawn(f"exec {xr} -v protect {flags}-F -n -d -i {ms} -s '' {spec.name} "
+            job = h.spawn(f"exec {xr} -vv protect {flags}-F -n -d -i {ms} -s '' {spec.name} "
                           f"'{xr} migrate-receive -r'")
             job.wait_output(r"protecting", 600, stderr=True)
             time.sleep(seconds)
@@ -195,6 +197,11 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
             out[f"{tag}_i{ms}_checkpoints_per_s"] = float(m[3])
             out[f"{tag}_i{ms}_pause_ms_median"] = float(m[5])
             out[f"{tag}_i{ms}_wire_bytes_per_epoch"] = float(m[7])
+            phases = [[float(x) for x in p] for p in PHASES.findall(err)[1:]]  # not epoch 0
+            for i, name in enumerate(("suspend", "pages", "state", "devices", "resume")):
+                if phases:
+                    col = sorted(p[i] for p in phases)
+                    out[f"{tag}_i{ms}_{name}_ms_median"] = col[len(col) // 2]
         # Stock: libxc prints a progress line per checkpoint; count them over the window.
         job = h.spawn(f"exec xl remus -F -n -d -i {ms} -s '' {spec.name} 'xl migrate-receive -r'")
         job.wait_output(STOCK_CKPT.pattern, 600, stderr=True)

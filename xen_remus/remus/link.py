@@ -32,6 +32,7 @@ from xen_remus.remus.stats import EpochStats
 from xen_remus.stream.events import Buffer
 
 IOV_MAX = 1024
+WRITE_CHUNK = 256 << 10  # bytes offered per writev: more than a pipe holds
 READ_MAX = 65536
 Clock = Callable[[], float]
 
@@ -164,7 +165,12 @@ class SenderLink(_Heartbeats):
             det = self.chan.detector
             raise self._lost(f"no word from it for {det.silence(now) if det else 0:.2f} s "
                              "(heartbeat timeout)")
-        wake = [t for t in (until, self.chan.wake_at()) if t is not None]
+        # Mid-record (want_write) no heartbeat can go out, so only the backup's deadline
+        # bounds the wait: a heartbeat already due would make select spin and starve the
+        # transport process (socat) of the dom0 CPU it needs to drain the pipe.
+        det = self.chan.detector
+        timer = (det.deadline if det is not None else None) if want_write else self.chan.wake_at()
+        wake = [t for t in (until, timer) if t is not None]
         timeout = max(0.0, min(wake) - now) if wake else None
         r, w, _ = select.select([self.recv_fd], [self.send_fd] if want_write else [], [],
                                 timeout)
@@ -184,8 +190,14 @@ class SenderLink(_Heartbeats):
         while i < len(views):
             if not self._wait(True, None):
                 continue
+            # Offer about what the pipe can take: writev turns every buffer offered into
+            # an iovec, and the transport drains the pipe a few KiB at a time.
+            j, size = i, 0
+            while j < len(views) and j - i < IOV_MAX and size < WRITE_CHUNK:
+                size += views[j].nbytes
+                j += 1
             try:
-                n = os.writev(self.send_fd, views[i:i + IOV_MAX])
+                n = os.writev(self.send_fd, views[i:j])
             except BlockingIOError:
                 continue
             except OSError as exc:

@@ -24,10 +24,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xen_remus.remus.errors import ChannelError
-from xen_remus.stream.events import Buffer
+
+if TYPE_CHECKING:  # `xen-remus status` imports this: the stream package pulls in numpy
+    from xen_remus.stream.events import Buffer
 
 RUN_DIR = "/run/xen-remus"
 FORMAT = 1

@@ -46,3 +46,4 @@ def test_receiver_rune() -> None:
     assert receiver_rune("hb", None, True, True) == "exec ssh hb xl migrate-receive -r -e"
     assert receiver_rune("hb", "rsh -p 2", False, False).startswith("exec rsh -p 2 hb ")
     assert receiver_rune("socat - TCP:b:1", "", False, False) == "socat - TCP:b:1"
+

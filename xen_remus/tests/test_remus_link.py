@@ -4,10 +4,12 @@ is detected by silence within the timeout; ACK waits; heartbeats while idle."""
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -108,6 +110,41 @@ def test_heartbeats_from_the_backup_keep_a_slow_write_going(pipes: Pipes) -> Non
         os.waitpid(pid, 0)
     assert pipes.link.offset == start + len(payload)
 
+
+
+def test_a_blocked_write_does_not_spin_when_a_heartbeat_is_due(
+        pipes: Pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mid-record no heartbeat can be sent; a due one must not turn the wait for the pipe
+    into a busy loop (in a TCG dom0 that starved socat: 0.5 MB/s epochs)."""
+    calls = 0
+    real = select.select
+
+    def counting(*a: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*a)
+
+    monkeypatch.setattr(select, "select", counting)
+    rl = ReceiverLink(pipes.rcv, pipes.back_w)
+    payload = bytes(384 << 10)
+    pid = os.fork()
+    if pid == 0:  # a backup that drains 64 KiB every 250 ms (> the heartbeat interval)
+        try:
+            got, deadline = 0, time.monotonic() + 5
+            while got < len(payload) and time.monotonic() < deadline:
+                time.sleep(0.25)
+                rl.tick()
+                got += len(drain(pipes.fwd_r))
+        finally:
+            os._exit(0)
+    try:
+        t0 = time.monotonic()
+        pipes.link.write([payload])  # ~1.5 s; a heartbeat falls due between drains
+        took = time.monotonic() - t0
+    finally:
+        os.waitpid(pid, 0)
+    assert took > 0.3  # the write did block, long enough for heartbeats to fall due
+    assert calls < 200, f"{calls} selects in {took:.2f} s: the wait spins"
 
 def test_wait_ack_and_idle_heartbeats(pipes: Pipes) -> None:
     link = pipes.link
