@@ -171,7 +171,7 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
     copy, at -i 10, 25 and 200, then the backup is killed (the primary goes on)."""
     from lab import guest
 
-    xr = "cd /mnt/project && python3 -m xen_remus"
+    xr = "python3 -m xen_remus"  # run from /mnt/project (the checkout)
     spec = guest.GuestSpec(name="brem", kind="pv", ip="169.254.20.52", mac="00:16:3e:00:03:02")
     out: dict[str, float] = {}
     guest.create(h, spec, timeout=240)
@@ -186,8 +186,8 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
 
     for ms in (10, 25, 200):
         for flags, tag in (("", "ours"), ("-u ", "ours_u")) if ms == 200 else (("", "ours"),):
-            job = h.spawn(f"exec {xr} -vv protect {flags}-F -n -d -i {ms} -s '' {spec.name} "
-                          f"'{xr} migrate-receive -r'")
+            job = h.spawn(f"cd /mnt/project && exec {xr} -vv protect {flags}-F -n -d -i {ms} "
+                          f"-s '' {spec.name} 'cd /mnt/project && {xr} migrate-receive -r'")
             job.wait_output(r"protecting", 600, stderr=True)
             time.sleep(seconds)
             err = stop_backup(job)

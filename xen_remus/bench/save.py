@@ -140,6 +140,7 @@ def lab_figures(h: Any) -> dict[str, float]:
 
     # What of our time is Python starting and importing the save path (dom0, 9p, TCG).
     out["ours_import_s"] = timed("cd /mnt/project && python3 -c 'import xen_remus.save_cli'")
+    out["python_numpy_import_s"] = timed("python3 -c 'import numpy'")  # dom0's own disk
     ours = timed(f"{xr} save {spec.name} /tmp/b.save")
     timed("xl restore /tmp/b.save && rm /tmp/b.save")
     stock = timed(f"xl save {spec.name} /tmp/b.save")
