@@ -177,8 +177,10 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
     guest.create(h, spec, timeout=240)
 
     def stop_backup(job: Any) -> str:
-        h.run("pkill -9 -f migrate-receive; sleep 2; xl destroy brem--incoming 2>/dev/null;"
-              " true", timeout=120)
+        # Anchored: the senders' own command lines name the receiver command too.
+        h.run("pkill -9 -f '^(/bin/sh -c )?(cd /mnt/project && )?(python3 -m xen_remus |xl )"
+              "migrate-receive'; sleep 2; xl destroy brem--incoming 2>/dev/null; true",
+              timeout=120)
         r = job.wait(180)
         if guest.domain_state(h, spec.name) is None:
             raise RuntimeError(f"{spec.name} gone after its backup was killed: {r.stderr[-1500:]}")
