@@ -87,23 +87,29 @@ def test_backup_that_stops_draining_is_lost_after_the_timeout(pipes: Pipes) -> N
     assert 0 < pipes.link.offset < 4 << 20
 
 
-def test_heartbeats_from_the_backup_keep_a_slow_write_going(pipes: Pipes) -> None:
-    """While the stream is blocked, words from the backup keep it alive; once it drains,
-    the write completes."""
+def slow_backup(pipes: Pipes, nbytes: int, every: float) -> int:
+    """Fork a backup that drains the stream every ``every`` s and heartbeats, until it has
+    ``nbytes`` (bounded: 5 s). Returns its pid."""
     rl = ReceiverLink(pipes.rcv, pipes.back_w)
-    payload = bytes(1 << 20)
-    start = pipes.link.offset
-    got = 0
-    deadline = time.monotonic() + 5
     pid = os.fork()
-    if pid == 0:  # the backup: slow reader that heartbeats
+    if pid == 0:
         try:
-            while got < len(payload) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            got, deadline = 0, time.monotonic() + 5
+            while got < nbytes and time.monotonic() < deadline:
+                time.sleep(every)
                 rl.tick()
                 got += len(drain(pipes.fwd_r))
         finally:
             os._exit(0)
+    return pid
+
+
+def test_heartbeats_from_the_backup_keep_a_slow_write_going(pipes: Pipes) -> None:
+    """While the stream is blocked, words from the backup keep it alive; once it drains,
+    the write completes."""
+    payload = bytes(1 << 20)
+    start = pipes.link.offset
+    pid = slow_backup(pipes, len(payload), 0.02)
     try:
         pipes.link.write([payload])
     finally:
@@ -111,11 +117,10 @@ def test_heartbeats_from_the_backup_keep_a_slow_write_going(pipes: Pipes) -> Non
     assert pipes.link.offset == start + len(payload)
 
 
-
 def test_a_blocked_write_does_not_spin_when_a_heartbeat_is_due(
         pipes: Pipes, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mid-record no heartbeat can be sent; a due one must not turn the wait for the pipe
-    into a busy loop (in a TCG dom0 that starved socat: 0.5 MB/s epochs)."""
+    into a busy loop that takes the CPU from the process draining it."""
     calls = 0
     real = select.select
 
@@ -125,18 +130,8 @@ def test_a_blocked_write_does_not_spin_when_a_heartbeat_is_due(
         return real(*a)
 
     monkeypatch.setattr(select, "select", counting)
-    rl = ReceiverLink(pipes.rcv, pipes.back_w)
     payload = bytes(384 << 10)
-    pid = os.fork()
-    if pid == 0:  # a backup that drains 64 KiB every 250 ms (> the heartbeat interval)
-        try:
-            got, deadline = 0, time.monotonic() + 5
-            while got < len(payload) and time.monotonic() < deadline:
-                time.sleep(0.25)
-                rl.tick()
-                got += len(drain(pipes.fwd_r))
-        finally:
-            os._exit(0)
+    pid = slow_backup(pipes, len(payload), 0.25)  # drains less often than it heartbeats
     try:
         t0 = time.monotonic()
         pipes.link.write([payload])  # ~1.5 s; a heartbeat falls due between drains
@@ -145,6 +140,7 @@ def test_a_blocked_write_does_not_spin_when_a_heartbeat_is_due(
         os.waitpid(pid, 0)
     assert took > 0.3  # the write did block, long enough for heartbeats to fall due
     assert calls < 200, f"{calls} selects in {took:.2f} s: the wait spins"
+
 
 def test_wait_ack_and_idle_heartbeats(pipes: Pipes) -> None:
     link = pipes.link
