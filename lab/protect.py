@@ -61,6 +61,12 @@ PROTECTORS = {
         sender=OURS + " -F -n -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # -u -n: seconds-long sends, no output commit: a kill mid-send shows what buffering saves.
+    "xen-remus-un": Protector(
+        receiver=OURS_RECEIVER,
+        sender=OURS + " -u -F -n -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
+    ),
     # No compression (-u): tells the epoch loop apart from the lz4-over-XOR records.
     "xen-remus-u": Protector(
         receiver=OURS_RECEIVER,
