@@ -166,8 +166,8 @@ class SenderLink(_Heartbeats):
             raise self._lost(f"no word from it for {det.silence(now) if det else 0:.2f} s "
                              "(heartbeat timeout)")
         # Mid-record (want_write) no heartbeat can go out, so only the backup's deadline
-        # bounds the wait: a heartbeat already due would make select spin and starve the
-        # transport process (socat) of the dom0 CPU it needs to drain the pipe.
+        # bounds the wait: a heartbeat already due would turn select into a busy loop for
+        # as long as the transport does not drain the pipe.
         det = self.chan.detector
         timer = (det.deadline if det is not None else None) if want_write else self.chan.wake_at()
         wake = [t for t in (until, timer) if t is not None]
