@@ -96,6 +96,13 @@ def last_tick(host: Host, name: str) -> Counter:
     return Counter(*found[-1])
 
 
+def mem_free(host: Host, name: str) -> list[tuple[int, int]]:
+    """(tick, MemFree kB) of every memory line the guest printed on `host`, by tick."""
+    found = re.findall(r"XRGUEST tick (\d+)[^\n]*\nXRGUEST mem [^\n]*MemFree:(\d+)",
+                       host.guest_console(name))
+    return sorted({(int(t), int(f)) for t, f in found})
+
+
 def parse_counter(line: str) -> Counter:
     m = re.search(r"counter=(\d+) bootid=(\w+)", line)
     if not m:
