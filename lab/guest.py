@@ -132,6 +132,25 @@ def pattern_sha(host: Host, spec: GuestSpec, timeout: float = 30.0) -> str:
     return m.group(1)
 
 
+def advancing(host: Host, spec: GuestSpec, after: Counter, timeout: float = 60.0) -> Counter:
+    """The guest's counter, once it has moved past `after` (same boot: not a restart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = counter(host, spec)
+        if c.bootid != after.bootid:
+            raise LabError(f"{spec.name} rebooted: boot id {after.bootid} -> {c}")
+        if c.value > after.value:
+            return c
+        if time.monotonic() > deadline:
+            raise LabError(f"{spec.name} counter stuck at {c.value} for {timeout:.0f} s")
+        time.sleep(1)
+
+
+def destroy(host: Host, name: str) -> None:
+    """`xl destroy` if the domain exists; never fails (clean-up)."""
+    host.run(f"xl destroy {name} 2>/dev/null; true", timeout=60)
+
+
 def domain_state(host: Host, name: str) -> str | None:
     """The xl list state column (e.g. 'r-----', '-b----', '--p---'), None if absent."""
     r = host.run(f"xl list {name} 2>/dev/null | tail -n +2", timeout=30)

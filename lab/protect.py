@@ -55,6 +55,13 @@ PROTECTORS = {
         sender=OURS + " -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # The same with a line per committed epoch on B (-vv): a test can kill host A after
+    # B committed an epoch whose ACK has not reached A.
+    "xen-remus-vv": Protector(
+        receiver=OURS_RECEIVER.replace("xen_remus migrate", "xen_remus -vv migrate"),
+        sender=OURS + " -F -d -s '' {name} "
+               "'socat - TCP:{bip}:{port}'",
+    ),
     # The same without network buffering, for contrast (as xl's -n).
     "xen-remus-n": Protector(
         receiver=OURS_RECEIVER,

@@ -103,7 +103,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
         None, pytest.TestReport, None]:
     outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
+    report = outcome.get_result()
     lab = _state["lab"]
     if report.failed and item.get_closest_marker("lab") and isinstance(lab, Lab):
         report.sections.append(("lab logs", lab.logs()))

@@ -18,17 +18,13 @@ from typing import Any
 import pytest
 
 from lab import guest, protect
-from lab.guest import GuestSpec
+from lab.guest import GuestSpec, destroy
 from lab.host import Host, Job
 from lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 
 CLIENT = protect.COUNTER_CLIENT
-
-
-def destroy(host: Host, name: str) -> None:
-    host.run(f"xl destroy {name} 2>/dev/null; true", timeout=60)
 
 
 def client_events(out: str) -> list[dict[str, Any]]:
@@ -39,17 +35,43 @@ def client_events(out: str) -> list[dict[str, Any]]:
 # cycle after an ACK: the interval (0.2 s), the pause (guest suspended, ~0.4-0.9 s), the
 # send (~0.2 s compressed, ~4 s with -u), the backup committing it (~0.5 s), its ACK.
 MOMENTS = {"after-ack": 0.0, "in-pause": 0.4, "mid-send": 2.0}
+# B's NIC on the inter-host link (the virtio NIC in xenbr0, lab/dom0/init).
+LINK_NIC = ("for n in /sys/class/net/*; do [ \"$(basename \"$(readlink -f $n/device/driver)\")\" "
+            "= virtio_net ] && basename $n; done; true")
+COMMITTED = re.compile(r"epoch (\d+) committed")
 
 
-def kill_at(moment: str, send: Job) -> None:
+def acked(send: Job) -> int:
+    """The newest epoch the sender says the backup ACKed (-1: none yet)."""
+    found = re.findall(r"^epoch (\d+): ", send.stderr(), re.M)
+    return int(found[-1]) if found else -1
+
+
+def kill_at(moment: str, send: Job, b: Host, recv: Job) -> str:
     """Wait for the moment of the epoch cycle at which host A dies (the sender's stderr is
-    read on the share from this side, within ~0.2 s). "steady": wherever the loop is."""
+    read on the share from this side, within ~0.2 s). "steady": wherever the loop is.
+    "before-ack": B's frames to A are held (a plug qdisc on B's link NIC) until B has
+    committed an epoch A has not had the ACK of; returns B's link NIC (to unplug)."""
     if moment == "steady":
-        return
-    acked = re.findall(r"^epoch (\d+): ", send.stderr(), re.M)
-    nxt = int(acked[-1]) + 1 if acked else 1
+        return ""
+    if moment == "before-ack":
+        nic = b.run(LINK_NIC, timeout=30, check=True).stdout.split()[0]
+        b.run(f"tc qdisc add dev {nic} root plug limit 10000000 && "
+              f"tc qdisc change dev {nic} root plug block", timeout=30, check=True)
+        # A's heartbeat timeout (6 s) must not pass before the kill: B's heartbeats are held.
+        deadline = time.monotonic() + 4
+        while True:
+            done = [int(e) for e in COMMITTED.findall(recv.stderr())]
+            if done and done[-1] > acked(send):
+                return nic
+            assert time.monotonic() < deadline, (
+                f"B committed nothing new within 4 s of plugging its link (B: {done[-3:]}, "
+                f"A's last ACK: {acked(send)})")
+            time.sleep(0.05)
+    nxt = acked(send) + 1
     send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)  # the backup ACKed it
     time.sleep(MOMENTS[moment])
+    return ""
 
 
 def landed(recv_err: str) -> str:
@@ -68,10 +90,9 @@ def landed(recv_err: str) -> str:
     ("xen-remus", "pv", "after-ack"), ("xen-remus", "pv", "in-pause"),
     ("xen-remus-u", "pv", "mid-send"), ("xen-remus-un", "pv", "mid-send"),
     ("xen-remus-n", "pv", "steady"), ("xen-remus-stock", "pv", "steady"),
-    ("xen-remus", "pvh", "steady"),
+    ("xen-remus", "pvh", "steady"), ("xen-remus-vv", "pv", "before-ack"),
 ], ids=["xen-remus", "xen-remus-u", "after-ack", "in-pause", "mid-send", "mid-send-n",
-         "xen-remus-n",
-        "xen-remus-stock", "xen-remus-pvh"])
+        "xen-remus-n", "xen-remus-stock", "xen-remus-pvh", "before-ack"])
 def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="pt", kind=kind, ip="169.254.20.7", mac="00:16:3e:00:00:07")
@@ -88,14 +109,17 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
         st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=120)
         print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
         assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
-        kill_at(moment, send)
+        nic = kill_at(moment, send, b, recv)
         seen = [e for e in client_events(client.output()) if "counter" in e]
         assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
         before = guest.Counter(seen[-1]["counter"], seen[-1]["bootid"])
         top = max(e["counter"] for e in seen)
         a.kill()
         t_kill = time.time()
-        print(f"[{how}] killed host A; highest counter seen by clients {top}")
+        if nic:  # A is gone: B's held frames may go (to the guest, once it runs on B)
+            b.run(f"tc qdisc del dev {nic} root", timeout=30, check=True)
+        print(f"[{how}] killed host A; highest counter seen by clients {top}; A's last ACK: "
+              f"epoch {acked(send)}")
         running = protect.wait_failover(b, spec, recv, timeout=240)
         after = guest.counter(b, spec)
         assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
@@ -115,6 +139,9 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
               f"went back {backwards or 'never'}, connection "
               f"{'broke: ' + str(breaks) if breaks else 'survived'}")
         print(f"[{how}] host A died {moment}, {landed(recv.stderr())}")
+        if moment == "before-ack":  # B resumed from an epoch whose ACK A never had
+            resumed = re.search(r"resuming from epoch (\d+)", recv.stderr())
+            assert resumed and int(resumed[1]) > acked(send), recv.stderr()[-2000:]
         print(f"[{how}] receiver log tail:\n{recv.stderr()[-800:]}")
         if how not in ("xen-remus-n", "xen-remus-un"):  # output commit: nothing seen is lost
             assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"

@@ -12,28 +12,11 @@ import pytest
 
 from lab import guest, protect
 from lab.build import pattern_sha256
-from lab.guest import GuestSpec
+from lab.guest import GuestSpec, advancing, destroy
 from lab.host import Host
 from lab.lab import Lab
 
 pytestmark = pytest.mark.lab
-
-
-def advancing(host: Host, spec: GuestSpec, after: guest.Counter, timeout: float = 60.0
-              ) -> guest.Counter:
-    """The guest's counter, once it has moved past `after` (same boot: not a restart)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        c = guest.counter(host, spec)
-        assert c.bootid == after.bootid, f"{spec.name} rebooted: boot id {after.bootid} -> {c}"
-        if c.value > after.value:
-            return c
-        assert time.monotonic() < deadline, f"{spec.name} counter stuck at {c.value}"
-        time.sleep(1)
-
-
-def destroy(host: Host, name: str) -> None:
-    host.run(f"xl destroy {name} 2>/dev/null; true", timeout=60)
 
 
 @pytest.mark.lab(timeout=300)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lab import guest
-from lab.guest import GuestSpec
+from lab.guest import GuestSpec, destroy
 from lab.host import Host
 from lab.lab import Lab
 
@@ -25,10 +25,6 @@ pytestmark = pytest.mark.lab
 STREAM = "python3 -m xen_remus stream"
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
 GO_MESSAGE = b"domain is yours, you are cleared to unpause"  # tools/xl/xl_migrate.c
-
-
-def destroy(host: Host, name: str) -> None:
-    host.run(f"xl destroy {name} 2>/dev/null; true", timeout=60)
 
 
 def dump(host: Host, path: str, extra: str = "") -> list[dict[str, Any]]:

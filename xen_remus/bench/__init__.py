@@ -10,4 +10,4 @@ so a loaded machine slows both sides alike.
 SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save", "compress", "remus")
 # With --lab (``make bench``): sections with ``lab_figures(host)`` and ``LAB_TARGETS``, run
 # on one real-Xen lab host, ours against the stock C tools in the same run.
-LAB_SECTIONS: tuple[str, ...] = ("save", "remus")
+LAB_SECTIONS: tuple[str, ...] = ("save", "remus", "failover")
