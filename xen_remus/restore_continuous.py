@@ -125,6 +125,7 @@ class Receiver:
         self.on_header: Callable[[XlHeader], None] | None = None  # sees the config first
         self.rewrite: Callable[[Record], Sequence[Buffer] | None] | None = None
         self.on_commit: Callable[[int], None] | None = None  # the sink has the epoch whole
+        self._eof_why = "EOF"  # what ended the input, for the failover's log line
 
     @property
     def streaming(self) -> bool:
@@ -157,7 +158,10 @@ class Receiver:
             return self._broken(exc, eof=False)
         return self.outcome
 
-    def eof(self) -> Outcome:
+    def eof(self, why: str | None = None) -> Outcome:
+        """The input ended; ``why`` (e.g. a heartbeat timeout) goes into the log line."""
+        if why:
+            self._eof_why = why
         out = self.feed(b"") if self.outcome is None else self.outcome
         assert out is not None  # EOF always ends the stream one way or another
         return out
@@ -173,8 +177,8 @@ class Receiver:
                     self._commit_held()
                     self.outcome = Outcome("complete", self.committed, ev.offset)
                 else:
-                    self._failover(f"stream ended at offset {ev.offset} (EOF at an epoch "
-                                   "boundary)", None)
+                    self._failover(f"stream ended at offset {ev.offset} ({self._eof_why} "
+                                   "at an epoch boundary)", None)
                 return
             bufs = self._bufs(ev)
             if self.streaming:
@@ -227,7 +231,7 @@ class Receiver:
             self.outcome = Outcome("aborted", None, self.offset, why, error=exc)
             raise ReceiveError(why) from exc
         # EOF mid-epoch is the primary dying mid-send: a normal failover, no error.
-        kind = "EOF mid-epoch" if eof else "invalid stream"
+        kind = f"{self._eof_why} mid-epoch" if eof else "invalid stream"
         self._failover(f"{kind}: {exc}", None if eof else exc)
         assert self.outcome is not None
         return self.outcome
@@ -501,6 +505,12 @@ class Upstream:
         self.idle_timeout = idle_timeout
         self.io_timeout = io_timeout
         self.pending = b""
+        self.gone: str | None = None  # why a read returned b"" other than plain EOF
+
+    def lost(self, why: str) -> bytes:
+        log.warning("%s: treating the sender as gone", why)
+        self.gone = why
+        return b""
 
     def write(self, data: bytes) -> None:
         try:
@@ -514,20 +524,16 @@ class Upstream:
         try:
             return read_some(self.rfd, self.idle_timeout, "the sender")
         except IoTimeout:
-            log.warning("no data from the sender for %g s: treating it as gone",
-                        self.idle_timeout or 0)
-            return b""
+            return self.lost(f"no data from the sender for {self.idle_timeout or 0:g} s")
         except OSError as exc:
-            log.warning("reading the stream: %s: treating the sender as gone", exc)
-            return b""
+            return self.lost(f"reading the stream: {exc}")
 
     def read_ready(self) -> bytes:
         """Like read, for when poll/select has just said the stream is readable."""
         try:
             return os.read(self.rfd, READ_SIZE)
         except OSError as exc:
-            log.warning("reading the stream: %s: treating the sender as gone", exc)
-            return b""
+            return self.lost(f"reading the stream: {exc}")
 
     def read_within(self, timeout: float | None) -> bytes | None:
         """Like read, but None if nothing came within ``timeout`` (time to heartbeat)."""
@@ -536,8 +542,7 @@ class Upstream:
         except IoTimeout:
             return None
         except OSError as exc:
-            log.warning("reading the stream: %s: treating the sender as gone", exc)
-            return b""
+            return self.lost(f"reading the stream: {exc}")
 
     def await_go(self, proto: ReceiverSide) -> None:
         data, self.pending = self.pending, b""
@@ -593,7 +598,7 @@ def receive(upstream: Upstream, sink: XlSink, checkpointed: bool,
         while out is None:
             chunk = upstream.read() if link is None else _read_beating(
                 upstream, link, armed=rx.committed is not None)
-            out = rx.feed(chunk) if chunk else rx.eof()
+            out = rx.feed(chunk) if chunk else rx.eof(upstream.gone)
     finally:
         if link is not None:
             link.stop()
@@ -667,18 +672,15 @@ def _read_beating(upstream: Upstream, link: _Beating, armed: bool) -> bytes:
         if dead and not armed and det is not None:
             dead = det.silence(time.monotonic()) > det.timeout + INITIAL_GRACE_S
         if dead:
-            log.warning("no word from the primary for more than the heartbeat timeout: "
-                        "treating it as gone")
-            return b""
+            return upstream.lost("no word from the primary for more than the heartbeat "
+                                  "timeout")
         wait = link.timeout()
         if not armed and wait is not None:
             wait = max(wait, 0.05)  # in the grace the deadline has passed: do not spin
         if upstream.idle_timeout is not None:
             left = last + upstream.idle_timeout - time.monotonic()
             if left <= 0:
-                log.warning("no data from the sender for %g s: treating it as gone",
-                            upstream.idle_timeout)
-                return b""
+                return upstream.lost(f"no data from the sender for {upstream.idle_timeout:g} s")
             wait = left if wait is None else min(wait, left)
         chunk = upstream.read_within(wait)
         if chunk is not None:

@@ -152,6 +152,7 @@ def run() -> dict[str, float]:
 
 PHASES = re.compile(r"pause: suspend ([\d.]+), pages ([\d.]+), vcpu/state ([\d.]+), "
                     r"devices ([\d.]+), resume ([\d.]+) ms")
+EPOCH = re.compile(r"^epoch \d+: .*, send ([\d.]+) ms, ack ([\d.]+) ms$", re.M)
 STOCK_CKPT = re.compile(r"Checkpointed save: (\d+)/")
 OURS_SUMMARY = re.compile(r"(\d+) checkpoints in ([\d.]+) s \(([\d.]+)/s\); pause mean "
                           r"([\d.]+) ms, median ([\d.]+) ms.*?bytes (\d+) -> (\d+) per epoch")
@@ -200,10 +201,13 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
             out[f"{tag}_i{ms}_pause_ms_median"] = float(m[5])
             out[f"{tag}_i{ms}_wire_bytes_per_epoch"] = float(m[7])
             phases = [[float(x) for x in p] for p in PHASES.findall(err)[1:]]  # not epoch 0
-            for i, name in enumerate(("suspend", "pages", "state", "devices", "resume")):
-                if phases:
-                    col = sorted(p[i] for p in phases)
-                    out[f"{tag}_i{ms}_{name}_ms_median"] = col[len(col) // 2]
+            after = [[float(x) for x in p] for p in EPOCH.findall(err)[1:]]
+            for rows, names in ((phases, ("suspend", "pages", "state", "devices", "resume")),
+                                (after, ("send", "ack"))):
+                for i, name in enumerate(names):
+                    if rows:
+                        col = sorted(p[i] for p in rows)
+                        out[f"{tag}_i{ms}_{name}_ms_median"] = col[len(col) // 2]
         # Stock: libxc prints a progress line per checkpoint; count them over the window.
         job = h.spawn(f"exec xl remus -F -n -d -i {ms} -s '' {spec.name} 'xl migrate-receive -r'")
         job.wait_output(STOCK_CKPT.pattern, 600, stderr=True)

@@ -100,6 +100,21 @@ def test_checkpointed_eof_at_boundary_fails_over_to_last_epoch(chunk: int) -> No
     assert [c for c in sink.commits] == list(enumerate(ends))
 
 
+@pytest.mark.parametrize("cut_into", [0, 100])
+def test_failover_reason_names_what_ended_the_input(cut_into: int) -> None:
+    """A heartbeat timeout (or idle timeout) is named in the failover's reason, not
+    reported as a plain EOF; both at an epoch boundary and mid-epoch."""
+    data = stream(3, end=False)
+    cut = epoch_ends(data)[1] + cut_into
+    rx = Receiver(FakeSink(), checkpointed=True)
+    assert rx.feed(data[:cut]) is None
+    out = rx.eof("no word from the primary for more than the heartbeat timeout")
+    assert out.kind == "failover" and out.epoch == 1
+    where = "at an epoch boundary" if cut_into == 0 else "mid-epoch"
+    assert f"heartbeat timeout {where}" in out.reason, out.reason
+    assert "EOF" not in out.reason
+
+
 def test_cut_at_every_offset() -> None:
     """Whatever byte the stream stops at, the sink holds exactly the stream up to the last
     whole epoch (after epoch 0), and fails over from that epoch; before epoch 0 is whole
