@@ -124,11 +124,12 @@ def test_migrate_to_stock_receiver_same_host(lab_one: Any, kind: str) -> None:
     host.run(f"xl destroy {spec.name}", timeout=60)
 
 
+@pytest.mark.parametrize("kind", ["pv", "pvh"])
 @pytest.mark.lab(timeout=1200)
-def test_migrate_pv_to_stock_receiver_on_host_b(lab_two: Any) -> None:
+def test_migrate_to_stock_receiver_on_host_b(lab_two: Any, kind: str) -> None:
     """A -> B over the lab link: on B, socat hands the connection to `xl migrate-receive`;
     on A, our migrate uses `socat - TCP:B` as its -s '' transport."""
-    a, b, spec = lab_two.a, lab_two.b, spec_of("pv")
+    a, b, spec = lab_two.a, lab_two.b, spec_of(kind)
     b.run(f"xl destroy {spec.name} 2>/dev/null; true", timeout=60)
     before = fresh_guest(a, spec)
     port = 7801
@@ -137,7 +138,7 @@ def test_migrate_pv_to_stock_receiver_on_host_b(lab_two: Any) -> None:
     r, secs = timed(a, f"{XR} -v migrate -s '' {spec.name} "
                        f"'socat - TCP:{b.ip}:{port}'", 1000)
     assert r.rc == 0, f"xen-remus migrate failed:\n{r.stdout}\n{r.stderr}"
-    print(f"\npv: xen-remus migrate A->B {secs:.1f} s")
+    print(f"\n{kind}: xen-remus migrate A->B {secs:.1f} s")
     listener.wait(60)
     assert a.run(f"xl list {spec.name}", timeout=30).rc != 0, "source domain still on A"
     check_goes_on(b, spec, before)
