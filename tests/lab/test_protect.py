@@ -50,14 +50,22 @@ def acked(send: Job) -> int:
 def kill_at(moment: str, send: Job, b: Host, recv: Job) -> str:
     """Wait for the moment of the epoch cycle at which host A dies (the sender's stderr is
     read on the share from this side, within ~0.2 s). "steady": wherever the loop is.
-    "before-ack": B's frames to A are held (a plug qdisc on B's link NIC) until B has
-    committed an epoch A has not had the ACK of; returns B's link NIC (to unplug)."""
+    "before-ack": B's packets to A that carry data (the ACKs and heartbeats) are held
+    until B has committed an epoch A has not had the ACK of; returns B's link NIC (to
+    unplug). Pure TCP ACKs (IP length < 64) and ARP still flow: holding them too stops
+    A's send after one congestion window (lab run 20261126-081905: 15 KB into epoch 38)."""
     if moment == "steady":
         return ""
     if moment == "before-ack":
         nic = b.run(LINK_NIC, timeout=30, check=True).stdout.split()[0]
-        b.run(f"tc qdisc add dev {nic} root plug limit 10000000 && "
-              f"tc qdisc change dev {nic} root plug block", timeout=30, check=True)
+        b.run(f"tc qdisc add dev {nic} root handle 1: prio bands 2 priomap "
+              f"{' '.join(['1'] * 16)} && "
+              f"tc qdisc add dev {nic} parent 1:2 handle 20: plug limit 10000000 && "
+              f"tc qdisc change dev {nic} parent 1:2 handle 20: plug block && "
+              f"tc filter add dev {nic} parent 1: protocol ip prio 1 u32 "
+              f"match u16 0 0xffc0 at 2 flowid 1:1 && "
+              f"tc filter add dev {nic} parent 1: protocol arp prio 2 u32 "
+              f"match u32 0 0 flowid 1:1", timeout=30, check=True)
         # A's heartbeat timeout (6 s) must not pass before the kill: B's heartbeats are held.
         deadline = time.monotonic() + 4
         while True:
