@@ -10,7 +10,7 @@ import dataclasses
 import re
 import time
 
-from lab import guest
+from lab import failover, guest
 from lab.errors import LabError
 from lab.guest import GuestSpec
 from lab.host import Host, Job
@@ -135,12 +135,4 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
 def wait_failover(b: Host, spec: GuestSpec, recv: Job, timeout: float = 90.0) -> float:
     """Wait (bounded: stock migrate-receive -r can hang, LAB-NOTES 11) until the guest runs
     unpaused on B under its own name; return the seconds waited."""
-    t0 = time.monotonic()
-    while True:
-        state = guest.domain_state(b, spec.name)
-        if state and "p" not in state:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"no failover of {spec.name} to B within {timeout:.0f} s "
-                           f"(state {state})\n--- receiver stderr\n{recv.stderr()[-3000:]}")
-        time.sleep(1)
+    return failover.wait_running(b, spec.name, timeout, recv)
