@@ -49,17 +49,18 @@ def acked(send: Job) -> int:
 
 
 def hold_data_packets(nic: str) -> str:
-    """Shell for B's dom0: IPv4 packets of 64 bytes or more leaving ``nic`` (the ACKs and
-    heartbeats; pure TCP ACKs are 40-52) are redirected into a plugged IFB, with the
-    modules the lab's dom0 has (clsact, u32, mirred, ifb, plug): one u32 filter per
-    length bit 6-15, since u32 matches a mask, not a range."""
+    """Shell for B's dom0 that makes IPv4 packets of 64 bytes or more leaving ``nic`` (the
+    ACKs and heartbeats; pure TCP ACKs are 40-52) go through a plug qdisc on an IFB,
+    released for now; `plug block` on the IFB then holds them in one quick step. Built
+    from the modules the lab's dom0 has (clsact, u32, mirred, ifb, plug): one u32 filter
+    per length bit 6-15, since u32 matches a mask, not a range."""
     redirect = " && ".join(
         f"tc filter add dev {nic} egress protocol ip prio {bit} u32 "
         f"match u16 {1 << bit:#06x} {1 << bit:#06x} at 2 "
         f"action mirred egress redirect dev {HOLD_IFB}" for bit in range(6, 16))
     return (f"ip link add {HOLD_IFB} type ifb && ip link set {HOLD_IFB} up && "
             f"tc qdisc add dev {HOLD_IFB} root plug limit 10000000 && "
-            f"tc qdisc change dev {HOLD_IFB} root plug block && "
+            f"tc qdisc change dev {HOLD_IFB} root plug release_indefinite && "
             f"tc qdisc add dev {nic} clsact && {redirect}")
 
 
@@ -74,16 +75,25 @@ def kill_at(moment: str, send: Job, b: Host, recv: Job) -> str:
         return ""
     if moment == "before-ack":
         nic = b.run(LINK_NIC, timeout=30, check=True).stdout.split()[0]
-        b.run(hold_data_packets(nic), timeout=30, check=True)
-        # A's heartbeat timeout (6 s) must not pass before the kill: B's heartbeats are held.
-        deadline = time.monotonic() + 4
+        b.run(hold_data_packets(nic), timeout=60, check=True)
+        # Right after an ACK reached A, so that A's heartbeat timeout (6 s, counted from
+        # the last word it had from B) does not pass before the kill: if it did, A would
+        # go on unprotected and release the guest's held output (lab run
+        # 20261126-084033, where setting the hold up took seconds).
+        nxt = acked(send) + 1
+        send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)
+        b.run(f"tc qdisc change dev {HOLD_IFB} root plug block", timeout=30, check=True)
+        deadline = time.monotonic() + 5
         while True:
             done = [int(e) for e in COMMITTED.findall(recv.stderr())]
             if done and done[-1] > acked(send):
-                return nic
+                time.sleep(0.3)  # an ACK sent just before the block shows on A by then
+                if done[-1] > acked(send):
+                    assert "backup lost" not in send.stderr(), send.stderr()[-1500:]
+                    return nic
             assert time.monotonic() < deadline, (
-                f"B committed nothing new within 4 s of plugging its link (B: {done[-3:]}, "
-                f"A's last ACK: {acked(send)})")
+                f"B committed nothing new within 5 s of holding its packets (B: {done[-3:]},"
+                f" A's last ACK: {acked(send)})")
             time.sleep(0.05)
     nxt = acked(send) + 1
     send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)  # the backup ACKed it
