@@ -56,7 +56,7 @@ class Counter:
     bootid: str
 
 
-def create(host: Host, spec: GuestSpec, timeout: float = 90.0) -> float:
+def create(host: Host, spec: GuestSpec, timeout: float = 180.0) -> float:
     """xl create the guest and wait until its workload runs; returns seconds taken."""
     t0 = time.monotonic()
     host.run(f"xl create {spec.write(host)}", timeout=timeout, check=True)
