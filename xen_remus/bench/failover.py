@@ -24,8 +24,8 @@ def lab_figures(h: Any) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for who, recv in (("ours", f"{failover.RECV} -r"), ("stock", failover.STOCK)):
-        spec = guest.GuestSpec(name=f"bfo{who}", kind="pv", ip="169.254.20.52",
-                               mac="00:16:3e:00:03:02")
+        spec = guest.GuestSpec(name=f"bfo{who}", kind="pv", ip="169.254.20.53",
+                               mac="00:16:3e:00:03:03")
         took: list[float] = []
         hangs = 0
         try:
