@@ -143,8 +143,11 @@ class Host:
         # spec-ctrl=eager-fpu: with Xen's lazy FPU switching (its default on this AMD-like
         # TCG CPU) QEMU 7.2 corrupts processes in every domain as soon as a domU runs
         # beside dom0 (lab/README.md, "dom0 corruption"); eager switching never sets CR0.TS.
+        # bootscrub=false: scrubbing the host's 2 GiB of free memory on idle CPUs takes CPU
+        # time from dom0's boot under TCG; a lab host holds no one else's data.
         xen_args = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM},max:{DOM0_MEM} "
                     "dom0_max_vcpus=2 loglvl=all guest_loglvl=all spec-ctrl=eager-fpu "
+                    "bootscrub=false "
                     + os.environ.get("XEN_REMUS_LAB_XEN_ARGS", "")).strip()
         # Knobs for experiments (lab/README.md): XEN_REMUS_LAB_XEN_ARGS (appended),
         # XEN_REMUS_LAB_CPU, XEN_REMUS_LAB_ACCEL.
