@@ -44,7 +44,7 @@ lab-images: lab-deps venv
 # `make test` runs the lab tests listed in tests/lab/ci-tests.txt (those that have passed on
 # real Xen here and fit CI's time); lab-test-all runs every lab test (long: an hour or more).
 lab-test: lab-images
-	$(PYTEST) -q -s -m lab $$(grep -v '^\s*\(#\|$$\)' tests/lab/ci-tests.txt)
+	$(PYTEST) -q -s -m lab --durations=0 $$(grep -v '^\s*\(#\|$$\)' tests/lab/ci-tests.txt)
 
 lab-test-all: lab-images
 	$(PYTEST) -q -s -m lab tests/lab

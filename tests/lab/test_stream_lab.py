@@ -1,5 +1,6 @@
-"""Streams written by stock Xen 4.17 (`xl save`, `xl migrate`, `xl remus`) verify clean and
-dump sensibly with `xen-remus stream`, run in dom0 (Debian's python3 and numpy).
+"""Streams written by stock Xen 4.17 (`xl migrate`, `xl remus`) verify clean and dump
+sensibly with `xen-remus stream`, run in dom0 (Debian's python3 and numpy). `xl save` files
+are checked in test_stock_baselines.test_xl_create_save_restore (lab/streams.py).
 
 Captures are taken with `tee` in the transport, so they hold exactly what xl sent. A
 migration capture also holds the xl handshake after the stream (the sender's "cleared to
@@ -8,10 +9,8 @@ unpause" message); the test checks those trailing bytes are exactly that message
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from typing import Any
 
 import pytest
 
@@ -19,61 +18,12 @@ from lab import guest
 from lab.guest import GuestSpec, destroy
 from lab.host import Host
 from lab.lab import Lab
+from lab.streams import STREAM, dump, pages
 
 pytestmark = pytest.mark.lab
 
-STREAM = "python3 -m xen_remus stream"
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
 GO_MESSAGE = b"domain is yours, you are cleared to unpause"  # tools/xl/xl_migrate.c
-
-
-def dump(host: Host, path: str, extra: str = "") -> list[dict[str, Any]]:
-    r = host.run(f"{STREAM} dump --json {extra} {path}", timeout=600)
-    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-
-
-def pages(objs: list[dict[str, Any]]) -> int:
-    return sum(o.get("count", 0) for o in objs if o["record"] == "PAGE_DATA")
-
-
-@pytest.mark.lab(timeout=600)
-@pytest.mark.parametrize("kind", ["pv", "pvh"])
-def test_xl_save_stream(lab_one: Host, kind: str) -> None:
-    spec = GuestSpec(name=f"ss{kind}", kind=kind, ip="169.254.20.31",
-                     mac="00:16:3e:00:00:31")
-    path = f"/tmp/{spec.name}.save"
-    try:
-        guest.create(lab_one, spec, timeout=300)
-        lab_one.run(f"xl save {spec.name} {path}", timeout=300, check=True)
-        r = lab_one.run(f"{STREAM} verify --plain {path}", timeout=600)
-        print(f"\nxl save ({kind}): {r.stdout.strip()} [{r.seconds:.1f} s]{r.stderr}")
-        assert r.rc == 0, r.stderr
-        want = "x86 PV" if kind == "pv" else "x86 HVM"
-        assert r.stdout.startswith(f"valid plain xl stream ({want})"), r.stdout
-        objs = dump(lab_one, path)
-        names = [o["record"] for o in objs]
-        xl = objs[0]
-        assert xl["record"] == "XlHeader" and xl["mandatory_flags"] == 3 and xl["config_len"]
-        assert names[1:5] == ["LibxlHeader", "LIBXC_CONTEXT", "ImageHeader", "DomainHeader"]
-        assert objs[3]["version"] == 3 and objs[4]["xen_major"] == 4 \
-            and objs[4]["xen_minor"] == 17
-        assert names[-3:] == ["END", "END", "-- end of stream"]
-        assert "STATIC_DATA_END" in names and "X86_TSC_INFO" in names
-        # Every page of the guest's memory is sent at least once.
-        assert pages(objs) >= spec.memory * 256 * 0.9, pages(objs)
-        if kind == "pv":
-            info = next(o for o in objs if o["record"] == "X86_PV_INFO")
-            assert (info["guest_width"], info["pt_levels"]) == (8, 4)
-            assert {o["vcpu_id"] for o in objs if o["record"] == "X86_PV_VCPU_BASIC"} == {0}
-            assert names.index("X86_PV_P2M_FRAMES") < names.index("PAGE_DATA")
-        else:
-            assert "HVM_CONTEXT" in names and "HVM_PARAMS" in names
-        s = lab_one.run(f"{STREAM} stats {path}", timeout=600, check=True)
-        print(s.stdout)
-        assert s.stdout.splitlines()[-1].split()[0] == "total"
-    finally:
-        lab_one.run(f"rm -f {path}", timeout=30)
-        destroy(lab_one, spec.name)
 
 
 def verify_capture_with_trailer(host: Host, path: str, trailer: bytes) -> tuple[str, int]:
