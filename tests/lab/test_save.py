@@ -3,7 +3,8 @@
 
 After each, the guest must go on where it was: same boot id, counter not reset, the memory
 pattern it wrote at boot intact, its network answering. Our files must pass `xen-remus
-stream verify`. Timings are printed (run with -s to see them).
+stream verify`; so must `xl save`'s file of the same guest, which then dumps as stock lays
+it out (lab/streams.py). Timings are printed (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 import pytest
+
+from lab.streams import check_xl_save_file
 
 pytestmark = pytest.mark.lab
 
@@ -90,6 +93,8 @@ def test_save_then_stock_restore(lab_one: Any, kind: str) -> None:
     r, stock = timed(host, f"xl save {spec.name} {path}.xl", 600)
     assert r.rc == 0, f"xl save failed:\n{r.stderr}"
     print(f"{kind}: xl save {stock:.1f} s; ours/stock = {ours / stock:.2f}")
+    # Stock's file, read by our codec (as test_stock_baselines does; CI runs this one).
+    check_xl_save_file(host, f"{path}.xl", kind, spec.memory)
     r = host.run(f"xl restore {path}.xl", timeout=300)
     assert r.rc == 0, f"xl restore of the stock file failed:\n{r.stderr}"
     check_goes_on(host, spec, after)
