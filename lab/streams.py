@@ -22,7 +22,7 @@ def pages(objs: list[dict[str, Any]]) -> int:
 
 def check_xl_save_file(host: Host, path: str, kind: str, memory_mib: int) -> None:
     """A file `xl save` wrote verifies clean and dumps as stock Xen 4.17 lays it out
-    (test_stock_baselines.test_xl_create_save_restore saves it)."""
+    (test_save and test_stock_baselines save one)."""
     r = host.run(f"{STREAM} verify --plain {path}", timeout=600)
     print(f"xl save ({kind}): {r.stdout.strip()} [{r.seconds:.1f} s]{r.stderr}")
     assert r.rc == 0, r.stderr

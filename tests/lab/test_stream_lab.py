@@ -1,6 +1,7 @@
 """Streams written by stock Xen 4.17 (`xl migrate`, `xl remus`) verify clean and dump
 sensibly with `xen-remus stream`, run in dom0 (Debian's python3 and numpy). `xl save` files
-are checked in test_stock_baselines.test_xl_create_save_restore (lab/streams.py).
+are checked (lab/streams.py) in test_save.test_save_then_stock_restore, which CI runs, and
+test_stock_baselines.test_xl_create_save_restore.
 
 Captures are taken with `tee` in the transport, so they hold exactly what xl sent. A
 migration capture also holds the xl handshake after the stream (the sender's "cleared to
