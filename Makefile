@@ -20,17 +20,17 @@ $(VENV)/.done: setup.py pyproject.toml
 venv: $(VENV)/.done
 
 lint: venv
-	$(VENV)/bin/ruff check xen_remus lab tests
+	$(VENV)/bin/ruff check xen_remus lab tests bench
 	$(VENV)/bin/mypy --strict xen_remus
-	$(VENV)/bin/mypy --strict lab
+	$(VENV)/bin/mypy --strict lab bench tests
 
 unit: venv
-	$(PYTEST) -q -m 'not lab' xen_remus/tests tests
+	$(PYTEST) -q -m 'not lab' tests/unit tests/lab
 
 test: venv
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint && \
-	$(PYTEST) -q -m 'not lab' xen_remus/tests tests && \
+	$(PYTEST) -q -m 'not lab' tests/unit tests/lab && \
 	$(MAKE) --no-print-directory lab-test; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$rc
 
@@ -70,7 +70,7 @@ soak-stock-hostkill: lab-images
 
 # Host sections, then the lab sections (one QEMU host): ours against stock xl, same run.
 bench: lab-images
-	$(PY) -m xen_remus.bench --lab
+	$(PY) -m bench --lab
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

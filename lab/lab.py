@@ -93,7 +93,7 @@ class Lab:
         queue.mkdir(exist_ok=True)
         ticket = queue / f"{time.time_ns()}-{os.getpid()}"
         ticket.touch()
-        f = open(STATE_DIR / "lab.lock", "a+")  # noqa: SIM115 - held until stop()
+        f = open(STATE_DIR / "lab.lock", "a+")
         t0 = time.monotonic()
         told = False
         try:

@@ -1,6 +1,6 @@
 """End to end on real Xen: xen_remus.xen and pagetable.py on a running PV and a PVH guest.
 
-The work happens in dom0 (test_bindings_probe.py); this side (on the ``lab_one`` host)
+The work happens in dom0 (lab/dom0tools/bindings_probe.py); this side (on the ``lab_one`` host)
 creates each guest, runs the probe, checks its report and that the guest's counter keeps
 going after the suspend and fast resume.
 """
@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.lab(timeout=900)
 
-PROBE = "/mnt/project/tests/lab/test_bindings_probe.py"
+PROBE = "/mnt/project/lab/dom0tools/bindings_probe.py"
 
 
 def probe(host: Any, name: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """End to end on real Xen: output buffering of a PV guest's vif (xen_remus.devices.netbuf).
 
-The work happens in dom0 (test_netbuf_probe.py, with Debian's python3-pyroute2): buffering
+The work happens in dom0 (lab/dom0tools/netbuf_probe.py, with Debian's python3-pyroute2): buffering
 is set up on the guest's vif; a client in dom0 talks to the guest's TCP counter service,
 pings it over IPv4 and IPv6 and ARPs for it. While output is held nothing comes back; each
 commit lets exactly its epoch's replies out; a 100 ms postsuspend/commit cadence keeps the
@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.lab
 
-PROBE = "/mnt/project/tests/lab/test_netbuf_probe.py"
+PROBE = "/mnt/project/lab/dom0tools/netbuf_probe.py"
 HOOKED = {"ingress": True, "filters": ["matchall"], "ifb": ["plug"]}
 UNHOOKED = {"ingress": False, "filters": [], "ifb": None}
 SPEC = dict(name="nbuf", kind="pv", ip="169.254.20.61", mac="00:16:3e:00:06:01")

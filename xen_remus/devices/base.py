@@ -127,7 +127,7 @@ def _each(devices: Iterable[Device], op: Callable[[Device], None], what: str) ->
     for dev in devices:
         try:
             op(dev)
-        except Exception as exc:  # noqa: BLE001 - the others must still be handled
+        except Exception as exc:
             errors.append((dev, exc))
     if errors:
         if len(errors) == 1 and isinstance(errors[0][1], XenRemusError):

@@ -311,6 +311,6 @@ def _queued(ip: Any, index: int) -> int:
             queue = stats.get_attr("TCA_STATS_QUEUE") if stats is not None else None
             if queue is not None:
                 return int(queue["qlen"])
-    except Exception:  # noqa: BLE001 - stats are best effort
+    except Exception:
         return 0
     return 0

@@ -57,7 +57,7 @@ def _open(path: str) -> Iterator[BinaryIO]:
         yield sys.stdin.buffer
         return
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")
     except OSError as exc:
         raise UsageError(f"cannot open {path}: {exc.strerror} (errno {exc.errno})") from None
     with f:

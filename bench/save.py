@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.bench.fakes import MemGuest
+from bench.fakes import MemGuest
 from xen_remus.save.emit import FdEmitter, writev_all
 from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_stream_support import decode, small_stream
 from xen_remus.migrate_hook import main
-from xen_remus.tests.test_stream_support import decode, small_stream
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

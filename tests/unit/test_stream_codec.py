@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_stream_support import decode, small_stream
 from xen_remus.stream import (
     Decoder,
     DomainHeader,
@@ -25,7 +26,6 @@ from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
 from xen_remus.stream import records as R
 from xen_remus.stream.synth import make_epoch, synthetic_stream
-from xen_remus.tests.test_stream_support import decode, small_stream
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

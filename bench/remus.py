@@ -8,7 +8,7 @@ compression and without (-u). (A same-run baseline for the pause is still missin
 plain gather+copy of the same pages measured 8x slower than the loop's, an artefact of
 allocation and caches not yet understood, so it is not shown.)
 
-Lab part (``lab_figures``; ``make bench``, or ``python -m xen_remus.bench.remus --lab``): one
+Lab part (``lab_figures``; ``make bench``, or ``python -m bench.remus --lab``): one
 host, one PV guest protected into a receiver on the same host at -i 10, 25 and 200, by
 `xen-remus protect -F -n -d` (checkpoints/s, pause ms, wire bytes from its summary; -u too
 at 200) and by stock `xl remus -F -n -d` (checkpoints/s and dirty pages from libxc's
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.bench.fakes import MemGuest
+from bench.fakes import MemGuest
 from xen_remus.remus.channel import Config, SenderChannel
 from xen_remus.remus.link import SenderLink
 from xen_remus.remus.negotiate import Extensions

@@ -7,13 +7,13 @@ import os
 import socket
 import threading
 
+from tests.unit.save_fakes import FakeDomain, FakeGuest
 from xen_remus.save.emit import FdEmitter, writev_all
 from xen_remus.save.pages import PAGE_SIZE
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import SaveEngine
 from xen_remus.stream import Decoder, Record, StreamEnd, XlHeader
 from xen_remus.stream import consts as C
-from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
 
 
 def save_to_bytes(dom: FakeDomain, policy: PrecopyPolicy, config: str | None) -> bytes:
@@ -110,7 +110,7 @@ def test_writev_error_names_offset() -> None:
     os.close(r)
     try:
         writev_all(w, [b"x" * 10], offset=123, what="file F")
-    except Exception as exc:  # noqa: BLE001 - the type is checked below
+    except Exception as exc:
         assert type(exc).__name__ == "StreamWriteError"
         assert "file F at offset 123" in str(exc) and "errno 32" in str(exc)
     else:

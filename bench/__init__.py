@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m xen_remus.bench [SECTION...]`` (``make bench``).
+"""Benchmarks: ``python -m bench [SECTION...]`` (``make bench``).
 
 A section is a module here listed in SECTIONS with ``run() -> dict[str, float]``; each
 figure is printed on its own line. A section may declare ``TARGETS = {figure: (">=" or

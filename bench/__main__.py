@@ -1,4 +1,4 @@
-"""Run the benchmark sections (see xen_remus.bench)."""
+"""Run the benchmark sections (see bench)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import importlib
 import sys
 import time
 
-from xen_remus.bench import LAB_SECTIONS, SECTIONS
+from bench import LAB_SECTIONS, SECTIONS
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xen_remus.bench")
+    ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("sections", nargs="*", default=list(SECTIONS), metavar="SECTION",
                     help=f"sections to run (default: all of {', '.join(SECTIONS)})")
     ap.add_argument("--lab", action="store_true",
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections:
         if name not in SECTIONS:
             ap.error(f"unknown section {name!r}")
-        mod = importlib.import_module(f"xen_remus.bench.{name}")
+        mod = importlib.import_module(f"bench.{name}")
         t0 = time.perf_counter()
         report(name, mod.run(), getattr(mod, "TARGETS", {}), t0, failed)
     if args.lab:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Lab(1) as lab:
                 for name in LAB_SECTIONS:
-                    mod = importlib.import_module(f"xen_remus.bench.{name}")
+                    mod = importlib.import_module(f"bench.{name}")
                     t0 = time.perf_counter()
                     report(f"{name}-lab", mod.lab_figures(lab.a),
                            getattr(mod, "LAB_TARGETS", {}), t0, failed)

@@ -84,6 +84,6 @@ def run() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from xen_remus.bench.__main__ import main
+    from bench.__main__ import main
 
     raise SystemExit(main(["pagetable"]))

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.save_fakes import FakeDomain, FakeGuest, RecordingEmitter
 from xen_remus.errors import XenRemusError
 from xen_remus.save.pages import PAGE_SIZE, XTAB
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import SaveEngine, SaveError, page_buffers
-from xen_remus.tests.save_fakes import FakeDomain, FakeGuest, RecordingEmitter
 
 
 def make(nr: int = 3000, policy: PrecopyPolicy | None = None

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_stream_support import decode, small_stream
 from xen_remus.stream import (
     Decoder,
     DomainHeader,
@@ -26,7 +27,6 @@ from xen_remus.stream import (
     XlHeader,
 )
 from xen_remus.stream import consts as C
-from xen_remus.tests.test_stream_support import decode, small_stream
 
 # Between them these two streams carry every record type the layouts use.
 STREAMS = [("xl", False, 2), ("libxc", True, 2)]

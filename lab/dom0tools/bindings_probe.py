@@ -1,6 +1,6 @@
 """The dom0 half of test_bindings.py: exercises xen_remus.xen and pagetable.py on a live guest.
 
-Run inside a lab dom0 as ``python3 /mnt/project/tests/lab/test_bindings_probe.py DOMID``; it
+Run inside a lab dom0 as ``python3 /mnt/project/lab/dom0tools/bindings_probe.py DOMID``; it
 prints one line ``PROBE-RESULT {json}`` that test_bindings.py checks. It holds no tests
 itself (pytest collects nothing here); it needs only the stdlib, numpy and pyxs, like dom0.
 """

@@ -7,9 +7,9 @@ import numpy.typing as npt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_pagetable import make_guest
 from xen_remus import pagetable as pt
 from xen_remus.pagetable import PagetableError, PseudoPhysMap
-from xen_remus.tests.test_pagetable import make_guest
 
 FLAGS = 0x8000000000000FFF  # NX and the low flag bits, everything but the frame
 

@@ -1,6 +1,6 @@
 """The dom0 half of test_netbuf.py: network output buffering of a live guest's vif.
 
-Run inside a lab dom0 as ``python3 test_netbuf_probe.py DOMID GUEST_IP`` (or ``crash DOMID``:
+Run inside a lab dom0 as ``python3 netbuf_probe.py DOMID GUEST_IP`` (or ``crash DOMID``:
 set up buffering and die by SIGKILL, leaving everything behind). Prints one line
 ``PROBE-RESULT {json}`` that test_netbuf.py checks; holds no tests itself. Every wait is
 bounded. Needs only what dom0 has: stdlib, python3-pyroute2, python3-pyxs.
@@ -23,11 +23,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from xen_remus.devices.base import DeviceError, DeviceSet  # noqa: E402
-from xen_remus.devices.discover import netbufs_for_domain  # noqa: E402
-from xen_remus.devices.kmod import Modules  # noqa: E402
-from xen_remus.devices.netbuf import NetbufError, NetBuffer  # noqa: E402
-from xen_remus.devices.runstate import StateDir  # noqa: E402
+from xen_remus.devices.base import DeviceError, DeviceSet
+from xen_remus.devices.discover import netbufs_for_domain
+from xen_remus.devices.kmod import Modules
+from xen_remus.devices.netbuf import NetbufError, NetBuffer
+from xen_remus.devices.runstate import StateDir
 
 PORT = 7000
 BRIDGE = "xenbr0"
@@ -181,7 +181,7 @@ class Cadence(threading.Thread):
                 self.ds.commit(self.epoch)
                 self.op_ms.append((time.monotonic() - t) * 1000)
                 self.epoch += 1
-        except Exception as exc:  # noqa: BLE001 - reported
+        except Exception as exc:
             self.error = repr(exc)
 
 
@@ -310,7 +310,7 @@ def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None
         out["missing_module"] = None
     except DeviceError as exc:
         out["missing_module"] = str(exc)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out["missing_module"] = f"wrong type {type(exc).__name__}: {exc}"
 
 
@@ -342,6 +342,6 @@ if __name__ == "__main__":
     result: dict[str, Any] = {}
     try:
         main(int(sys.argv[1]), sys.argv[2], sys.argv[3], result)
-    except Exception:  # noqa: BLE001 - reported to the test
+    except Exception:
         result["fatal"] = traceback.format_exc()
     print("PROBE-RESULT " + json.dumps(result), flush=True)

@@ -22,6 +22,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
+from tests.unit.save_fakes import FakeDomain, FakeGuest
 from xen_remus.protect_cli import Summary, _await_offer, read_banner
 from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
 from xen_remus.remus.link import BackupLost, SenderLink
@@ -34,7 +35,6 @@ from xen_remus.save_continuous import RemusLoop, SaveEngine
 from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
 
 CONFIG = '{"c_info": {"name": "g"}}'
 PAGES = 96

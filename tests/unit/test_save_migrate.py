@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.save_fakes import FakeDomain, FakeGuest
 from xen_remus.save.emit import FdEmitter
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import Target
 from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
 from xen_remus.save_cli import migrate
 from xen_remus.save_continuous import SaveEngine, SaveStats
-from xen_remus.tests.save_fakes import FakeDomain, FakeGuest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ class FakeSaver:
 
 def run(mode: str, s: FakeSaver | None = None, calls: list[tuple[str, ...]] | None = None
         ) -> tuple[FakeSaver, list[tuple[str, ...]], int | None]:
-    rune = f"cd {ROOT} && exec {sys.executable} -m xen_remus.tests.save_fake_receiver {mode}"
+    rune = f"cd {ROOT} && exec {sys.executable} -m tests.unit.save_fake_receiver {mode}"
     s = s or FakeSaver()
     calls = [] if calls is None else calls
 

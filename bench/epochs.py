@@ -1,4 +1,4 @@
-"""CPU per Remus epoch at both ends, on the host (no Xen): ``python -m xen_remus.bench.epochs
+"""CPU per Remus epoch at both ends, on the host (no Xen): ``python -m bench.epochs
 [-u] [--epochs N] [--dirty N] [--profile FILE]``.
 
 Sender: RemusLoop over the bench's in-memory guest (bench/remus.py), DIRTY pages dirtied
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xen_remus.bench.remus import fake_loop
+from bench.remus import fake_loop
 from xen_remus.remus.channel import Config, ReceiverChannel
 from xen_remus.remus.link import ReceiverLink
 from xen_remus.restore_continuous import Receiver, Upstream, _Beating, _read_beating, write_all
@@ -137,7 +137,7 @@ def run(compress: bool = True, epochs: int = 60, dirty: int = 600,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m xen_remus.bench.epochs")
+    ap = argparse.ArgumentParser(prog="python -m bench.epochs")
     ap.add_argument("-u", action="store_true", help="uncompressed")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--dirty", type=int, default=600)
