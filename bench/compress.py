@@ -22,8 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.remus.compress import Decoder, Encoder
-from xen_remus.remus.pagecache import PageCache
+from xen_remus.channel.compress import Decoder, Encoder
+from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
 
 GUEST_PAGES = 16384  # 64 MiB

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.remus import fake_loop
-from xen_remus.remus.channel import Config, ReceiverChannel
-from xen_remus.remus.link import ReceiverLink
+from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.link import ReceiverLink
 from xen_remus.restore_continuous import Receiver, Upstream, _Beating, _read_beating, write_all
 from xen_remus.save_continuous import RemusLoop
 from xen_remus.stream.events import Buffer

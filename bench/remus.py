@@ -27,10 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.fakes import MemGuest
-from xen_remus.remus.channel import Config, SenderChannel
-from xen_remus.remus.link import SenderLink
-from xen_remus.remus.negotiate import Extensions
-from xen_remus.remus.stats import EpochStats
+from xen_remus.channel.ends import Config, SenderChannel
+from xen_remus.channel.link import SenderLink
+from xen_remus.channel.negotiate import Extensions
+from xen_remus.channel.stats import EpochStats
 from xen_remus.save.checkpoint import CheckpointEmitter
 from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy

@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xen_remus.stream.cli",
     "xen_remus.save_cli",
     "xen_remus.receive_cli",
-    "xen_remus.remus.status_cli",
+    "xen_remus.channel.status_cli",
     "xen_remus.protect_cli",
 )
 # Which of them a command needs (protect_cli adds --remus to save_cli's migrate). Only those
@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "save": ("xen_remus.save_cli",),
     "migrate": ("xen_remus.save_cli", "xen_remus.protect_cli"),
     "migrate-receive": ("xen_remus.receive_cli",),
-    "status": ("xen_remus.remus.status_cli",),
+    "status": ("xen_remus.channel.status_cli",),
     "protect": ("xen_remus.protect_cli",),
 }
 

@@ -21,10 +21,10 @@ from collections import deque
 from types import FrameType
 from typing import Any
 
+from xen_remus.channel.ends import Config, Offered, SenderChannel
+from xen_remus.channel.link import BackupLost, SenderLink
+from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.errors import UsageError, XenRemusError
-from xen_remus.remus.channel import Config, Offered, SenderChannel
-from xen_remus.remus.link import BackupLost, SenderLink
-from xen_remus.remus.stats import EpochStats, StatusFile
 from xen_remus.save.checkpoint import CheckpointEmitter
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock

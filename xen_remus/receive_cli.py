@@ -15,9 +15,9 @@ import sys
 import time
 from typing import Any
 
+from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
 from xen_remus.errors import UsageError
-from xen_remus.remus.channel import Config, ReceiverChannel
-from xen_remus.remus.negotiate import HEARTBEAT_TIMEOUT_MS
 from xen_remus.restore_continuous import (
     DEFAULT_MAX_EPOCH_BYTES,
     SinkConfig,

@@ -43,11 +43,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from xen_remus.channel.ends import ReceiverChannel
+from xen_remus.channel.errors import ChannelError, CompressionError
+from xen_remus.channel.link import ReceiverLink
+from xen_remus.channel.stats import StatusFile
 from xen_remus.errors import XenRemusError
-from xen_remus.remus.channel import ReceiverChannel
-from xen_remus.remus.errors import ChannelError, CompressionError
-from xen_remus.remus.link import ReceiverLink
-from xen_remus.remus.stats import StatusFile
 from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd, StreamError
 from xen_remus.stream.events import Buffer, Event, XlHeader
 from xen_remus.xlproto import Message, ReceiverSide, SenderSide

@@ -19,9 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
+from xen_remus.channel.ends import Acked
+from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
-from xen_remus.remus.channel import Acked
-from xen_remus.remus.stats import EpochStats
 from xen_remus.save.ops import Buffer, DomainOps, Emitter, GuestSaveOps
 from xen_remus.save.pages import (
     PAGE_SIZE,

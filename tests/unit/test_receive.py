@@ -216,7 +216,7 @@ def test_bad_last_record_of_an_epoch_keeps_all_of_that_epoch_out() -> None:
 def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> None:
     """A compressed-pages record of ours that does not decode (the channel's rewrite raises)
     spoils its epoch like an invalid standard record: failover, never an escaping error."""
-    from xen_remus.remus.errors import CompressionError
+    from xen_remus.channel.errors import CompressionError
     from xen_remus.stream import Record
 
     data = stream(4, end=False)

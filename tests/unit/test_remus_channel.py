@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xen_remus.remus import wire
-from xen_remus.remus.channel import (
+from xen_remus.channel import wire
+from xen_remus.channel.ends import (
     Acked,
     Closed,
     Config,
@@ -19,9 +19,9 @@ from xen_remus.remus.channel import (
     ReceiverChannel,
     SenderChannel,
 )
-from xen_remus.remus.errors import ChannelError
-from xen_remus.remus.negotiate import OFFER_PREFIX, Extensions
-from xen_remus.remus.stats import EpochStats
+from xen_remus.channel.errors import ChannelError
+from xen_remus.channel.negotiate import OFFER_PREFIX, Extensions
+from xen_remus.channel.stats import EpochStats
 from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer, DomainHeader

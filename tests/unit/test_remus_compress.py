@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xen_remus.remus import wire
-from xen_remus.remus.compress import Decoder, Encoder
-from xen_remus.remus.errors import CompressionError
-from xen_remus.remus.pagecache import PageCache
+from xen_remus.channel import wire
+from xen_remus.channel.compress import Decoder, Encoder
+from xen_remus.channel.errors import CompressionError
+from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.records import PageData
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xen_remus.channel import wire
+from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.negotiate import OFFER_PREFIX, Extensions
 from xen_remus.errors import XenRemusError
-from xen_remus.remus import wire
-from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
-from xen_remus.remus.negotiate import OFFER_PREFIX, Extensions
 from xen_remus.stream.records import Record
 
 OURS = sorted(wire.NAMES)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from xen_remus.remus import wire
-from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
-from xen_remus.remus.link import BackupLost, ReceiverLink, SenderLink
+from xen_remus.channel import wire
+from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.link import BackupLost, ReceiverLink, SenderLink
 from xen_remus.stream.records import Record
 
 TIMEOUT_MS = 400

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from xen_remus.channel.errors import ChannelError
+from xen_remus.channel.heartbeat import FailureDetector, HeartbeatTimer
+from xen_remus.channel.stats import EpochStats, StatusFile, read_all
 from xen_remus.migrate_hook import main
-from xen_remus.remus.errors import ChannelError
-from xen_remus.remus.heartbeat import FailureDetector, HeartbeatTimer
-from xen_remus.remus.stats import EpochStats, StatusFile, read_all
 
 
 def test_stats_record_round_trip() -> None:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from xen_remus.remus.channel import Config, ReceiverChannel, SenderChannel
-from xen_remus.remus.link import BackupLost, ReceiverLink, SenderLink
+from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.link import BackupLost, ReceiverLink, SenderLink
 from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import DomainHeader

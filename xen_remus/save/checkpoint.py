@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from xen_remus.channel.link import SenderLink
 from xen_remus.errors import XenRemusError
-from xen_remus.remus.link import SenderLink
 from xen_remus.save.ops import Buffer
 from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
 from xen_remus.stream import encoder

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from xen_remus.remus.errors import ChannelError
+from xen_remus.channel.errors import ChannelError
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
 

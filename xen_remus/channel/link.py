@@ -1,6 +1,6 @@
 """Thin I/O around the sans-IO channel ends, for engines that own plain file descriptors
 (the transport's pipes or a socket). Optional: an engine with its own poll loop can call
-the channel directly (channel.py says how).
+the channel directly (ends.py says how).
 
 SenderLink never blocks without a deadline: writes are non-blocking and interleaved with
 reading the backup's channel, so a backup that powers off mid-write (no RST: the socket
@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.channel.compress import PagesIn
+from xen_remus.channel.ends import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
+from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
-from xen_remus.remus.channel import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
-from xen_remus.remus.compress import PagesIn
-from xen_remus.remus.stats import EpochStats
 from xen_remus.stream.events import Buffer
 
 IOV_MAX = 1024
@@ -213,7 +213,7 @@ class SenderLink(_Heartbeats):
 
     def idle(self, until: float) -> None:
         """Wait until ``until`` (the next epoch), sending heartbeats and reading ACKs.
-        Call only at a libxc record boundary (see channel.py)."""
+        Call only at a libxc record boundary (see ends.py)."""
         while True:
             with self._lock:
                 self._check()

@@ -35,9 +35,9 @@ import lz4.block
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.remus import wire
-from xen_remus.remus.errors import CompressionError
-from xen_remus.remus.pagecache import I64, U8, PageCache
+from xen_remus.channel import wire
+from xen_remus.channel.errors import CompressionError
+from xen_remus.channel.pagecache import I64, U8, PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData

@@ -1,4 +1,4 @@
-"""`python3 -m xen_remus.remus.selfcheck`: both ends of the channel back to back, in
+"""`python3 -m xen_remus.channel.selfcheck`: both ends of the channel back to back, in
 memory, on this host's numpy and lz4 (e.g. Debian 12's in dom0): a synthetic guest's
 checkpointed stream goes through SenderChannel, the stream decoder and ReceiverChannel;
 the sink's bytes must equal the standard stream. Prints the figures, exits 1 on mismatch.
@@ -13,7 +13,7 @@ import time
 import lz4
 import numpy as np
 
-from xen_remus.remus.channel import Acked, Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Acked, Config, ReceiverChannel, SenderChannel
 from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer, DomainHeader
@@ -81,7 +81,7 @@ def run_pair(std: bytes, cfg: Config) -> tuple[bytes, int, list[Acked], list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m xen_remus.remus.selfcheck")
+    ap = argparse.ArgumentParser(prog="python3 -m xen_remus.channel.selfcheck")
     ap.add_argument("--pages", type=int, default=4096, help="guest pages (default 16 MiB)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--dirty", type=int, default=512, help="pages per epoch")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xen_remus.remus.errors import ChannelError
+from xen_remus.channel.errors import ChannelError
 
 if TYPE_CHECKING:  # `xen-remus status` imports this: the stream package pulls in numpy
     from xen_remus.stream.events import Buffer

@@ -1,5 +1,5 @@
 """`xen-remus status [DOMAIN] [--json]`: what each protect / migrate-receive -r on this
-host is doing, from the status files they keep (xen_remus/remus/stats.py)."""
+host is doing, from the status files they keep (xen_remus/channel/stats.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xen_remus.channel.stats import read_all, run_dir
 from xen_remus.errors import XenRemusError
-from xen_remus.remus.stats import read_all, run_dir
 
 _COLS = ("DOMAIN", "ROLE", "STATE", "EPOCH", "PAUSE_MS", "DIRTY", "RATIO", "SEND_MS",
          "ACK_MS", "PEER", "UPDATED")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xen_remus.remus.errors import ChannelError
+from xen_remus.channel.errors import ChannelError
 
 OFFER_PREFIX = b"xen-remus-ext offer "
 OFFER_LINE_MAX = 512

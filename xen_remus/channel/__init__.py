@@ -1,5 +1,5 @@
 """The channel between our two ends (issue 5): negotiation, per-epoch ACK, heartbeats,
-lz4-over-XOR checkpoint compression, per-epoch stats. Sans-IO; see channel.py for how the
+lz4-over-XOR checkpoint compression, per-epoch stats. Sans-IO; see ends.py for how the
 save engine and the receiver drive it, negotiate.py for why stock xl peers see stock bytes.
 """
 

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.remus import compress, wire
-from xen_remus.remus.errors import ChannelError
-from xen_remus.remus.heartbeat import FailureDetector, HeartbeatTimer
-from xen_remus.remus.negotiate import HEARTBEAT_TIMEOUT_MS, Extensions, OfferReader
-from xen_remus.remus.pagecache import PageCache
-from xen_remus.remus.stats import EpochStats
+from xen_remus.channel import compress, wire
+from xen_remus.channel.errors import ChannelError
+from xen_remus.channel.heartbeat import FailureDetector, HeartbeatTimer
+from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS, Extensions, OfferReader
+from xen_remus.channel.pagecache import PageCache
+from xen_remus.channel.stats import EpochStats
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import LIBXC, PageData, Record
