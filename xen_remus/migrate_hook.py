@@ -17,21 +17,21 @@ from xen_remus.errors import XenRemusError
 
 # Modules that contribute sub-commands (each: register(subparsers) -> None).
 COMMAND_MODULES: tuple[str, ...] = (
-    "xen_remus.stream.cli",
-    "xen_remus.save_cli",
-    "xen_remus.receive_cli",
-    "xen_remus.channel.status_cli",
-    "xen_remus.protect_cli",
+    "xen_remus.cli.stream",
+    "xen_remus.cli.save",
+    "xen_remus.cli.receive",
+    "xen_remus.cli.status",
+    "xen_remus.cli.protect",
 )
 # Which of them a command needs (protect_cli adds --remus to save_cli's migrate). Only those
 # are imported: numpy and the rest cost seconds in a dom0 under TCG, minutes when loaded.
 COMMANDS: dict[str, tuple[str, ...]] = {
-    "stream": ("xen_remus.stream.cli",),
-    "save": ("xen_remus.save_cli",),
-    "migrate": ("xen_remus.save_cli", "xen_remus.protect_cli"),
-    "migrate-receive": ("xen_remus.receive_cli",),
-    "status": ("xen_remus.channel.status_cli",),
-    "protect": ("xen_remus.protect_cli",),
+    "stream": ("xen_remus.cli.stream",),
+    "save": ("xen_remus.cli.save",),
+    "migrate": ("xen_remus.cli.save", "xen_remus.cli.protect"),
+    "migrate-receive": ("xen_remus.cli.receive",),
+    "status": ("xen_remus.cli.status",),
+    "protect": ("xen_remus.cli.protect",),
 }
 
 

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
+from xen_remus.cli.protect import check_args, cmd_protect, receiver_rune
 from xen_remus.errors import UsageError
 from xen_remus.migrate_hook import build_parser, main
-from xen_remus.protect_cli import check_args, cmd_protect, receiver_rune
 
 
 def parse(*argv: str) -> argparse.Namespace:
