@@ -31,10 +31,10 @@ from xen_remus.channel.ends import Config, SenderChannel
 from xen_remus.channel.link import SenderLink
 from xen_remus.channel.negotiate import Extensions
 from xen_remus.channel.stats import EpochStats
-from xen_remus.save.checkpoint import CheckpointEmitter
+from xen_remus.save.engine import SaveEngine
 from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 
 NR_PFNS = 64 * 256
 DIRTY = 1000

@@ -25,9 +25,9 @@ import numpy.typing as npt
 
 from bench.fakes import MemGuest
 from xen_remus.save.emit import FdEmitter, writev_all
+from xen_remus.save.engine import SaveEngine
 from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import SaveEngine
 
 NR_PFNS = 64 * 256  # a 64 MiB guest
 TARGET_RATIO = 1.0  # our save time / xl save time

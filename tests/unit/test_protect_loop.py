@@ -28,10 +28,10 @@ from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect import Summary, _await_offer, read_banner
 from xen_remus.restore_continuous import Outcome, Upstream, receive
-from xen_remus.save.checkpoint import CheckpointEmitter
+from xen_remus.save.engine import SaveEngine
 from xen_remus.save.pages import PAGE_SIZE
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer

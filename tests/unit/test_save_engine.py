@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from tests.unit.save_fakes import FakeDomain, FakeGuest, RecordingEmitter
 from xen_remus.errors import XenRemusError
+from xen_remus.save.engine import SaveEngine, SaveError, page_buffers
 from xen_remus.save.pages import PAGE_SIZE, XTAB
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import SaveEngine, SaveError, page_buffers
 
 
 def make(nr: int = 3000, policy: PrecopyPolicy | None = None

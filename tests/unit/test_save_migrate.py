@@ -11,10 +11,10 @@ import pytest
 from tests.unit.save_fakes import FakeDomain, FakeGuest
 from xen_remus.cli.save import migrate
 from xen_remus.save.emit import FdEmitter
+from xen_remus.save.engine import SaveEngine, SaveStats
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import Target
 from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
-from xen_remus.save_continuous import SaveEngine, SaveStats
 
 ROOT = Path(__file__).resolve().parents[2]
 

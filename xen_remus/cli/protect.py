@@ -22,10 +22,10 @@ from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
-from xen_remus.save.checkpoint import CheckpointEmitter
+from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, Receiver
-from xen_remus.save_continuous import RemusLoop, SaveEngine
+from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")

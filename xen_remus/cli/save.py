@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
+from xen_remus.save.engine import SaveStats
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
 from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
-from xen_remus.save_continuous import SaveStats
 from xen_remus.xlproto import SenderSide
 
 log = logging.getLogger(__name__)

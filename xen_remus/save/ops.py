@@ -1,6 +1,6 @@
 """What the save engine needs from Xen and from the stream, as protocols.
 
-The engine (`xen_remus.save_continuous`) only sees these: the real implementations sit over
+The engine (engine.py) only sees these: the real implementations sit over
 `xen_remus.xen` (xenops.py) and `xen_remus.stream` (emit.py); the unit tests use fakes.
 """
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from xen_remus.errors import XenRemusError
 from xen_remus.save.emit import FdEmitter
+from xen_remus.save.engine import SaveEngine, SaveStats
 from xen_remus.save.hvm import HvmGuest
 from xen_remus.save.ops import GuestSaveOps
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.pv import PvGuest
 from xen_remus.save.xenops import XenDomain
-from xen_remus.save_continuous import SaveEngine, SaveStats
 from xen_remus.xen import ForeignMemory, NoSuchDomain, XenCtrl, XenStore
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,256 @@
+"""The save engine: one save of one domain, the loop-less case of the Remus figure.
+
+    live pre-copy rounds under log-dirty (round 0 = every page; then what got dirty)
+      -> suspend -> the pages still dirty (and deferred) -> vCPU/platform state -> END
+
+The continuous save (`xen_remus.save_continuous`) drives the same steps once per epoch.
+Record order follows libxc-migration-stream.pandoc; the guest-type specific records come
+from GuestSaveOps (save/pv.py, save/hvm.py); framing and writing from the Emitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xen_remus.errors import XenRemusError
+from xen_remus.save.ops import Buffer, DomainOps, Emitter, GuestSaveOps
+from xen_remus.save.pages import (
+    PAGE_SIZE,
+    XTAB,
+    DeferredPages,
+    Pfns,
+    batches,
+    carries_data,
+    merge,
+    valid_types,
+)
+from xen_remus.save.policy import PrecopyPolicy
+
+log = logging.getLogger(__name__)
+
+INVALID_FRAME = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+class SaveError(XenRemusError):
+    """The save failed at a known place: ``where`` names the round/pfn/record."""
+
+
+@dataclass
+class RoundStats:
+    live: bool
+    pfns: int = 0  # pfns in PAGE_DATA records (with or without data)
+    pages: int = 0  # pages whose 4 KiB were sent
+    deferred: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class SaveStats:
+    rounds: list[RoundStats] = field(default_factory=list)
+    suspend_s: float = 0.0  # asking the guest to suspend until it is suspended
+    downtime_s: float = 0.0  # suspended until the stream's last record is written
+    total_s: float = 0.0
+
+    @property
+    def pages(self) -> int:
+        return sum(r.pages for r in self.rounds)
+
+    def summary(self) -> str:
+        live = sum(1 for r in self.rounds if r.live)
+        return (f"{self.pages} pages in {live} live round(s) + final, "
+                f"suspend {self.suspend_s * 1e3:.0f} ms, downtime {self.downtime_s * 1e3:.0f} ms, "
+                f"total {self.total_s:.2f} s")
+
+
+class SaveEngine:
+    """Saves one domain into ``out``. One-shot: ``run()``; the guest is left suspended on
+    success (the caller destroys or resumes it) and running as it was on failure."""
+
+    def __init__(self, dom: DomainOps, guest: GuestSaveOps, out: Emitter,
+                 policy: PrecopyPolicy) -> None:
+        self.dom = dom
+        self.guest = guest
+        self.out = out
+        self.policy = policy
+        self.nr_pfns = guest.nr_pfns()
+        self.deferred = DeferredPages(self.nr_pfns)
+        self.stats = SaveStats()
+        self._logdirty = False
+        self._suspended = False
+
+    # -- the figure ---------------------------------------------------------------------
+    def run(self) -> SaveStats:
+        t0 = time.monotonic()
+        try:
+            self.start_of_stream()
+            pending = self.precopy() if self.policy.live else np.arange(self.nr_pfns,
+                                                                         dtype=np.uint64)
+            self.suspend()
+            self.send_final(pending)
+            self.end_of_checkpoint()
+            self.out.end()
+            self.out.flush()
+            self.stats.downtime_s = time.monotonic() - self._suspended_at
+            self.logdirty_off()
+        except BaseException:
+            self.undo()
+            raise
+        self.stats.total_s = time.monotonic() - t0
+        return self.stats
+
+    def start_of_stream(self) -> None:
+        """Headers, static data (STATIC_DATA_END closes it), then PV's P2M frames."""
+        self.out.begin(self.guest.domain_type)
+        self.guest.static_data(self.out)
+        self.out.libxc_record(REC_STATIC_DATA_END, ())
+        self.guest.start_of_stream(self.out)
+
+    def precopy(self) -> Pfns:
+        """Live rounds; returns the pfns dirtied in the last round, not yet sent."""
+        self.dom.logdirty_enable()
+        self._logdirty = True
+        self.send_pages(np.arange(self.nr_pfns, dtype=np.uint64), live=True)
+        while True:
+            dirty = self.dom.logdirty_clean(final=False)
+            rounds = len(self.stats.rounds)
+            # Deferred pages wait for the suspend: ballooned pfns would never get fewer.
+            if not self.policy.keep_going(rounds, len(dirty)):
+                log.info("pre-copy: stop after %d round(s), %d dirty, %d deferred", rounds,
+                         len(dirty), len(self.deferred))
+                return dirty
+            self.send_pages(dirty, live=True)
+
+    def suspend(self) -> None:
+        t = time.monotonic()
+        self.dom.suspend()
+        self._suspended = True
+        self._suspended_at = time.monotonic()
+        self.stats.suspend_s = self._suspended_at - t
+
+    def send_final(self, pending: Pfns) -> None:
+        """Suspended: what is still dirty, what was deferred, and what the last live round
+        left pending. Nothing can be deferred any more."""
+        final = self.dom.logdirty_clean(final=True) if self._logdirty else pending[:0]
+        self.send_pages(merge(merge(pending, final), self.deferred.take()), live=False)
+
+    def end_of_checkpoint(self) -> None:
+        self.guest.end_of_checkpoint(self.out)
+
+    # -- pages --------------------------------------------------------------------------
+    def send_pages(self, pfns: Pfns, live: bool) -> None:
+        r = RoundStats(live=live)
+        t = time.monotonic()
+        for batch in batches(pfns):
+            self.write_batch(batch, live, r)
+        r.seconds = time.monotonic() - t
+        self.stats.rounds.append(r)
+        log.debug("round %d (%s): %d pfns, %d pages, %d deferred, %.3f s",
+                  len(self.stats.rounds) - 1, "live" if live else "final", r.pfns, r.pages,
+                  r.deferred, r.seconds)
+
+    def write_batch(self, pfns: Pfns, live: bool, r: RoundStats) -> None:
+        """One PAGE_DATA record (<= 1024 pfns): types, map the pages with data, normalise
+        pagetables, write the record straight from the mapping, unmap."""
+        frames = self.guest.pfn_to_gfn(pfns)
+        types = np.full(len(pfns), XTAB, dtype=np.uint8)
+        ok = frames != INVALID_FRAME
+        if live and not ok.all():
+            # Ballooned out (or not yet populated): XTAB now, looked at again once suspended,
+            # where a pfn still without a frame simply stays XTAB.
+            self.defer(pfns[~ok], r)
+        if ok.any():
+            types[ok] = self.guest_types(pfns[ok], frames[ok])
+        data = carries_data(types)
+        if not data.any():
+            self.out.page_data(pfns, types, ())
+            r.pfns += len(pfns)
+            return
+        m = self.dom.map(frames[data])
+        try:
+            bad = np.flatnonzero(m.errors)
+            if len(bad):
+                pfn = int(pfns[data][bad[0]])
+                raise SaveError(f"domain {self.dom.domid}: mapping pfn {pfn:#x} failed "
+                                f"(errno {int(m.errors[bad[0]])}); {len(bad)} page(s) of the "
+                                "batch unmappable")
+            norm = self.guest.normalise(types[data], m.view, live)
+            keep = np.ones(int(data.sum()), dtype=np.bool_)
+            if norm.retry is not None and norm.retry.any():
+                if not live:
+                    raise SaveError(f"domain {self.dom.domid}: pagetable at pfn "
+                                    f"{int(pfns[data][norm.retry][0]):#x} refers to a frame "
+                                    "outside the guest after suspend")
+                idx = np.flatnonzero(data)[norm.retry]
+                self.defer(pfns[idx], r)
+                types[idx] = XTAB
+                keep &= ~norm.retry
+            bufs = page_buffers(m.view, keep, norm.replaced)
+            self.out.page_data(pfns, types, bufs)
+            r.pfns += len(pfns)
+            r.pages += int(keep.sum())
+        finally:
+            m.close()
+
+    def guest_types(self, pfns: Pfns, frames: Pfns) -> np.ndarray:
+        types = self.dom.frame_types(frames)
+        bad = ~valid_types(types)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SaveError(f"domain {self.dom.domid}: pfn {int(pfns[i]):#x} has page type "
+                            f"{int(types[i]):#x}, which the stream cannot carry")
+        return types
+
+    def defer(self, pfns: Pfns, r: RoundStats) -> None:
+        self.deferred.add(pfns)
+        r.deferred += len(pfns)
+
+    # -- leaving the guest as it was -----------------------------------------------------
+    def logdirty_off(self) -> None:
+        if self._logdirty:
+            self._logdirty = False
+            self.dom.logdirty_off()
+
+    def undo(self) -> None:
+        """After a failure: log-dirty off, and a guest we suspended resumed. Errors here are
+        logged, not raised: the first error is the one the user needs to see."""
+        try:
+            self.logdirty_off()
+        except XenRemusError as exc:
+            log.warning("turning log-dirty off after the failure: %s", exc)
+        if self._suspended:
+            try:
+                self.dom.resume()
+                self._suspended = False
+            except XenRemusError as exc:
+                log.error("resuming domain %d after the failure: %s", self.dom.domid, exc)
+
+    def resume(self) -> None:
+        """Let a guest saved with the checkpoint flag (-c) run on."""
+        if self._suspended:
+            self.dom.resume()
+            self._suspended = False
+
+
+def page_buffers(view: memoryview, keep: np.ndarray,
+                 replaced: Mapping[int, Buffer]) -> list[Buffer]:
+    """The data of the kept pages, in order, as few buffers as possible: each run of
+    consecutive kept, unreplaced pages is one slice of ``view`` (no copy); a replaced page
+    (a normalised pagetable) is its own buffer."""
+    plain = keep.astype(np.int8)
+    for i in replaced:
+        plain[i] = 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], plain, [0]))))
+    items: list[tuple[int, Buffer]] = [
+        (int(s), view[int(s) * PAGE_SIZE:int(e) * PAGE_SIZE])
+        for s, e in zip(edges[0::2], edges[1::2], strict=True)]
+    items += [(i, page) for i, page in replaced.items() if keep[i]]
+    items.sort(key=lambda it: it[0])
+    return [buf for _, buf in items]
+
+
+REC_STATIC_DATA_END = 0x10
