@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus import pagetable as pt
+from xen_remus.stream import consts as C
 
 BATCH = 1024
 NR_PFNS = 512 * 256  # 512 MiB
@@ -68,14 +69,14 @@ def _best(fns: list[tuple[Callable[[], object], int]], runs: int) -> list[float]
 
 def run() -> dict[str, float]:
     g = guest()
-    types = np.full(BATCH, pt.L1TAB, dtype=np.uint64)
+    types = np.full(BATCH, C.PFINFO_L1TAB, dtype=np.uint64)
     out: dict[str, float] = {}
     for layout in ("direct", "random"):
         batch = tables(g, BATCH, layout)
         small = batch[:16].tolist()
         fast, ref, copy = _best([
             (partial(pt.normalise, batch, types, g, live=False), BATCH),
-            (partial(pt.normalise_reference, small, [pt.L1TAB] * 16, g, False), 16),
+            (partial(pt.normalise_reference, small, [C.PFINFO_L1TAB] * 16, g, False), 16),
             (batch.copy, BATCH),
         ], runs=5)
         out |= {f"{layout}_tables_per_s": fast, f"{layout}_reference_tables_per_s": ref,

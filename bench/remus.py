@@ -26,75 +26,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.fakes import MemGuest
+from tests.fakes import MemDomain, MemGuest, NoDevices
 from xen_remus.channel.ends import Config, SenderChannel
 from xen_remus.channel.link import SenderLink
 from xen_remus.channel.negotiate import Extensions
 from xen_remus.channel.stats import EpochStats
 from xen_remus.save.engine import SaveEngine
-from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
+from xen_remus.stream.consts import PAGE_SIZE
 
 NR_PFNS = 64 * 256
 DIRTY = 1000
 EPOCHS = 60
 
 
-class _Mapped:
-    def __init__(self, arr: npt.NDArray[np.uint8]) -> None:
-        self.view = memoryview(arr.reshape(-1).data)
-        self.errors = np.zeros(len(arr), dtype=np.int32)
-
-    def close(self) -> None:
-        pass
-
-
-class _Domain:
-    """Memory as an (n x 4096) array; dirty pages are what the test wrote since the last
-    clean. Mapping gathers the frames (a foreign map would not copy; the loop copies
-    once more into its buffer)."""
-
-    domid = 0
-
-    def __init__(self) -> None:
-        rng = np.random.default_rng(1)
-        self.mem = rng.integers(0, 256, (NR_PFNS, PAGE_SIZE), dtype=np.uint8)
-        self.mem[rng.random(NR_PFNS) < 0.3] = 0
-        self.dirty = np.zeros(0, dtype=np.uint64)
-
-    def frame_types(self, frames: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
-        return np.zeros(len(frames), dtype=np.uint8)
-
-    def map(self, frames: npt.NDArray[np.uint64]) -> _Mapped:
-        return _Mapped(self.mem[frames.astype(np.int64)])
-
-    def suspend(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def logdirty_enable(self) -> None:
-        pass
-
-    def logdirty_clean(self, final: bool) -> Pfns:
-        out, self.dirty = self.dirty, np.zeros(0, dtype=np.uint64)
-        return out
-
-    def logdirty_off(self) -> None:
-        pass
-
-
-class _NoDevices:
-    def postsuspend(self, epoch: int) -> None:
-        pass
-
-    def preresume(self) -> None:
-        pass
-
-    def commit(self, epoch: int) -> None:
-        pass
+def guest_memory() -> npt.NDArray[np.uint8]:
+    """The 64 MiB guest: random pages, 30% of them zero."""
+    rng = np.random.default_rng(1)
+    mem = rng.integers(0, 256, (NR_PFNS, PAGE_SIZE), dtype=np.uint8)
+    mem[rng.random(NR_PFNS) < 0.3] = 0
+    return mem
 
 
 def fake_loop(compress: bool, out_fd: int, back_fd: int, epochs: int, dirty: int,
@@ -102,7 +54,7 @@ def fake_loop(compress: bool, out_fd: int, back_fd: int, epochs: int, dirty: int
               loop_cls: type[RemusLoop] = RemusLoop) -> None:
     """RemusLoop over the in-memory guest for ``epochs`` epochs, ``dirty`` pages dirtied per
     epoch (a few bytes each), the stream into ``out_fd``, ``back_fd`` a silent back channel."""
-    dom, rng = _Domain(), np.random.default_rng(2)
+    dom, rng = MemDomain(guest_memory()), np.random.default_rng(2)
     chan = SenderChannel(Config(ack=False, compression=compress), time.monotonic())
     # What a backup offering compression only would say (no ACK, no heartbeats).
     offer = Extensions(ack=False, heartbeat=None, lz4_xor_mib=256 if compress else None)
@@ -121,7 +73,7 @@ def fake_loop(compress: bool, out_fd: int, back_fd: int, epochs: int, dirty: int
             dom.mem[pfns, off] += 1
         dom.dirty = pfns.astype(np.uint64)
 
-    loop = loop_cls(engine, out, link, _NoDevices(), 0.0, on_epoch=on_epoch)
+    loop = loop_cls(engine, out, link, NoDevices(), 0.0, on_epoch=on_epoch)
     loop.run()
 
 

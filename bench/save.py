@@ -21,13 +21,12 @@ import time
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from bench.fakes import MemGuest
+from tests.fakes import MemDomain, MemGuest
 from xen_remus.save.emit import FdEmitter, writev_all
 from xen_remus.save.engine import SaveEngine
-from xen_remus.save.pages import PAGE_SIZE, Pfns
 from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.stream.consts import PAGE_SIZE
 
 NR_PFNS = 64 * 256  # a 64 MiB guest
 TARGET_RATIO = 1.0  # our save time / xl save time
@@ -57,59 +56,16 @@ def _into_pipe(write: Any) -> tuple[float, int]:
     return time.perf_counter() - t0, got[0]
 
 
-class _Mapped:
-    def __init__(self, view: memoryview, n: int) -> None:
-        self.view = view
-        self.errors = np.zeros(n, dtype=np.int32)
-
-    def close(self) -> None:
-        pass
-
-
-class _Domain:
-    """Guest memory in one buffer; a batch of consecutive frames maps as a slice of it
-    (as a foreign mapping is one view): what is left to measure is the engine."""
-
-    domid = 0
-
-    def __init__(self, mem: bytearray) -> None:
-        self.mem = memoryview(mem)
-
-    def frame_types(self, frames: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
-        return np.zeros(len(frames), dtype=np.uint8)
-
-    def map(self, frames: npt.NDArray[np.uint64]) -> _Mapped:
-        first = int(frames[0])
-        assert int(frames[-1]) == first + len(frames) - 1
-        return _Mapped(self.mem[first * PAGE_SIZE:(first + len(frames)) * PAGE_SIZE],
-                       len(frames))
-
-    def suspend(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def logdirty_enable(self) -> None:
-        pass
-
-    def logdirty_clean(self, final: bool) -> Pfns:
-        return np.zeros(0, dtype=np.uint64)
-
-    def logdirty_off(self) -> None:
-        pass
-
-
 def run() -> dict[str, float]:
     """Engine (non-live, every page) vs a plain writev of the same bytes, into a pipe."""
-    mem = bytearray(np.random.default_rng(1).integers(0, 256, NR_PFNS * PAGE_SIZE,
-                                                      dtype=np.uint8))
+    mem = np.random.default_rng(1).integers(0, 256, NR_PFNS * PAGE_SIZE, dtype=np.uint8)
 
     def engine(fd: int) -> None:
-        SaveEngine(_Domain(mem), MemGuest(NR_PFNS), FdEmitter(fd, None), PrecopyPolicy(0)).run()
+        SaveEngine(MemDomain(mem), MemGuest(NR_PFNS), FdEmitter(fd, None),
+                   PrecopyPolicy(0)).run()
 
     def plain(fd: int) -> None:
-        view = memoryview(mem)
+        view = memoryview(mem.data)
         step = 1024 * PAGE_SIZE
         writev_all(fd, [view[i:i + step] for i in range(0, len(view), step)])
 

@@ -1,7 +1,8 @@
-"""Normalise PV guest page tables for the migration stream (MFN -> PFN), and the inverse.
+"""Normalise PV guest page tables for the migration stream (MFN -> PFN).
 
 Pure numpy over batches of tables: ``tables`` is an (n, 512) uint64 array, one row per page,
-``types`` the XEN_DOMCTL_PFINFO_* type of each (pin bit ignored). Rules, as in the Xen
+``types`` the page type of each as the stream names it (stream.consts PFINFO_*, pin bit
+ignored). Rules, as in the Xen
 migration spec and libxc's normalise_pagetable:
 
 - 64-bit guests (4 levels): L4 slots 256..271 (HYPERVISOR_VIRT_START..END) belong to Xen and
@@ -27,23 +28,18 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.errors import XenRemusError
+from xen_remus.stream import consts as C
 from xen_remus.xen.vcpu import VcpuContext, cr3_to_mfn, mfn_to_cr3
 
-ENTRIES = 512
+ENTRIES = C.PAGE_SIZE // 8
 PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7
 FRAME_MASK = 0x000FFFFFFFFFF000  # bits 12..51 of a PTE hold the frame
-PAGE_SHIFT = 12
-
-LTAB_SHIFT = 28
-LTABTYPE_MASK = 0x7 << LTAB_SHIFT
-L1TAB, L2TAB, L3TAB, L4TAB = (n << LTAB_SHIFT for n in (1, 2, 3, 4))
-LPINTAB = 1 << 31  # pinned: ignored here
 
 L4_XEN_FIRST, L4_XEN_LAST = 256, 271  # 0xFFFF800000000000..0xFFFF87FFFFFFFFFF >> 39
 PAE_L3_XEN_FIRST = 4
 PAE_L2_XEN_FIRST, PAE_L2_XEN_LAST = 428, 511  # 0xF5800000..0xFFFFFFFF >> 21
-FIRST_RESERVED_GDT_ENTRY = 14 * 4096 // 8
+FIRST_RESERVED_GDT_ENTRY = 14 * C.PAGE_SIZE // 8
 INVALID_MFN = (1 << 64) - 1
 
 U64 = npt.NDArray[np.uint64]
@@ -109,13 +105,6 @@ class PseudoPhysMap:
         ok &= back == mfns
         return pfns, ok
 
-    def pfns_to_mfns(self, pfns: U64) -> tuple[U64, npt.NDArray[np.bool_]]:
-        """(mfns, ok): ok where the pfn is inside the p2m and not a hole."""
-        ok = pfns < np.uint64(len(self.p2m))
-        mfns = self.p2m64(pfns)
-        ok &= mfns != np.uint64(INVALID_MFN)
-        return mfns, ok
-
 
 @dataclass(frozen=True)
 class Normalised:
@@ -131,8 +120,8 @@ class Normalised:
 
 def is_pagetable(types: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """True for L1..L4 page-table types (the pages normalise() applies to)."""
-    t = np.asarray(types, dtype=np.uint64) & np.uint64(LTABTYPE_MASK)
-    ok: npt.NDArray[np.bool_] = (t >= L1TAB) & (t <= L4TAB)
+    t = np.asarray(types, dtype=np.uint64) & np.uint64(C.PFINFO_LTABTYPE_MASK)
+    ok: npt.NDArray[np.bool_] = (t >= C.PFINFO_L1TAB) & (t <= C.PFINFO_L4TAB)
     return ok
 
 
@@ -141,7 +130,7 @@ def _levels_of(types: npt.ArrayLike, n: int, ppm: PseudoPhysMap,
     t = np.asarray(types, dtype=np.uint64)
     if t.shape != (n,):
         raise ValueError(f"types: expected shape ({n},), got {t.shape}")
-    lvl = ((t & np.uint64(LTABTYPE_MASK)) >> np.uint64(LTAB_SHIFT)).astype(np.intp)
+    lvl = (t & np.uint64(C.PFINFO_LTABTYPE_MASK)).astype(np.intp)
     bad = np.flatnonzero((lvl < 1) | (lvl > ppm.levels))
     if len(bad):
         i = int(bad[0])
@@ -161,7 +150,7 @@ def _xen_slots(tables: U64, lvl: npt.NDArray[np.intp], ppm: PseudoPhysMap
     else:
         mask[lvl == 3] = col >= PAE_L3_XEN_FIRST
         if ppm.compat_m2p_mfn0 is not None:
-            slot = (tables[:, PAE_L2_XEN_FIRST] & np.uint64(FRAME_MASK)) >> np.uint64(PAGE_SHIFT)
+            slot = (tables[:, PAE_L2_XEN_FIRST] & np.uint64(FRAME_MASK)) >> np.uint64(C.PAGE_SHIFT)
             rows = (lvl == 2) & (slot == np.uint64(ppm.compat_m2p_mfn0))
             mask[rows] = (col >= PAE_L2_XEN_FIRST) & (col <= PAE_L2_XEN_LAST)
     return mask
@@ -185,7 +174,7 @@ def normalise(tables: npt.ArrayLike, types: npt.ArrayLike, ppm: PseudoPhysMap, l
         r, c = (int(x[0]) for x in np.nonzero(big))
         raise PagetableError("superpage cannot be migrated", level=int(lvl[r]), index=c,
                              pfn=None if where is None else int(where[r]), entry=int(out[r, c]))
-    mfns = (out & np.uint64(FRAME_MASK)) >> np.uint64(PAGE_SHIFT)
+    mfns = (out & np.uint64(FRAME_MASK)) >> np.uint64(C.PAGE_SHIFT)
     new_pfns, ok = ppm.mfns_to_pfns(np.where(present, mfns, np.uint64(ppm.top_mfn + 1)))
     bad = present & ~ok
     retry = bad.any(axis=1)
@@ -194,33 +183,9 @@ def normalise(tables: npt.ArrayLike, types: npt.ArrayLike, ppm: PseudoPhysMap, l
         raise PagetableError(f"mfn {int(mfns[r, c]):#x} is not in the guest's pseudo-physical "
                              f"map (guest suspended)", level=int(lvl[r]), index=c,
                              pfn=None if where is None else int(where[r]), entry=int(out[r, c]))
-    merged = (out & ~np.uint64(FRAME_MASK)) | (new_pfns << np.uint64(PAGE_SHIFT))
+    merged = (out & ~np.uint64(FRAME_MASK)) | (new_pfns << np.uint64(C.PAGE_SHIFT))
     out = np.where(ok, merged, out)
     return Normalised(out, retry)
-
-
-def localise(tables: npt.ArrayLike, types: npt.ArrayLike, ppm: PseudoPhysMap,
-             pfns: npt.ArrayLike | None = None) -> U64:
-    """PFN -> MFN in normalised tables (the restore side). A present entry naming a pfn
-    outside the p2m or a hole is a PagetableError; so is a superpage above L1."""
-    src = np.asarray(tables, dtype=np.uint64).reshape(-1, ENTRIES)
-    where = None if pfns is None else np.asarray(pfns, dtype=np.uint64)
-    lvl = _levels_of(types, len(src), ppm, where)
-    out = src.copy()
-    rows, cols = np.nonzero((src & np.uint64(PTE_PRESENT)) != 0)
-    ptes = src[rows, cols]
-    big = np.flatnonzero((lvl[rows] > 1) & ((ptes & np.uint64(PTE_PSE)) != 0))
-    frames = (ptes & np.uint64(FRAME_MASK)) >> np.uint64(PAGE_SHIFT)
-    mfns, ok = ppm.pfns_to_mfns(frames)
-    if len(big) or not ok.all():
-        i = big[0] if len(big) else np.flatnonzero(~ok)[0]
-        why = ("superpage cannot be migrated" if len(big) else
-               f"pfn {int(frames[i]):#x} has no frame in the p2m")
-        raise PagetableError(why, level=int(lvl[rows[i]]), index=int(cols[i]),
-                             pfn=None if where is None else int(where[rows[i]]),
-                             entry=int(ptes[i]))
-    out[rows, cols] = (ptes & ~np.uint64(FRAME_MASK)) | (mfns << np.uint64(PAGE_SHIFT))
-    return out
 
 
 # -- vCPU frames --------------------------------------------------------------------------
@@ -234,7 +199,7 @@ def _vcpu_frames(ctx: VcpuContext, vcpu_id: int) -> list[tuple[str, int, int]]:
     out += [(f"gdt_frames[{i}]", ctx.gdt_frame(i), 0) for i in range(ctx.nr_gdt_frames)]
     out.append(("ctrlreg[3]", cr3_to_mfn(ctx.ctrlreg(3), ctx.width), 1))
     if ctx.width == 8 and ctx.ctrlreg(1):
-        out.append(("ctrlreg[1] (user cr3)", ctx.ctrlreg(1) >> PAGE_SHIFT, 2))
+        out.append(("ctrlreg[1] (user cr3)", ctx.ctrlreg(1) >> C.PAGE_SHIFT, 2))
     return out
 
 
@@ -242,7 +207,7 @@ def _set_vcpu_frame(ctx: VcpuContext, field: str, kind: int, frame: int) -> None
     if kind == 1:
         ctx.set_ctrlreg(3, mfn_to_cr3(frame, ctx.width))
     elif kind == 2:
-        ctx.set_ctrlreg(1, 1 | (frame << PAGE_SHIFT))
+        ctx.set_ctrlreg(1, 1 | (frame << C.PAGE_SHIFT))
     elif field.startswith("user_regs"):
         ctx.dx = frame
     else:
@@ -262,17 +227,6 @@ def normalise_vcpu(ctx: VcpuContext, vcpu_id: int, ppm: PseudoPhysMap) -> None:
         _set_vcpu_frame(ctx, field, kind, int(pfn))
 
 
-def localise_vcpu(ctx: VcpuContext, vcpu_id: int, ppm: PseudoPhysMap) -> None:
-    """The inverse of normalise_vcpu (PFN -> MFN), for a restore path."""
-    fields = _vcpu_frames(ctx, vcpu_id)
-    pfns = np.array([f for _, f, _ in fields], dtype=np.uint64)
-    mfns, ok = ppm.pfns_to_mfns(pfns)
-    for (field, pfn, kind), mfn, good in zip(fields, mfns, ok, strict=True):
-        if not good:
-            raise PagetableError(f"vcpu{vcpu_id} {field}: pfn {pfn:#x} has no frame in the p2m")
-        _set_vcpu_frame(ctx, field, kind, int(mfn))
-
-
 # -- plain-Python reference ---------------------------------------------------------------
 
 def normalise_reference(tables: list[list[int]], types: list[int], ppm: PseudoPhysMap,
@@ -283,7 +237,7 @@ def normalise_reference(tables: list[list[int]], types: list[int], ppm: PseudoPh
     inv = 0xFFFFFFFF if ppm.p2m.dtype == np.uint32 else INVALID_MFN
     out_tables, retry = [], []
     for table, typ in zip(tables, types, strict=True):
-        level = (typ & LTABTYPE_MASK) >> LTAB_SHIFT
+        level = typ & C.PFINFO_LTABTYPE_MASK
         if not 1 <= level <= ppm.levels:
             raise PagetableError("not a page table of this guest")
         first, last = ENTRIES, -1
@@ -292,7 +246,7 @@ def normalise_reference(tables: list[list[int]], types: list[int], ppm: PseudoPh
         elif ppm.levels == 3 and level == 3:
             first, last = PAE_L3_XEN_FIRST, ENTRIES - 1
         elif (ppm.levels == 3 and level == 2 and ppm.compat_m2p_mfn0 is not None
-              and (table[PAE_L2_XEN_FIRST] & FRAME_MASK) >> PAGE_SHIFT == ppm.compat_m2p_mfn0):
+              and (table[PAE_L2_XEN_FIRST] & FRAME_MASK) >> C.PAGE_SHIFT == ppm.compat_m2p_mfn0):
             first, last = PAE_L2_XEN_FIRST, PAE_L2_XEN_LAST
         new, again = [], False
         for i, pte in enumerate(table):
@@ -301,7 +255,7 @@ def normalise_reference(tables: list[list[int]], types: list[int], ppm: PseudoPh
             if pte & PTE_PRESENT:
                 if level > 1 and pte & PTE_PSE:
                     raise PagetableError("superpage cannot be migrated", level=level, index=i)
-                mfn = (pte & FRAME_MASK) >> PAGE_SHIFT
+                mfn = (pte & FRAME_MASK) >> C.PAGE_SHIFT
                 pfn = int(m2p[mfn]) if mfn <= ppm.top_mfn else -1
                 back = int(p2m[pfn]) if 0 <= pfn < len(p2m) else None
                 if back is None or back == inv or back != mfn:
@@ -310,7 +264,7 @@ def normalise_reference(tables: list[list[int]], types: list[int], ppm: PseudoPh
                                              level=level, index=i)
                     again = True
                 else:
-                    pte = (pte & ~FRAME_MASK & (2**64 - 1)) | (pfn << PAGE_SHIFT)
+                    pte = (pte & ~FRAME_MASK & (2**64 - 1)) | (pfn << C.PAGE_SHIFT)
             new.append(pte)
         out_tables.append(new)
         retry.append(again)

@@ -29,9 +29,10 @@ from xen_remus.channel.link import SenderLink
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
 from xen_remus.save.engine import SaveEngine
-from xen_remus.save.ops import Buffer
-from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
+from xen_remus.save.pages import Pfns, Types
+from xen_remus.stream import consts as C
 from xen_remus.stream import encoder
+from xen_remus.stream.events import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class CheckpointEmitter:
             return
         # The local copy: guest memory may change (and is unmapped) once it resumes.
         data = b"".join(pages)
-        if len(data) % PAGE_SIZE:
+        if len(data) % C.PAGE_SIZE:
             raise CheckpointStreamError(f"checkpoint stream: PAGE_DATA data of {len(data)} "
                                         "bytes is not whole pages")
         self._queue_raw()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from xen_remus import pagetable as pt
+from xen_remus.stream import consts as C
 from xen_remus.xen import (
     M2P,
     P2M,
@@ -105,11 +106,10 @@ def normalise_all(xc: XenCtrl, fm: ForeignMemory, domid: int, p2m: P2M,
                   ppm: pt.PseudoPhysMap, live: bool) -> dict[str, Any]:
     table = p2m.table.astype(np.uint64)
     pfns = np.flatnonzero(table != np.uint64(p2m.invalid)).astype(np.uint64)
-    types = xc.pfn_types(domid, table[pfns]) & np.uint64(S.PFINFO_LTAB_MASK)
+    types = xc.pfn_types(domid, table[pfns])
     is_pt = pt.is_pagetable(types)
-    levels = {f"L{lv}": int(np.count_nonzero(
-        (types[is_pt] & np.uint64(S.PFINFO_LTABTYPE_MASK)) == np.uint64(lv << 28)))
-        for lv in (1, 2, 3, 4)}
+    levels = {f"L{lv}": int(np.count_nonzero((types[is_pt] & C.PFINFO_LTABTYPE_MASK) == lv))
+              for lv in (1, 2, 3, 4)}
     done = retry = present = 0
     t0 = time.monotonic()
     sel = np.flatnonzero(is_pt)

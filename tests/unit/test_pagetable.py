@@ -8,6 +8,7 @@ import pytest
 
 from xen_remus import pagetable as pt
 from xen_remus.pagetable import PagetableError, PseudoPhysMap
+from xen_remus.stream import consts as C
 from xen_remus.xen.vcpu import VcpuContext, mfn_to_cr3
 
 U64 = npt.NDArray[np.uint64]
@@ -52,7 +53,7 @@ def table(entries: dict[int, int]) -> U64:
 def test_present_entries_become_pfns_flags_kept() -> None:
     m = int(G.p2m[5])
     src = table({0: pte(m, 0x8000000000000067), 1: pte(int(G.p2m[63]), 0x25)})
-    out = pt.normalise(src, [pt.L1TAB], G, live=False)
+    out = pt.normalise(src, [C.PFINFO_L1TAB], G, live=False)
     assert out.tables[0, 0] == pte(5, 0x8000000000000067)  # NX bit survives
     assert out.tables[0, 1] == pte(63, 0x25)
     assert not out.retry.any()
@@ -61,13 +62,13 @@ def test_present_entries_become_pfns_flags_kept() -> None:
 
 def test_non_present_entries_kept_bit_for_bit() -> None:
     src = table({3: 0xDEADBEEF000 | 0x66, 4: 0xFFFF_FFFF_FFFF_FFFE})
-    out = pt.normalise(src, [pt.L2TAB], G, live=False)
+    out = pt.normalise(src, [C.PFINFO_L2TAB], G, live=False)
     assert np.array_equal(out.tables, src)
 
 
 def test_l4_xen_slots_cleared_64bit() -> None:
     src = table({255: pte(int(G.p2m[1])), 256: pte(99999 % 1000), 271: 0x1234, 272: 0x66})
-    out = pt.normalise(src, [pt.L4TAB | pt.LPINTAB], G, live=False)
+    out = pt.normalise(src, [C.PFINFO_L4TAB | C.PFINFO_LPINTAB], G, live=False)
     assert out.tables[0, 255] == pte(1)
     assert out.tables[0, 256] == 0 and out.tables[0, 271] == 0
     assert out.tables[0, 272] == 0x66
@@ -75,36 +76,36 @@ def test_l4_xen_slots_cleared_64bit() -> None:
 
 def test_l3_of_64bit_guest_has_no_xen_slots() -> None:
     src = table({300: pte(int(G.p2m[2]))})
-    assert pt.normalise(src, [pt.L3TAB], G, live=False).tables[0, 300] == pte(2)
+    assert pt.normalise(src, [C.PFINFO_L3TAB], G, live=False).tables[0, 300] == pte(2)
 
 
 def test_superpage_above_l1_rejected_even_live() -> None:
     src = table({7: pte(int(G.p2m[3]), 0xE7)})
     with pytest.raises(PagetableError, match=r"L2 table pfn 0x2a slot 7 .*superpage"):
-        pt.normalise(src, [pt.L2TAB], G, live=True, pfns=[42])
+        pt.normalise(src, [C.PFINFO_L2TAB], G, live=True, pfns=[42])
     # PSE (bit 7) means PAT in an L1 entry: allowed.
-    assert pt.normalise(src, [pt.L1TAB], G, live=False).tables[0, 7] == pte(3, 0xE7)
+    assert pt.normalise(src, [C.PFINFO_L1TAB], G, live=False).tables[0, 7] == pte(3, 0xE7)
 
 
 def test_foreign_mfn_retry_when_live_error_when_suspended() -> None:
     bad = foreign_mfn(G)
     src = np.vstack([table({0: pte(int(G.p2m[0]))}), table({9: pte(bad)})])
-    out = pt.normalise(src, [pt.L1TAB, pt.L1TAB], G, live=True)
+    out = pt.normalise(src, [C.PFINFO_L1TAB, C.PFINFO_L1TAB], G, live=True)
     assert out.retry.tolist() == [False, True]
     assert out.tables[0, 0] == pte(0)
     with pytest.raises(PagetableError, match=rf"pfn 0x11 slot 9 .*mfn {bad:#x}"):
-        pt.normalise(src, [pt.L1TAB, pt.L1TAB], G, live=False, pfns=[0x10, 0x11])
+        pt.normalise(src, [C.PFINFO_L1TAB, C.PFINFO_L1TAB], G, live=False, pfns=[0x10, 0x11])
 
 
 def test_mfn_above_max_mfn_is_not_the_guests() -> None:
     src = table({0: pte(G.top_mfn + 1)})
-    assert pt.normalise(src, [pt.L1TAB], G, live=True).retry[0]
+    assert pt.normalise(src, [C.PFINFO_L1TAB], G, live=True).retry[0]
 
 
 def test_hole_in_p2m_is_not_a_match() -> None:
     g = make_guest(32, 200, holes=32)  # every pfn ballooned out
     src = table({0: pte(int(make_guest(32, 200).p2m[0]))})
-    assert pt.normalise(src, [pt.L1TAB], g, live=True).retry[0]
+    assert pt.normalise(src, [C.PFINFO_L1TAB], g, live=True).retry[0]
 
 
 def test_not_a_pagetable_type_rejected() -> None:
@@ -117,29 +118,21 @@ G32 = make_guest(64, 1000, width=4)
 
 def test_pae_l3_entries_4_up_cleared_and_l4_rejected() -> None:
     src = table({0: pte(int(G32.p2m[1]), 0x1), 3: pte(int(G32.p2m[2]), 0x1), 4: 0x55, 511: 7})
-    out = pt.normalise(src, [pt.L3TAB], G32, live=False)
+    out = pt.normalise(src, [C.PFINFO_L3TAB], G32, live=False)
     assert out.tables[0, 0] == pte(1, 0x1) and out.tables[0, 3] == pte(2, 0x1)
     assert not out.tables[0, 4:].any()
     with pytest.raises(PagetableError, match="L4 table in a 32-bit guest"):
-        pt.normalise(src, [pt.L4TAB], G32, live=False)
+        pt.normalise(src, [C.PFINFO_L4TAB], G32, live=False)
 
 
 def test_pae_l2_compat_m2p_slots_cleared_only_when_mapping_it() -> None:
     m2p0 = foreign_mfn(G32)
     g = PseudoPhysMap(G32.m2p, G32.p2m, width=4, max_mfn=G32.max_mfn, compat_m2p_mfn0=m2p0)
     src = table({427: pte(int(g.p2m[4])), 428: pte(m2p0), 500: pte(m2p0 + 1)})
-    out = pt.normalise(src, [pt.L2TAB], g, live=False)
+    out = pt.normalise(src, [C.PFINFO_L2TAB], g, live=False)
     assert out.tables[0, 427] == pte(4) and not out.tables[0, 428:].any()
     other = table({428: pte(int(g.p2m[6]))})
-    assert pt.normalise(other, [pt.L2TAB], g, live=False).tables[0, 428] == pte(6)
-
-
-def test_localise_inverts_normalise() -> None:
-    src = table({i: pte(int(G.p2m[i % 64]), 0x63 + (i & 4)) for i in range(0, 256, 3)})
-    norm = pt.normalise(src, [pt.L1TAB], G, live=False).tables
-    assert np.array_equal(pt.localise(norm, [pt.L1TAB], G), src)
-    with pytest.raises(PagetableError, match="pfn 0x40 has no frame"):
-        pt.localise(table({0: pte(64)}), [pt.L1TAB], G)
+    assert pt.normalise(other, [C.PFINFO_L2TAB], g, live=False).tables[0, 428] == pte(6)
 
 
 def _vcpu(width: int, g: PseudoPhysMap) -> VcpuContext:
@@ -156,19 +149,14 @@ def _vcpu(width: int, g: PseudoPhysMap) -> VcpuContext:
 
 
 @pytest.mark.parametrize("width", [8, 4])
-def test_vcpu_frames_normalised_and_localised(width: int) -> None:
+def test_vcpu_frames_normalised(width: int) -> None:
     g = G if width == 8 else G32
     ctx = _vcpu(width, g)
-    before = bytes(ctx.raw)
     pt.normalise_vcpu(ctx, 0, g)
     assert (ctx.dx, ctx.gdt_frame(0), ctx.gdt_frame(1)) == (1, 2, 3)
     assert ctx.ctrlreg(3) == mfn_to_cr3(4, width)
     if width == 8:
         assert ctx.ctrlreg(1) == 1 | (5 << 12)
-    pt.localise_vcpu(ctx, 0, g)
-    after = VcpuContext(before, width)
-    assert (ctx.dx, ctx.gdt_frame(1), ctx.ctrlreg(3)) == (after.dx, after.gdt_frame(1),
-                                                          after.ctrlreg(3))
 
 
 def test_vcpu_edx_only_converted_on_vcpu0_and_errors_name_field() -> None:

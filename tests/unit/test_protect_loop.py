@@ -22,18 +22,18 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from tests.unit.save_fakes import FakeDomain, FakeGuest
+from tests.fakes import FakeDomain, FakeGuest
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect import Summary, _await_offer, read_banner
 from xen_remus.restore_continuous import Outcome, Upstream, receive
 from xen_remus.save.engine import SaveEngine
-from xen_remus.save.pages import PAGE_SIZE
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
+from xen_remus.stream.consts import PAGE_SIZE
 from xen_remus.stream.events import Buffer
 
 CONFIG = '{"c_info": {"name": "g"}}'

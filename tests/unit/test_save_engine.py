@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.save_fakes import FakeDomain, FakeGuest, RecordingEmitter
+from tests.fakes import FakeDomain, FakeGuest, RecordingEmitter
 from xen_remus.errors import XenRemusError
 from xen_remus.save.engine import SaveEngine, SaveError, page_buffers
-from xen_remus.save.pages import PAGE_SIZE, XTAB
 from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.stream.consts import PAGE_SIZE, PFINFO_XTAB
 
 
 def make(nr: int = 3000, policy: PrecopyPolicy | None = None
@@ -99,12 +99,12 @@ def test_ballooned_pages_are_xtab_deferred_and_xtab_again_after_suspend() -> Non
     guest.ballooned = {3, 1400}
     stats = eng.run()
     assert stats.rounds[0].deferred == 2
-    assert out.types[3] == XTAB and out.types[1400] == XTAB and 3 not in out.pages
+    assert out.types[3] == PFINFO_XTAB and out.types[1400] == PFINFO_XTAB and 3 not in out.pages
     assert len(out.pages) == 1498 and not dom.logdirty and dom.suspended
     dom2, guest2, out2, eng2 = make(1500, PrecopyPolicy(max_rounds=0))
     guest2.ballooned = {7}
     eng2.run()  # non-live: a pfn without a frame is XTAB, not an error
-    assert out2.types[7] == XTAB and 7 not in out2.pages and len(out2.pages) == 1499
+    assert out2.types[7] == PFINFO_XTAB and 7 not in out2.pages and len(out2.pages) == 1499
 
 
 def test_pagetable_not_sendable_while_live_is_deferred_and_sent_after_suspend() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.save_fakes import FakeDomain, FakeGuest
+from tests.fakes import FakeDomain, FakeGuest
 from xen_remus.cli.save import migrate
 from xen_remus.save.emit import FdEmitter
 from xen_remus.save.engine import SaveEngine, SaveStats

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from xen_remus.save import pages as P
 from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.stream import consts as C
+from xen_remus.xen.hcbuf import bitmap_pfns
 
 
 def test_policy_rounds_and_target() -> None:
@@ -28,7 +30,7 @@ def test_bitmap_to_pfns_matches_set_bits(bits: set[int], nr: int) -> None:
     words = np.zeros(5000 // 64 + 1, dtype=np.uint64)
     for b in bits:
         words[b // 64] |= np.uint64(1 << (b % 64))
-    got = P.pfns_of_bitmap(words, nr)
+    got = bitmap_pfns(words, nr)
     assert got.dtype == np.uint64
     assert list(got) == sorted(b for b in bits if b < nr)
 
@@ -44,8 +46,8 @@ def test_batches_are_views_of_at_most_1024() -> None:
 
 def test_page_types() -> None:
     t = np.arange(16, dtype=np.uint8)
-    assert list(np.flatnonzero(~P.valid_types(t))) == [5, 6, 7, 8]
-    assert list(np.flatnonzero(~P.carries_data(t))) == [0xD, 0xE, 0xF]
+    assert list(np.flatnonzero(~C.valid_types(t))) == [5, 6, 7, 8]
+    assert list(np.flatnonzero(~C.carries_data(t))) == [0xD, 0xE, 0xF]
     assert list(P.pagetable_level(t)) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 0, 0, 0]
 
 

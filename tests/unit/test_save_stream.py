@@ -7,13 +7,13 @@ import os
 import socket
 import threading
 
-from tests.unit.save_fakes import FakeDomain, FakeGuest
+from tests.fakes import FakeDomain, FakeGuest
 from xen_remus.save.emit import FdEmitter, writev_all
 from xen_remus.save.engine import SaveEngine
-from xen_remus.save.pages import PAGE_SIZE
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import Decoder, Record, StreamEnd, XlHeader
 from xen_remus.stream import consts as C
+from xen_remus.stream.consts import PAGE_SIZE
 
 
 def save_to_bytes(dom: FakeDomain, policy: PrecopyPolicy, config: str | None) -> bytes:

@@ -52,13 +52,9 @@ _WORDS = C.PAGE_SIZE // 8
 # Odd weights (invertible mod 2**64): a change in any one word always changes the sum.
 _W = (np.arange(_WORDS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
       + np.uint64(0x632BE59BD9B4E019)) | np.uint64(1)
-_HAS_DATA = np.ones(16, dtype=bool)
-_HAS_DATA[list(C.PFINFO_NO_DATA | C.PFINFO_INVALID)] = False
-_INVALID = np.zeros(16, dtype=np.uint64)
-_INVALID[list(C.PFINFO_INVALID)] = 1
 
 
-_W_BATCH = np.resize(_W, 1024)  # the weights of words_check for a whole batch of pfns
+_W_BATCH = np.resize(_W, C.MAX_BATCH_SIZE)  # the weights of words_check for a whole batch of pfns
 
 
 def _page_words(pages: U8) -> npt.NDArray[np.uint64]:
@@ -98,10 +94,6 @@ def as_pages(pages: PagesIn, n: int) -> U8:
     return flat.reshape(n, C.PAGE_SIZE)
 
 
-def data_mask(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    return np.asarray(_HAS_DATA[types & 0xF], bool)
-
-
 def _bases(cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> U8:
     """A new array of the pages each delta is against: cached copies where ``use``, else
     zeros (one gather, no scatter: faster than XORing a subset in place)."""
@@ -131,14 +123,14 @@ class Encoder:
     def observe(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
                 pages: PagesIn) -> None:
         """A standard PAGE_DATA was sent: remember its pages as the receiver will."""
-        has = data_mask(types)
+        has = C.carries_data(types)
         self.cache.store(pfns[has], as_pages(pages, int(has.sum())))
 
     def encode(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
                pages: PagesIn) -> Encoded:
         if len(pfns) == 0 or len(pfns) != len(types):
             raise ValueError("PAGE_DATA needs pfns, one type each")
-        has = data_mask(types)
+        has = C.carries_data(types)
         dp = pfns[has]
         new = as_pages(pages, len(dp))
         slots = self.cache.lookup(dp)
@@ -174,7 +166,7 @@ class Decoder:
 
     def observe(self, page_data: PageData) -> None:
         """A standard PAGE_DATA arrived: remember its pages as the sender did."""
-        has = data_mask(page_data.types)
+        has = C.carries_data(page_data.types)
         self.cache.store(page_data.pfns[has],
                          as_pages(page_data.page_bytes(), int(has.sum())))
 
@@ -202,11 +194,11 @@ class Decoder:
         pfns = words & np.uint64(C.PFN_MASK)
         first = int(pfns[0])
         # The rules of PAGE_DATA itself (the sink would reject the rebuilt record).
-        bad = np.flatnonzero((words & np.uint64(C.PFN_RESERVED_MASK)) | _INVALID[types & 0xF])
+        bad = np.flatnonzero((words & np.uint64(C.PFN_RESERVED_MASK) != 0) | ~C.valid_types(types))
         if len(bad):
             raise fail("pfn word with reserved bits 59-52 set or an invalid page type",
                        int(pfns[int(bad[0])]))
-        has = data_mask(types)
+        has = C.carries_data(types)
         dp = pfns[has]
         nd = len(dp)
         if raw_len != nd * C.PAGE_SIZE:

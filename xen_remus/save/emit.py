@@ -7,10 +7,10 @@ import os
 from collections.abc import Sequence
 
 from xen_remus.errors import XenRemusError
-from xen_remus.save.ops import Buffer
-from xen_remus.save.pages import PAGE_SIZE, Pfns, Types
+from xen_remus.save.pages import Pfns, Types
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder
+from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData
 
 IOV_MAX = 1024  # Linux's limit of buffers per writev
@@ -63,7 +63,7 @@ class FdEmitter:
     def page_data(self, pfns: Pfns, types: Types, pages: Sequence[Buffer]) -> None:
         self._record(C.REC_TYPE_PAGE_DATA, PageData(pfns, types, list(pages)))
         nbytes = sum(memoryview(p).nbytes for p in pages)
-        if nbytes % PAGE_SIZE:
+        if nbytes % C.PAGE_SIZE:
             raise StreamWriteError(f"{self.what}: PAGE_DATA data of {nbytes} bytes is not "
                                    "whole pages")
         self.flush()

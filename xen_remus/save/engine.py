@@ -18,22 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xen_remus.errors import XenRemusError
-from xen_remus.save.ops import Buffer, DomainOps, Emitter, GuestSaveOps
-from xen_remus.save.pages import (
-    PAGE_SIZE,
-    XTAB,
-    DeferredPages,
-    Pfns,
-    batches,
-    carries_data,
-    merge,
-    valid_types,
-)
+from xen_remus.pagetable import INVALID_MFN
+from xen_remus.save.ops import DomainOps, Emitter, GuestSaveOps
+from xen_remus.save.pages import DeferredPages, Pfns, batches, merge
 from xen_remus.save.policy import PrecopyPolicy
+from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
 
 log = logging.getLogger(__name__)
 
-INVALID_FRAME = np.uint64(0xFFFFFFFFFFFFFFFF)
+INVALID_FRAME = np.uint64(INVALID_MFN)  # pfn_to_gfn of a pfn with no frame
 
 
 class SaveError(XenRemusError):
@@ -107,7 +101,7 @@ class SaveEngine:
         """Headers, static data (STATIC_DATA_END closes it), then PV's P2M frames."""
         self.out.begin(self.guest.domain_type)
         self.guest.static_data(self.out)
-        self.out.libxc_record(REC_STATIC_DATA_END, ())
+        self.out.libxc_record(C.REC_TYPE_STATIC_DATA_END, ())
         self.guest.start_of_stream(self.out)
 
     def precopy(self) -> Pfns:
@@ -157,7 +151,7 @@ class SaveEngine:
         """One PAGE_DATA record (<= 1024 pfns): types, map the pages with data, normalise
         pagetables, write the record straight from the mapping, unmap."""
         frames = self.guest.pfn_to_gfn(pfns)
-        types = np.full(len(pfns), XTAB, dtype=np.uint8)
+        types = np.full(len(pfns), C.PFINFO_XTAB, dtype=np.uint8)
         ok = frames != INVALID_FRAME
         if live and not ok.all():
             # Ballooned out (or not yet populated): XTAB now, looked at again once suspended,
@@ -165,7 +159,7 @@ class SaveEngine:
             self.defer(pfns[~ok], r)
         if ok.any():
             types[ok] = self.guest_types(pfns[ok], frames[ok])
-        data = carries_data(types)
+        data = C.carries_data(types)
         if not data.any():
             self.out.page_data(pfns, types, ())
             r.pfns += len(pfns)
@@ -187,7 +181,7 @@ class SaveEngine:
                                     "outside the guest after suspend")
                 idx = np.flatnonzero(data)[norm.retry]
                 self.defer(pfns[idx], r)
-                types[idx] = XTAB
+                types[idx] = C.PFINFO_XTAB
                 keep &= ~norm.retry
             bufs = page_buffers(m.view, keep, norm.replaced)
             self.out.page_data(pfns, types, bufs)
@@ -198,7 +192,7 @@ class SaveEngine:
 
     def guest_types(self, pfns: Pfns, frames: Pfns) -> np.ndarray:
         types = self.dom.frame_types(frames)
-        bad = ~valid_types(types)
+        bad = ~C.valid_types(types)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise SaveError(f"domain {self.dom.domid}: pfn {int(pfns[i]):#x} has page type "
@@ -246,11 +240,9 @@ def page_buffers(view: memoryview, keep: np.ndarray,
         plain[i] = 0
     edges = np.flatnonzero(np.diff(np.concatenate(([0], plain, [0]))))
     items: list[tuple[int, Buffer]] = [
-        (int(s), view[int(s) * PAGE_SIZE:int(e) * PAGE_SIZE])
+        (int(s), view[int(s) * C.PAGE_SIZE:int(e) * C.PAGE_SIZE])
         for s, e in zip(edges[0::2], edges[1::2], strict=True)]
     items += [(i, page) for i, page in replaced.items() if keep[i]]
     items.sort(key=lambda it: it[0])
     return [buf for _, buf in items]
 
-
-REC_STATIC_DATA_END = 0x10

@@ -15,25 +15,16 @@ from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
 from xen_remus.stream.records import HvmContext, HvmParams
 from xen_remus.xen import XenCtrl
+from xen_remus.xen import structs as S
 
-# The HVM params libxc saves (xen/include/public/hvm/params.h); zero values are skipped.
+# The HVM params libxc saves, in its order; zero values are skipped.
 HVM_PARAMS_SAVED = (
-    1,   # STORE_PFN
-    5,   # IOREQ_PFN
-    6,   # BUFIOREQ_PFN
-    27,  # PAGING_RING_PFN
-    28,  # MONITOR_RING_PFN
-    29,  # SHARING_RING_PFN
-    37,  # VM86_TSS_SIZED
-    17,  # CONSOLE_PFN
-    19,  # ACPI_IOPORTS_LOCATION
-    9,   # VIRIDIAN
-    12,  # IDENT_PT
-    34,  # VM_GENERATION_ID_ADDR
-    32,  # IOREQ_SERVER_PFN
-    33,  # NR_IOREQ_SERVER_PAGES
-    36,  # X87_FIP_WIDTH
-    38,  # MCA_CAP
+    S.HVM_PARAM_STORE_PFN, S.HVM_PARAM_IOREQ_PFN, S.HVM_PARAM_BUFIOREQ_PFN,
+    S.HVM_PARAM_PAGING_RING_PFN, S.HVM_PARAM_MONITOR_RING_PFN, S.HVM_PARAM_SHARING_RING_PFN,
+    S.HVM_PARAM_VM86_TSS_SIZED, S.HVM_PARAM_CONSOLE_PFN, S.HVM_PARAM_ACPI_IOPORTS_LOCATION,
+    S.HVM_PARAM_VIRIDIAN, S.HVM_PARAM_IDENT_PT, S.HVM_PARAM_VM_GENERATION_ID_ADDR,
+    S.HVM_PARAM_IOREQ_SERVER_PFN, S.HVM_PARAM_NR_IOREQ_SERVER_PAGES,
+    S.HVM_PARAM_X87_FIP_WIDTH, S.HVM_PARAM_MCA_CAP,
 )
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.save.pages import Pfns, Types
-
-Buffer = bytes | bytearray | memoryview
+from xen_remus.stream.events import Buffer
 
 
 class MappedPages(Protocol):

@@ -7,15 +7,14 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus import pagetable
-from xen_remus.save.ops import Buffer, Emitter, Normalised
-from xen_remus.save.pages import PAGE_SIZE, Pfns, Types, pagetable_level
+from xen_remus.save.ops import Emitter, Normalised
+from xen_remus.save.pages import Pfns, Types, pagetable_level
 from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import SharedInfo, X86PvInfo, X86PvP2mFrames, X86PvVcpu
 from xen_remus.xen import M2P, P2M, ForeignMemory, GuestStateError, VcpuContext, XenCtrl
 from xen_remus.xen.p2m import read_shared_info
-
-ENTRIES = PAGE_SIZE // 8
 
 
 class PvGuest:
@@ -63,9 +62,8 @@ class PvGuest:
         idx = np.flatnonzero(pagetable_level(types))
         if not len(idx):
             return Normalised()
-        tables = np.frombuffer(pages, dtype=np.uint64).reshape(-1, ENTRIES)[idx]
-        shifted = types[idx].astype(np.uint64) << np.uint64(pagetable.LTAB_SHIFT)
-        res = pagetable.normalise(tables, shifted, self.ppm, live)
+        tables = np.frombuffer(pages, dtype=np.uint64).reshape(-1, pagetable.ENTRIES)[idx]
+        res = pagetable.normalise(tables, types[idx], self.ppm, live)
         retry = np.zeros(len(types), dtype=np.bool_)
         retry[idx[res.retry]] = True
         replaced: dict[int, Buffer] = {int(i): res.tables[k].tobytes()

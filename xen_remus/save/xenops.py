@@ -9,8 +9,6 @@ import numpy.typing as npt
 from xen_remus.save.pages import Pfns, Types
 from xen_remus.xen import DirtyBitmap, ForeignMemory, Mapping, Suspender, XenCtrl, XenStore
 
-PFINFO_LTAB_SHIFT = 28  # xc_get_pfn_type_batch returns XEN_DOMCTL_PFINFO_* << 28
-
 
 class XenDomain:
     """One domain, for the save engine. ``nr_pfns`` sizes the log-dirty bitmap."""
@@ -39,8 +37,7 @@ class XenDomain:
         self.xc.logdirty_off(self.domid)
 
     def frame_types(self, frames: npt.NDArray[np.uint64]) -> Types:
-        raw = self.xc.pfn_types(self.domid, frames)
-        return ((raw >> np.uint64(PFINFO_LTAB_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
+        return self.xc.pfn_types(self.domid, frames)
 
     def map(self, frames: npt.NDArray[np.uint64]) -> Mapping:
         return self.fmem.map(self.domid, frames)

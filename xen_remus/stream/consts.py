@@ -6,6 +6,9 @@ docs/specs/libxl-migration-stream.pandoc (revision 2), xl: tools/xl/xl.h.
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 # --- xl save header (tools/xl/xl.h): 32-byte magic then 4 native-endian u32s.
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 XL_BYTEORDER = 0x01020304
@@ -61,6 +64,7 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 REC_HDR_SIZE = 8
 REC_ALIGN = 8
 REC_LENGTH_MAX = 128 << 20  # xg_sr_stream_format.h
+MAX_BATCH_SIZE = 1024  # pfns per PAGE_DATA record as libxc writes them (4 MiB of data)
 REC_TYPE_OPTIONAL = 0x80000000
 
 REC_TYPE_END = 0x00000000
@@ -110,6 +114,8 @@ PFN_TYPE_SHIFT = 60
 PFN_RESERVED_MASK = 0x0FF0000000000000
 PFN_MASK = (1 << 52) - 1
 
+# The page types (XEN_DOMCTL_PFINFO_* >> 28): the one vocabulary of page types, used by the
+# codec, the save engine, the pagetable normaliser and the compression alike.
 PFINFO_NOTAB = 0x0
 PFINFO_L1TAB = 0x1
 PFINFO_L2TAB = 0x2
@@ -122,6 +128,8 @@ PFINFO_L4TAB_PIN = 0xC
 PFINFO_BROKEN = 0xD
 PFINFO_XALLOC = 0xE
 PFINFO_XTAB = 0xF
+PFINFO_LTABTYPE_MASK = 0x7  # type & mask: 1..4 is a pagetable's level
+PFINFO_LPINTAB = 0x8  # the pin bit of the *_PIN types
 
 PFINFO_NAMES = {
     0x0: "NOTAB", 0x1: "L1TAB", 0x2: "L2TAB", 0x3: "L3TAB", 0x4: "L4TAB",
@@ -131,6 +139,25 @@ PFINFO_NAMES = {
 # Types 5-8 are invalid; BROKEN, XALLOC and XTAB carry no page contents.
 PFINFO_INVALID = frozenset({0x5, 0x6, 0x7, 0x8})
 PFINFO_NO_DATA = frozenset({PFINFO_BROKEN, PFINFO_XALLOC, PFINFO_XTAB})
+
+# The two sets over the 16 types, as lookup tables for whole arrays of types.
+_VALID = np.ones(16, dtype=np.bool_)
+_VALID[list(PFINFO_INVALID)] = False
+_DATA = np.ones(16, dtype=np.bool_)
+_DATA[list(PFINFO_NO_DATA)] = False
+
+
+def valid_types(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Per entry: a type the stream may carry (0..15 but not 5..8)."""
+    ok: npt.NDArray[np.bool_] = (types <= 0xF) & _VALID[types & 0xF]
+    return ok
+
+
+def carries_data(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Per entry of a PAGE_DATA record: its page's contents follow (every type but BROKEN,
+    XALLOC and XTAB; callers reject the invalid types 5..8 first)."""
+    data: npt.NDArray[np.bool_] = _DATA[types & 0xF]
+    return data
 
 
 def pad8(n: int) -> int:

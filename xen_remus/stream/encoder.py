@@ -58,12 +58,12 @@ def libxc_headers(domain_type: int = C.DHDR_TYPE_X86_HVM, version: int = 3,
 
 def page_data(pfns: Sequence[int] | npt.NDArray[Any], pages: Sequence[Buffer],
               types: Sequence[int] | npt.NDArray[Any] | None = None) -> list[Buffer]:
-    """PAGE_DATA: ``pages`` holds one 4096-byte buffer per pfn whose type carries data."""
+    """PAGE_DATA: ``pages`` holds one page (PAGE_SIZE bytes) per pfn whose type carries data."""
     return record(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, pages))
 
 
 def page_data_batches(pfns: npt.NDArray[np.uint64], pages: Sequence[Buffer],
-                      batch: int = 1024) -> Iterable[list[Buffer]]:
+                      batch: int = C.MAX_BATCH_SIZE) -> Iterable[list[Buffer]]:
     """Normal pages split into PAGE_DATA records of ``batch`` pfns (Xen's MAX_BATCH_SIZE)."""
     for i in range(0, len(pfns), batch):
         yield page_data(pfns[i:i + batch], pages[i:i + batch])
@@ -72,21 +72,21 @@ def page_data_batches(pfns: npt.NDArray[np.uint64], pages: Sequence[Buffer],
 def end_of_epoch(wrapped: bool, emulator: Sequence[list[Buffer]] = ()) -> list[Buffer]:
     """Close a checkpoint: libxc CHECKPOINT, then (libxl streams) the emulator records
     (EMULATOR_XENSTORE_DATA / EMULATOR_CONTEXT) and libxl CHECKPOINT_END."""
-    out = empty(C.REC_TYPE_CHECKPOINT)
-    if wrapped:
-        for rec in emulator:
-            out.extend(rec)
-        out.extend(empty(C.LIBXL_CHECKPOINT_END))
-    return out
+    return _close(C.REC_TYPE_CHECKPOINT, C.LIBXL_CHECKPOINT_END, wrapped, emulator)
 
 
 def end_of_stream(wrapped: bool, emulator: Sequence[list[Buffer]] = ()) -> list[Buffer]:
     """Close a stream: libxc END, then (libxl streams) emulator records and libxl END."""
-    out = empty(C.REC_TYPE_END)
+    return _close(C.REC_TYPE_END, C.LIBXL_END, wrapped, emulator)
+
+
+def _close(libxc_rtype: int, libxl_rtype: int, wrapped: bool,
+           emulator: Sequence[list[Buffer]]) -> list[Buffer]:
+    out = empty(libxc_rtype)
     if wrapped:
         for rec in emulator:
             out.extend(rec)
-        out.extend(empty(C.LIBXL_END))
+        out.extend(empty(libxl_rtype))
     return out
 
 

@@ -26,13 +26,6 @@ _II = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _PAGE_HDR = struct.Struct("<II")
 
-# Lookup tables over the 16 PFINFO types, for vectorised checks.
-_INVALID_LUT = np.zeros(16, dtype=bool)
-_INVALID_LUT[list(C.PFINFO_INVALID)] = True
-_HAS_DATA_LUT = np.ones(16, dtype=bool)
-_HAS_DATA_LUT[list(C.PFINFO_NO_DATA)] = False
-_HAS_DATA_LUT[list(C.PFINFO_INVALID)] = False
-
 
 class Body(Protocol):
     def pack(self) -> list[Buffer]: ...
@@ -92,7 +85,7 @@ class PageData:
     @property
     def data_pages(self) -> int:
         """How many of the pfns carry page contents."""
-        return int(_HAS_DATA_LUT[self.types].sum())
+        return int(C.carries_data(self.types).sum())
 
     def page_bytes(self) -> memoryview:
         """All page contents as one memoryview (decoded records)."""
@@ -128,11 +121,11 @@ class PageData:
         if len(bad):
             i = int(bad[0])
             raise FieldError(f"pfn[{i}]", "reserved bits 59-52 set", 8 + 8 * i)
-        bad = np.flatnonzero(_INVALID_LUT[types])
+        bad = np.flatnonzero(~C.valid_types(types))
         if len(bad):
             i = int(bad[0])
             raise FieldError(f"pfn[{i}]", f"invalid page type 0x{int(types[i]):x}", 8 + 8 * i)
-        ndata = int(_HAS_DATA_LUT[types].sum())
+        ndata = int(C.carries_data(types).sum())
         want = 8 + 8 * count + C.PAGE_SIZE * ndata
         if n != want:
             raise FieldError("length", f"{n}, expected {want} for {count} pfns of which "

@@ -42,7 +42,7 @@ def make_epoch(pfns: Sequence[int] | npt.NDArray[np.uint64], types: Sequence[int
 
 def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] = (),
                      version: int = 3, vcpus: int = 1, end: bool = True,
-                     batch: int = 1024) -> list[Buffer]:
+                     batch: int = C.MAX_BATCH_SIZE) -> list[Buffer]:
     """A complete stream as buffers; more than one epoch makes it checkpointed."""
     wrapped = fmt != "libxc"
     dtype = C.DHDR_TYPE_X86_PV if pv else C.DHDR_TYPE_X86_HVM
@@ -71,7 +71,7 @@ def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] 
             page_i += ndata
         out += E.record(C.REC_TYPE_X86_TSC_INFO, R.X86TscInfo(0, 2_000_000, 12345 + n, 1))
         if pv:
-            out += E.record(C.REC_TYPE_SHARED_INFO, R.SharedInfo(bytes([n + 1]) * 4096))
+            out += E.record(C.REC_TYPE_SHARED_INFO, R.SharedInfo(bytes([n + 1]) * C.PAGE_SIZE))
             for v in range(vcpus):
                 for rt in (C.REC_TYPE_X86_PV_VCPU_BASIC, C.REC_TYPE_X86_PV_VCPU_EXTENDED,
                            C.REC_TYPE_X86_PV_VCPU_XSAVE):

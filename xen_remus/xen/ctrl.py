@@ -174,19 +174,17 @@ class XenCtrl(StateCalls):
         return self._logdirty_op(domid, S.SHADOW_OP_PEEK, "PEEK", bitmap, False)
 
     # -- page types ---------------------------------------------------------------------
-    def pfn_types(self, domid: int, frames: npt.ArrayLike) -> npt.NDArray[np.uint64]:
-        """XEN_DOMCTL_PFINFO_* type of each frame (GFN/MFN as the guest's p2m gives them).
-
-        Returns ``frame | type`` per entry, as xc_get_pfn_type_batch does; mask the result
-        with PFINFO_LTAB_MASK for the type.
-        """
+    def pfn_types(self, domid: int, frames: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+        """The page type of each frame (GFN/MFN as the guest's p2m gives them), as the
+        migration stream names them (stream.consts PFINFO_*, 0..15): xc_get_pfn_type_batch
+        returns XEN_DOMCTL_PFINFO_* in place, the type in bits 28-31 of each word."""
         arr = np.array(frames, dtype=np.uint64)  # our own copy: Xen writes in place
         for start in range(0, len(arr), PFN_TYPE_BATCH):
             part = arr[start:start + PFN_TYPE_BATCH]
             ptr = part.ctypes.data_as(ctypes.POINTER(c_ulong))
             rc = self.lib.xc_get_pfn_type_batch(self.handle, domid, len(part), ptr)
             self._check(rc, "xc_get_pfn_type_batch", domid, f"frames {start}..")
-        return arr
+        return ((arr >> np.uint64(S.PFINFO_LTAB_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
 
     def hvm_param(self, domid: int, param: int) -> int:
         """HVM_PARAM_* value (HVM and PVH guests)."""

@@ -8,6 +8,7 @@ from ctypes import byref
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.stream.consts import PAGE_SIZE
 from xen_remus.xen import libs
 from xen_remus.xen import structs as S
 from xen_remus.xen.errors import call_failed
@@ -18,14 +19,14 @@ class HypercallBuffer:
 
     def __init__(self, lib: ctypes.CDLL, handle: int, nbytes: int) -> None:
         self._lib, self._handle = lib, handle
-        self.nr_pages = max(1, -(-nbytes // S.PAGE_SIZE))
+        self.nr_pages = max(1, -(-nbytes // PAGE_SIZE))
         self.desc = S.XcHypercallBuffer(None, None, 0, ctypes.c_void_p(-1).value, 0)
         ptr = lib.xc__hypercall_buffer_alloc_pages(handle, byref(self.desc), self.nr_pages)
         if not ptr:
             raise call_failed("xc_hypercall_buffer_alloc_pages", None, libs.errno(),
                               f"{self.nr_pages} pages")
         self.address: int = ptr
-        raw = (ctypes.c_char * (self.nr_pages * S.PAGE_SIZE)).from_address(ptr)
+        raw = (ctypes.c_char * (self.nr_pages * PAGE_SIZE)).from_address(ptr)
         self.view: memoryview | None = memoryview(raw).cast("B")
 
     def close(self) -> None:
@@ -51,11 +52,19 @@ class DirtyBitmap(HypercallBuffer):
 
     def dirty_pfns(self) -> npt.NDArray[np.uint64]:
         """Sorted pfns whose bit is set."""
-        flags = np.unpackbits(self.bits(), bitorder="little")[: self.pages]
-        return np.flatnonzero(flags).astype(np.uint64)
+        return bitmap_pfns(self.bits(), self.pages)
 
     def set_all(self) -> None:
         """Mark every pfn dirty (the first pre-copy round sends everything)."""
         self.bits()  # asserts open
         assert self.view is not None
         self.view[:] = b"\xff" * len(self.view)
+
+
+def bitmap_pfns(bitmap: npt.NDArray[np.uint8] | npt.NDArray[np.uint64],
+                nr_pfns: int) -> npt.NDArray[np.uint64]:
+    """The set bits of a Xen bitmap (little-endian bit order, as log-dirty returns it) below
+    ``nr_pfns``, as sorted pfns."""
+    raw = np.ascontiguousarray(bitmap).view(np.uint8).reshape(-1)
+    bits = np.unpackbits(raw, bitorder="little")[:nr_pfns]
+    return np.flatnonzero(bits).astype(np.uint64)

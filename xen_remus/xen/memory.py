@@ -9,8 +9,8 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.stream.consts import PAGE_SIZE
 from xen_remus.xen import libs
-from xen_remus.xen import structs as S
 from xen_remus.xen.errors import MappingError, XenCallError, call_failed
 
 
@@ -31,7 +31,7 @@ class Mapping:
         self.frames = frames
         self.errors = errors
         self.pages = len(frames)
-        raw = (ctypes.c_char * (self.pages * S.PAGE_SIZE)).from_address(address)
+        raw = (ctypes.c_char * (self.pages * PAGE_SIZE)).from_address(address)
         self._base = memoryview(raw).cast("B")
         # A read-only mapping must not be writable from Python either (it would SIGSEGV).
         self._view: memoryview | None = self._base if writable else self._base.toreadonly()
@@ -43,7 +43,7 @@ class Mapping:
         return self._view
 
     def page(self, i: int) -> memoryview:
-        return self.view[i * S.PAGE_SIZE:(i + 1) * S.PAGE_SIZE]
+        return self.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
 
     def array(self, dtype: type[np.generic] = np.uint64) -> npt.NDArray[np.generic]:
         """All pages as one numpy array of ``dtype`` (no copy; read-only if mapped so)."""

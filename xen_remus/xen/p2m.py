@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.stream.consts import PAGE_SIZE
 from xen_remus.xen import structs as S
 from xen_remus.xen.ctrl import XenCtrl
 from xen_remus.xen.errors import GuestStateError
@@ -51,12 +52,12 @@ class M2P:
     def __init__(self, xc: XenCtrl, fmem: ForeignMemory) -> None:
         max_page = xc.maximum_ram_page()
         # Xen hands out exactly ceil(max_page * 8 / 2 MiB) chunks; asking for more fails.
-        chunks = -(-max_page * 8 // (M2P_CHUNK_PAGES * S.PAGE_SIZE))
+        chunks = -(-max_page * 8 // (M2P_CHUNK_PAGES * PAGE_SIZE))
         starts = xc.machphys_mfn_list(chunks)
         frames = (starts[:, None] + np.arange(M2P_CHUNK_PAGES, dtype=np.uint64)).ravel()
         self.mapping = fmem.map(S.DOMID_XEN, frames)
         self.mapping.raise_on_error()
-        count = min(max_page + 1, len(frames) * S.PAGE_SIZE // 8)
+        count = min(max_page + 1, len(frames) * PAGE_SIZE // 8)
         self.table: npt.NDArray[np.uint64] = np.frombuffer(
             self.mapping.view, dtype=np.uint64, count=count)
         self.max_mfn = count - 1  # libxc accepts mfn <= max_page when the table covers it
@@ -89,13 +90,13 @@ class P2M:
             raise ValueError(f"p2m method {self.method!r}")
         leaves = self._map(self.frames, "p2m pages")
         dtype = np.uint64 if width == 8 else np.uint32
-        off = (shared_info.p2m_vaddr & (S.PAGE_SIZE - 1)) if self.method == "linear" else 0
+        off = (shared_info.p2m_vaddr & (PAGE_SIZE - 1)) if self.method == "linear" else 0
         self.table: npt.NDArray[np.unsignedinteger] = np.frombuffer(
             leaves.view, dtype=dtype, count=self.max_pfn, offset=off)
 
     @property
     def per_page(self) -> int:
-        return S.PAGE_SIZE // self.width
+        return PAGE_SIZE // self.width
 
     def _map(self, frames: npt.NDArray[np.uint64], what: str) -> Mapping:
         m = self._fmem.map(self.domid, frames)
@@ -124,9 +125,9 @@ class P2M:
     def _linear_frames(self) -> npt.NDArray[np.uint64]:
         """Walk the guest's page tables from p2m_cr3 for every page of the linear p2m."""
         si, w = self.shared_info, self.width
-        first = si.p2m_vaddr & ~(S.PAGE_SIZE - 1)
+        first = si.p2m_vaddr & ~(PAGE_SIZE - 1)
         end = si.p2m_vaddr + self.max_pfn * w
-        vas = np.arange(first, end, S.PAGE_SIZE, dtype=np.uint64)
+        vas = np.arange(first, end, PAGE_SIZE, dtype=np.uint64)
         shifts = (39, 30, 21, 12) if w == 8 else (30, 21, 12)
         tables = np.full(len(vas), cr3_to_mfn(si.p2m_cr3, w), dtype=np.uint64)
         for level, shift in zip(range(len(shifts), 0, -1), shifts, strict=True):

@@ -1,4 +1,10 @@
-"""In-memory fakes of a Xen domain, a guest type and a record sink for the save engine."""
+"""In-memory fakes for the save engine, shared by the unit tests and the benchmark.
+
+For the tests: FakeDomain, FakeGuest and RecordingEmitter play a Xen domain, a guest type
+and a record sink, and let a test misbehave at each step. For the benchmark: MemDomain and
+MemGuest cost next to nothing, so what is measured is our code. The product never imports
+this module (nor anything under tests/).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.save.ops import Buffer, Emitter, Normalised
-from xen_remus.save.pages import NOTAB, PAGE_SIZE, XTAB, Pfns, Types
+from xen_remus.save.hvm import HvmGuest
+from xen_remus.save.ops import Emitter, Normalised
+from xen_remus.save.pages import Pfns, Types
+from xen_remus.stream.consts import PAGE_SIZE, PFINFO_NOTAB, PFINFO_XTAB
+from xen_remus.stream.events import Buffer
 
 OFFSET = 0x1000  # frame = pfn + OFFSET, so that a missed pfn->frame translation shows
 
@@ -35,7 +44,7 @@ class FakeDomain:
         rng = np.random.default_rng(seed)
         self.nr_pfns = nr_pfns
         self.mem = bytearray(rng.integers(0, 256, nr_pfns * PAGE_SIZE, dtype=np.uint8))
-        self.types = np.full(nr_pfns, NOTAB, dtype=np.uint8)
+        self.types = np.full(nr_pfns, PFINFO_NOTAB, dtype=np.uint8)
         self.dirty: set[int] = set()
         self.logdirty = False
         self.suspended = False
@@ -74,7 +83,7 @@ class FakeDomain:
 
     def frame_types(self, frames: npt.NDArray[np.uint64]) -> Types:
         pfns = frames.astype(np.int64) - OFFSET
-        out = np.full(len(frames), XTAB, dtype=np.uint8)
+        out = np.full(len(frames), PFINFO_XTAB, dtype=np.uint8)
         inside = (pfns >= 0) & (pfns < self.nr_pfns)
         out[inside] = self.types[pfns[inside]]
         return out
@@ -204,3 +213,81 @@ class RecordingEmitter:
                 self.pages[int(pfn)] = data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
                 n += 1
         assert n * PAGE_SIZE == len(data), "page data count does not match the types"
+
+
+# -- for the benchmark ----------------------------------------------------------------------
+
+class MemMapping:
+    def __init__(self, view: memoryview, n: int) -> None:
+        self.view = view
+        self.errors = np.zeros(n, dtype=np.int32)
+
+    def close(self) -> None:
+        pass
+
+
+class MemDomain:
+    """DomainOps over guest memory held as one (n x PAGE_SIZE) array: every page NOTAB,
+    nothing fails, ``dirty`` is what the caller wrote since the last clean. A batch of
+    consecutive frames maps as a view of the array (a foreign mapping is one view of guest
+    memory, no copy); any other batch is gathered into a new array (one copy)."""
+
+    domid = 0
+
+    def __init__(self, mem: npt.NDArray[np.uint8]) -> None:
+        self.mem = mem.reshape(-1, PAGE_SIZE)
+        self.dirty = np.zeros(0, dtype=np.uint64)
+
+    def frame_types(self, frames: npt.NDArray[np.uint64]) -> Types:
+        return np.zeros(len(frames), dtype=np.uint8)
+
+    def map(self, frames: npt.NDArray[np.uint64]) -> MemMapping:
+        first, n = int(frames[0]), len(frames)
+        if int(frames[-1]) == first + n - 1:  # sorted and distinct, so consecutive
+            pages = self.mem[first:first + n]
+        else:
+            pages = self.mem[frames.astype(np.int64)]
+        return MemMapping(memoryview(pages.reshape(-1).data), n)
+
+    def suspend(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def logdirty_enable(self) -> None:
+        pass
+
+    def logdirty_clean(self, final: bool) -> Pfns:
+        out, self.dirty = self.dirty, np.zeros(0, dtype=np.uint64)
+        return out
+
+    def logdirty_off(self) -> None:
+        pass
+
+
+class MemGuest(HvmGuest):
+    """An HVM-type guest with nothing of Xen behind it: HvmGuest's pfn == gfn and no
+    pagetables, and no state records at all."""
+
+    def __init__(self, nr_pfns: int) -> None:  # no XenCtrl to ask
+        self._nr = nr_pfns
+
+    def static_data(self, out: Emitter) -> None:
+        pass
+
+    def end_of_checkpoint(self, out: Emitter) -> None:
+        pass
+
+
+class NoDevices:
+    """EpochDevices of a guest without devices to protect."""
+
+    def postsuspend(self, epoch: int) -> None:
+        pass
+
+    def preresume(self) -> None:
+        pass
+
+    def commit(self, epoch: int) -> None:
+        pass
