@@ -12,19 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from xen_remus.errors import UsageError
-from xen_remus.stream import consts as C
-from xen_remus.stream.decoder import FORMATS
-from xen_remus.stream.events import (
+from xen_remus.stream import (
     DomainHeader,
     EpochEnd,
     Event,
     ImageHeader,
     LibxlHeader,
+    Record,
     StreamEnd,
     XlHeader,
+    iter_events,
 )
-from xen_remus.stream.io import iter_events
-from xen_remus.stream.records import Record
+from xen_remus.stream import consts as C
+from xen_remus.stream.decoder import FORMATS
 
 
 def register(subparsers: Any) -> None:

@@ -22,17 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.stream import consts as C
+from xen_remus.stream import events
 from xen_remus.stream.errors import FieldError, StreamError
-from xen_remus.stream.events import (
-    Buffer,
-    DomainHeader,
-    EpochEnd,
-    Event,
-    ImageHeader,
-    LibxlHeader,
-    StreamEnd,
-    XlHeader,
-)
+from xen_remus.stream.events import Buffer, EpochEnd, Event, StreamEnd
 from xen_remus.stream.records import BODY_TYPES, LIBXC, LIBXL, Record, record_name
 
 _RH = struct.Struct("<II")
@@ -46,8 +38,10 @@ _HEAD = {XL_HDR: C.XL_HDR_SIZE, LIBXL_HDR: C.LIBXL_HDR_SIZE, IMAGE_HDR: C.IHDR_S
 FORMATS = ("xl", "libxl", "libxc")
 # Header items: parser and the phase that follows.
 _HEADERS: dict[int, tuple[Callable[[Buffer], Event], int]] = {
-    XL_HDR: (XlHeader.unpack, LIBXL_HDR), LIBXL_HDR: (LibxlHeader.unpack, LIBXL_REC),
-    IMAGE_HDR: (ImageHeader.unpack, DOMAIN_HDR), DOMAIN_HDR: (DomainHeader.unpack, LIBXC_REC)}
+    XL_HDR: (events.XlHeader.unpack, LIBXL_HDR),
+    LIBXL_HDR: (events.LibxlHeader.unpack, LIBXL_REC),
+    IMAGE_HDR: (events.ImageHeader.unpack, DOMAIN_HDR),
+    DOMAIN_HDR: (events.DomainHeader.unpack, LIBXC_REC)}
 
 # libxc records by kind, for the ordering rules of libxc-migration-stream.pandoc.
 _STATIC = {C.REC_TYPE_X86_PV_INFO, C.REC_TYPE_X86_CPUID_POLICY, C.REC_TYPE_X86_MSR_POLICY}
@@ -77,8 +71,8 @@ class Decoder:
         self.checkpointed = False
         self.epoch = 0
         self.offset = 0  # absolute offset of the next item
-        self.image: ImageHeader | None = None
-        self.domain: DomainHeader | None = None
+        self.image: events.ImageHeader | None = None
+        self.domain: events.DomainHeader | None = None
         self.error: StreamError | None = None
         self._phase = {None: DETECT, "xl": XL_HDR, "libxl": LIBXL_HDR,
                        "libxc": IMAGE_HDR}[fmt]
@@ -208,7 +202,7 @@ class Decoder:
         phase = self._phase
         if phase == XL_HDR:
             try:
-                return XlHeader.total_size(head)
+                return events.XlHeader.total_size(head)
             except FieldError as exc:
                 raise self._field_error("xl header", exc, 0) from None
         if phase in (LIBXL_REC, LIBXC_REC):
@@ -244,9 +238,9 @@ class Decoder:
         except FieldError as exc:
             raise self._field_error(_PHASE_ITEM[phase], exc, 0) from None
         ev.offset, ev.wire, ev.epoch = self.offset, item, self.epoch
-        if isinstance(ev, ImageHeader):
+        if isinstance(ev, events.ImageHeader):
             self.image = ev
-        elif isinstance(ev, DomainHeader):
+        elif isinstance(ev, events.DomainHeader):
             self.domain = ev
         out.append(ev)
         self._phase = nxt
