@@ -110,14 +110,6 @@ OURS_SUMMARY = re.compile(r"(\d+) checkpoints in ([\d.]+) s \(([\d.]+)/s\); paus
                           r"([\d.]+) ms, median ([\d.]+) ms.*?bytes (\d+) -> (\d+) per epoch")
 
 
-def run_lab(seconds: float = 40.0) -> dict[str, float]:
-    """Ours against stock `xl remus -F -n -d` on one lab host, same guest, same run."""
-    from lab.lab import Lab
-
-    with Lab(1) as lab:
-        return lab_figures(lab.a, seconds)
-
-
 def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
     """On lab host ``h``: each side protects the same PV guest into its own receiver on the
     same host (no link: the epoch loops, not the wire) for ``seconds`` after the initial
@@ -182,6 +174,6 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
 if __name__ == "__main__":
     import sys
 
-    figures = run_lab() if "--lab" in sys.argv else run()
-    for k, v in figures.items():
-        print(f"remus: {k} = {v:.3f}")
+    from bench.__main__ import main
+
+    raise SystemExit(main(["remus", *sys.argv[1:]]))

@@ -3,12 +3,12 @@
 Host part (no Xen): the engine over an in-memory guest writing a real stream into a pipe,
 against a plain writev of the same bytes in the same run (the engine's own overhead).
 
-Lab part (`run_lab`, needs the QEMU lab): on one host, the same 96 MiB PV guest saved by
-`xen-remus save -c` and by stock `xl save -c`, three times each (medians; our package
-installed in dom0, not run over 9p), target ratio <= 1.0, with the fixed costs of Python
-and imports under TCG printed beside; then
-`xen-remus migrate` and `xl migrate` to `xl migrate-receive` on the same host: total time,
-and our downtime (suspend to the last record written).
+Lab part (``lab_figures``; ``python -m bench.save --lab``): on one host, the same 96 MiB
+PV guest saved by `xen-remus save -c` and by stock `xl save -c`, three times each (medians;
+our package installed in dom0, not run over 9p), target ratio <= 1.0, with the fixed costs
+of Python and imports under TCG printed beside; then `xen-remus migrate` and `xl migrate`
+to `xl migrate-receive` on the same host: total time, and our downtime (suspend to the
+last record written).
 """
 
 from __future__ import annotations
@@ -75,14 +75,6 @@ def run() -> dict[str, float]:
             "engine_vs_plain": (e_bytes / e_s) / (p_bytes / p_s)}
 
 
-def run_lab() -> dict[str, float]:
-    """Our save/migrate against stock xl on the same guest, in the same lab run."""
-    from lab.lab import Lab
-
-    with Lab(1) as lab:
-        return lab_figures(lab.a)
-
-
 def lab_figures(h: Any) -> dict[str, float]:
     """On lab host ``h``: save and local migrate of one PV guest, ours then stock xl."""
     from lab import guest
@@ -141,9 +133,6 @@ def lab_figures(h: Any) -> dict[str, float]:
 if __name__ == "__main__":
     import sys
 
-    figures = run_lab() if "--lab" in sys.argv else run()
-    for k, v in figures.items():
-        print(f"save: {k} = {v:.3f}")
-    if "save_ratio" in figures:
-        print(f"save: target save_ratio <= {TARGET_RATIO}: "
-              f"{'met' if figures['save_ratio'] <= TARGET_RATIO else 'NOT met'}")
+    from bench.__main__ import main
+
+    raise SystemExit(main(["save", *sys.argv[1:]]))
