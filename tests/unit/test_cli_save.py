@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from xen_remus.migrate_hook import build_parser
-from xen_remus.save import session
 from xen_remus.save.session import DomainBusy, domain_lock
 
 
 def test_second_save_of_same_domain_is_refused(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session, "LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("XEN_REMUS_RUN_DIR", str(tmp_path))
     with domain_lock(5):
         with pytest.raises(DomainBusy, match="domain 5 is already being saved"):
             with domain_lock(5):

@@ -4,9 +4,9 @@ The primary measures an epoch; it knows its ACK latency only once the ACK is in,
 figures of epoch N travel in-band early in epoch N+1 (or at exit), and the backup's status
 shows the same numbers as the primary's.
 
-Status file: /run/xen-remus/<domain>.json (XEN_REMUS_RUN_DIR overrides the directory),
-rewritten atomically (temp file + rename) at most every ``min_interval`` seconds and at
-every change of state. Fields:
+Status file: <domain>.json in the run directory (xen_remus.paths), rewritten atomically
+(temp file + rename) at most every ``min_interval`` seconds and at every change of
+state. Fields:
   format 1; domain; role "primary"|"backup"; pid; peer; state (e.g. "pre-copy",
   "protected", "unprotected", "failed-over", "exited"); detail; started / updated (Unix
   time); extensions (the agreed tokens, or null with a stock peer); epoch (last
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xen_remus.channel.errors import ChannelError
+from xen_remus.paths import run_dir
 
 if TYPE_CHECKING:  # `xen-remus status` imports this: the stream package pulls in numpy
     from xen_remus.stream.events import Buffer
 
-RUN_DIR = "/run/xen-remus"
 FORMAT = 1
 RECENT = 20
 _STATS = struct.Struct("<QIIQQII")
@@ -75,10 +75,6 @@ class EpochStats:
         d = asdict(self)
         d["ratio"] = round(self.ratio, 3)
         return d
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("XEN_REMUS_RUN_DIR", RUN_DIR))
 
 
 class StatusFile:

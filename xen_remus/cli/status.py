@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xen_remus.channel.stats import read_all, run_dir
+from xen_remus.channel.stats import read_all
 from xen_remus.errors import XenRemusError
+from xen_remus.paths import run_dir
 
 _COLS = ("DOMAIN", "ROLE", "STATE", "EPOCH", "PAUSE_MS", "DIRTY", "RATIO", "SEND_MS",
          "ACK_MS", "PEER", "UPDATED")

@@ -1,4 +1,4 @@
-"""What we set up in the kernel, on disk under /run/xen-remus/, so a crashed run is cleaned.
+"""What we set up in the kernel, on disk in the run directory, so a crashed run is cleaned.
 
 One JSON file per device (``netbuf/vif5.0.json``), written *before* anything is created and
 removed only once everything is gone. A file whose owner process is dead is a leftover of a
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xen_remus.devices.base import DeviceError
-
-RUN_DIR = Path(os.environ.get("XEN_REMUS_RUN_DIR", "/run/xen-remus"))
+from xen_remus.paths import run_dir
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,9 @@ class StateDir:
     """Records of one kind of device (``kind`` is a subdirectory of the run directory)."""
 
     def __init__(self, kind: str, root: Path | None = None) -> None:
-        self.dir = (root or RUN_DIR) / kind
-        self.lock_path = (root or RUN_DIR) / f"{kind}.lock"
+        root = root or run_dir()
+        self.dir = root / kind
+        self.lock_path = root / f"{kind}.lock"
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from xen_remus.errors import XenRemusError
+from xen_remus.paths import run_dir
 from xen_remus.save.emit import FdEmitter
 from xen_remus.save.engine import SaveEngine, SaveStats
 from xen_remus.save.hvm import HvmGuest
@@ -24,7 +25,6 @@ from xen_remus.save.xenops import XenDomain
 from xen_remus.xen import ForeignMemory, NoSuchDomain, XenCtrl, XenStore
 
 log = logging.getLogger(__name__)
-LOCK_DIR = "/run/xen-remus"
 
 
 class DomainBusy(XenRemusError):
@@ -80,8 +80,8 @@ def domain_config_json(domid: int) -> str:
 @contextmanager
 def domain_lock(domid: int) -> Iterator[None]:
     """Exclusive, non-blocking: a second save/migrate of the same domain is refused."""
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    path = f"{LOCK_DIR}/save-{domid}.lock"
+    run_dir().mkdir(parents=True, exist_ok=True)
+    path = run_dir() / f"save-{domid}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
