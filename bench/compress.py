@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.channel.compress import Decoder, Encoder
+from xen_remus.channel.compress import Compressor, Decompressor
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
 
@@ -79,7 +79,7 @@ def _epochs(seed: int, kinds: dict[str, float], n: int
 
 def _measure(kinds: dict[str, float], n: int) -> dict[str, float]:
     first, epochs = _epochs(7, kinds, n)
-    enc, dec = Encoder(PageCache(GUEST_PAGES)), Decoder(PageCache(GUEST_PAGES))
+    enc, dec = Compressor(PageCache(GUEST_PAGES)), Decompressor(PageCache(GUEST_PAGES))
     types = np.zeros(BATCH, np.uint8)
     for i in range(0, GUEST_PAGES, BATCH):  # the initial copy: fills both caches
         pfns = np.arange(i, i + BATCH, dtype=np.uint64)

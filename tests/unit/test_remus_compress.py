@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xen_remus.channel import wire
-from xen_remus.channel.compress import Decoder, Encoder
+from xen_remus.channel.compress import Compressor, Decompressor
 from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
@@ -89,7 +89,7 @@ def test_round_trip_and_caches_agree(epochs: list[list[list[tuple[int, int, str,
                                      slots: int, plain_every: int) -> None:
     """Any sequence of batches over several epochs comes back exactly, with caches small
     enough to evict, and standard PAGE_DATA mixed in: both caches stay identical."""
-    enc, dec = Encoder(PageCache(slots)), Decoder(PageCache(slots))
+    enc, dec = Compressor(PageCache(slots)), Decompressor(PageCache(slots))
     memory: dict[int, bytes] = {}
     n = 0
     for epoch, batches in enumerate(epochs):
@@ -114,7 +114,7 @@ def test_delta_shrinks_a_few_changed_words() -> None:
     rng = np.random.default_rng(5)
     mem = rng.integers(0, 256, (256, C.PAGE_SIZE), np.uint8)
     pfns, types = np.arange(256, dtype=np.uint64), np.zeros(256, np.uint8)
-    enc, dec = Encoder(PageCache(256)), Decoder(PageCache(256))
+    enc, dec = Compressor(PageCache(256)), Decompressor(PageCache(256))
     first = enc.encode(pfns, types, mem.tobytes())
     dec.decode(body_of(first.buffers), 0, 0)
     assert first.wire_bytes > first.raw_bytes  # random pages: stored raw, a little header
@@ -144,7 +144,7 @@ def test_cache_is_bounded_and_evicts_fifo() -> None:
     assert c.lookup(np.array([1 << 40], np.uint64))[0] == -1 and len(c._slot_of) < 1 << 27
 
 
-def _record(seed: int) -> tuple[Decoder, bytes, np.ndarray]:
+def _record(seed: int) -> tuple[Decompressor, bytes, np.ndarray]:
     """A decoder whose cache holds epoch 0, and the compressed record of epoch 1."""
     rng = np.random.default_rng(seed)
     n = 8
@@ -153,14 +153,14 @@ def _record(seed: int) -> tuple[Decoder, bytes, np.ndarray]:
     types[3] = XTAB
     mem = rng.integers(0, 256, (n - 1, C.PAGE_SIZE), np.uint8)
     mem[1] = 0
-    enc, dec = Encoder(PageCache(64)), Decoder(PageCache(64))
+    enc, dec = Compressor(PageCache(64)), Decompressor(PageCache(64))
     dec.decode(body_of(enc.encode(pfns, types, mem.tobytes()).buffers), 0, 0)
     mem[0, :16] ^= 0xFF
     mem[2, 100] ^= 1
     return dec, body_of(enc.encode(pfns, types, mem.tobytes()).buffers), pfns
 
 
-def check_flip(dec: Decoder, body: bytes, pfns: np.ndarray, good: bytes, pos: int,
+def check_flip(dec: Decompressor, body: bytes, pfns: np.ndarray, good: bytes, pos: int,
                bit: int) -> bool:
     """A flipped bit is either caught, naming epoch, offset and (for a page's own bytes)
     the pfn, leaving the cache untouched; or it did not change the result (an lz4 match
@@ -207,11 +207,11 @@ def test_every_bit_flip_exhaustively(seed: int) -> None:
 
 def test_cache_out_of_step_names_the_pfn() -> None:
     pfns, types = np.array([5, 6], np.uint64), np.zeros(2, np.uint8)
-    enc = Encoder(PageCache(8))
+    enc = Compressor(PageCache(8))
     enc.encode(pfns, types, bytes(2 * C.PAGE_SIZE))
     body = body_of(enc.encode(pfns, types, b"\1" * (2 * C.PAGE_SIZE)).buffers)
     with pytest.raises(CompressionError, match=r"epoch 3, pfn 0x5\).*out of step"):
-        Decoder(PageCache(8)).decode(body, 3, 0)  # a receiver that missed epoch 0
+        Decompressor(PageCache(8)).decode(body, 3, 0)  # a receiver that missed epoch 0
 
 
 def test_truncated_body() -> None:

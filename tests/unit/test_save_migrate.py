@@ -14,7 +14,7 @@ from xen_remus.save.emit import FdEmitter
 from xen_remus.save.engine import SaveEngine, SaveStats
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import Target
-from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
+from xen_remus.save.transport import MigrationRefused, ReceiverProcess, receiver_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def run(mode: str, s: FakeSaver | None = None, calls: list[tuple[str, ...]] | No
         calls.append(args)
         return ""
 
-    recv = Receiver(receiver_command(rune, "", []))
+    recv = ReceiverProcess(receiver_command(rune, "", []))
     try:
         migrate(s, recv, '{"c_info": {}}', PrecopyPolicy(max_rounds=2), timeout=30,
                 xl=fake_xl)

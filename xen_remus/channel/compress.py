@@ -113,7 +113,7 @@ class Encoded:
     wire_bytes: int
 
 
-class Encoder:
+class Compressor:
     """The sender's side: PAGE_DATA contents in, REMUS_PAGE_DATA_LZ4XOR records out."""
 
     def __init__(self, cache: PageCache, accel: int = 1) -> None:
@@ -158,7 +158,7 @@ class Encoder:
         return Encoded(out, plain, sum(len(b) for b in out))
 
 
-class Decoder:
+class Decompressor:
     """The receiver's side: REMUS_PAGE_DATA_LZ4XOR bodies in, standard PAGE_DATA out."""
 
     def __init__(self, cache: PageCache) -> None:

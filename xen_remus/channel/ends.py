@@ -98,7 +98,7 @@ class SenderChannel:
         self._frames = wire.FrameDecoder("receiver channel (after the banner)")
         self._accept_due: Extensions | None = None
         self._timer: HeartbeatTimer | None = None
-        self._encoder: compress.Encoder | None = None
+        self._compressor: compress.Compressor | None = None
         self._std_page_sent = False
         self._unacked: dict[int, tuple[float, EpochStats]] = {}
         # ACK of the epoch still being written: (epoch, commit_us), settled by epoch_sent
@@ -167,8 +167,8 @@ class SenderChannel:
         """The buffers of one PAGE_DATA (``pages``: the contents of the pfns whose type
         carries data), preceded by the accept if it is due."""
         out = self._accept(now)
-        if self._encoder is not None and self._std_page_sent:
-            enc = self._encoder.encode(pfns, types, pages)
+        if self._compressor is not None and self._std_page_sent:
+            enc = self._compressor.encode(pfns, types, pages)
             out += enc.buffers
             self._raw += enc.raw_bytes
             self._wire += enc.wire_bytes
@@ -177,7 +177,7 @@ class SenderChannel:
             # records after some PAGE_DATA) must hold for the records a decoder knows.
             if isinstance(pages, np.ndarray):
                 pages = pages.reshape(-1).data
-            elif self._encoder is not None and not isinstance(pages, bytes):
+            elif self._compressor is not None and not isinstance(pages, bytes):
                 # One snapshot for the record and the cache: live guest pages may change
                 # between two reads, and the cache must hold exactly what was sent.
                 pages = (bytes(pages) if isinstance(pages, bytearray | memoryview)
@@ -185,8 +185,8 @@ class SenderChannel:
             rec = wire.frame(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, [pages] if
                              isinstance(pages, bytes | bytearray | memoryview) else
                              pages).pack())
-            if self._encoder is not None:
-                self._encoder.observe(pfns, types, pages)
+            if self._compressor is not None:
+                self._compressor.observe(pfns, types, pages)
             self._std_page_sent = True
             n = sum(len(b) for b in rec)
             self._raw += n
@@ -232,7 +232,7 @@ class SenderChannel:
             self.detector = FailureDetector(ext.heartbeat[1] / 1000 + grace, now)
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, now)
         if ext.lz4_xor_mib is not None:
-            self._encoder = compress.Encoder(PageCache.of_mib(ext.lz4_xor_mib))
+            self._compressor = compress.Compressor(PageCache.of_mib(ext.lz4_xor_mib))
         return wire.frame(wire.REC_REMUS_ACCEPT, [ext.tokens().encode()])
 
     # -- epochs ---------------------------------------------------------------------
@@ -289,7 +289,7 @@ class ReceiverChannel:
         self.detector: FailureDetector | None = None
         self._stats: deque[EpochStats] = deque(maxlen=64)  # figures from the primary
         self._timer: HeartbeatTimer | None = None
-        self._decoder: compress.Decoder | None = None
+        self._decompressor: compress.Decompressor | None = None
         self._now = now
 
     def offer_line(self) -> bytes:
@@ -302,9 +302,9 @@ class ReceiverChannel:
 
     def on_record(self, rec: Record) -> list[Buffer] | None:
         if not wire.is_ours(rec.rtype):
-            if (self._decoder is not None and rec.layer == LIBXC
+            if (self._decompressor is not None and rec.layer == LIBXC
                     and rec.rtype == C.REC_TYPE_PAGE_DATA):
-                self._decoder.observe(rec.parse())
+                self._decompressor.observe(rec.parse())
             return None
         where = f"{wire.name(rec.rtype)} at offset {rec.offset} (epoch {rec.epoch})"
         if rec.layer != LIBXC:
@@ -315,9 +315,9 @@ class ReceiverChannel:
         if self.agreed is None:
             raise ChannelError(f"{where}: before REMUS_ACCEPT")
         if rec.rtype == wire.REC_REMUS_PAGE_DATA_LZ4XOR:
-            if self._decoder is None:
+            if self._decompressor is None:
                 raise ChannelError(f"{where}: compression was not agreed")
-            return self._decoder.decode(rec.body, rec.epoch, rec.offset)
+            return self._decompressor.decode(rec.body, rec.epoch, rec.offset)
         if rec.rtype == wire.REC_REMUS_HEARTBEAT:
             wire.parse_heartbeat(rec.body, where)
         elif rec.rtype == wire.REC_REMUS_EPOCH_STATS:
@@ -348,7 +348,7 @@ class ReceiverChannel:
             self.detector = FailureDetector(ext.heartbeat[1] / 1000, self._now)
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, self._now)
         if ext.lz4_xor_mib is not None:
-            self._decoder = compress.Decoder(PageCache.of_mib(ext.lz4_xor_mib))
+            self._decompressor = compress.Decompressor(PageCache.of_mib(ext.lz4_xor_mib))
 
     def take_stats(self) -> list[EpochStats]:
         """The primary's per-epoch figures received since the last call (for the status

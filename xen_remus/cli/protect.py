@@ -24,7 +24,7 @@ from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
-from xen_remus.save.transport import MigrationRefused, Receiver
+from xen_remus.save.transport import MigrationRefused, ReceiverProcess
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.xlproto import BANNER
 
@@ -167,7 +167,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         config = domain_config_json(domid)
         guest = s.open_guest()
         assert s.dom is not None
-        recv: Receiver | None = None
+        recv: ReceiverProcess | None = None
         hole: list[int] = []
         if args.blackhole:
             rfd, wfd = os.pipe()  # a back channel that stays silent
@@ -175,7 +175,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
             rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon)
-            recv = Receiver(rune)
+            recv = ReceiverProcess(rune)
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
             rest = read_banner(recv_fd, args.timeout, rune)
         chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,

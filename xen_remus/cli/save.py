@@ -18,7 +18,7 @@ from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.engine import SaveStats
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
-from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
+from xen_remus.save.transport import MigrationRefused, ReceiverProcess, receiver_command
 from xen_remus.xlproto import SenderSide
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid, name = s.target.domid, s.target.name
         config = domain_config_json(domid)
-        recv = Receiver(rune)
+        recv = ReceiverProcess(rune)
         try:
             migrate(s, recv, config, policy, args.timeout)
         finally:
@@ -149,7 +149,7 @@ class Saver(Protocol):
     def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None: ...
 
 
-def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
+def migrate(s: Saver, recv: ReceiverProcess, config: str, policy: PrecopyPolicy,
             timeout: float, xl: Callable[..., str] = xl) -> None:
     """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
     Before GO any failure resumes the guest here; after GO the receiver owns it, unless it

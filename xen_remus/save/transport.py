@@ -27,8 +27,8 @@ def receiver_command(host: str, ssh: str | None, extra: list[str]) -> str:
     return f"exec {ssh or 'ssh'} {host} xl migrate-receive{' ' + args if args else ''}"
 
 
-class Receiver:
-    """The child process running the receiver."""
+class ReceiverProcess:
+    """The child process running the receiver (ssh HOST xl migrate-receive, or -s CMD)."""
 
     def __init__(self, rune: str) -> None:
         self.rune = rune
