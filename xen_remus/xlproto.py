@@ -12,8 +12,8 @@ Order on the wire (sender S = `xl migrate`, receiver R = `xl migrate-receive`):
 Checkpointed streams (`-r`) stop after the stream: R fails over when it ends.
 Each side is an object fed with the bytes it received; it returns what it recognised
 and raises HandshakeError (naming the message, the expected text and the offset) on
-anything else. The receiver side also accepts an optional xen-remus extension offer
-before the stream (issue 5): stock xl never sends one, so stock peers see stock bytes.
+anything else. What our two ends say beyond this (the extension offer after the banner)
+is channel/negotiate.py's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,6 @@ BANNER = b"xl migration receiver ready, send binary domain data.\n"
 READY = b"domain received, ready to unpause\0"
 GO = b"domain is yours, you are cleared to unpause\0"
 REPORT = b"my copy unpause results are as follows\0"
-
-# Our own two ends: a line a sender may send before the stream when it knows its peer is
-# xen-remus (a stock receiver would reject it as a bad xl header, so never unasked).
-EXT_OFFER = b"xen-remus-ext offer "
-EXT_ACCEPT = b"xen-remus-ext accept "
-EXT_LINE_MAX = 512
 _UNEXPECTED_MAX = 256
 
 
@@ -133,17 +127,6 @@ class ReceiverSide:
 
     def eof(self) -> None:
         self._m.eof()
-
-    @staticmethod
-    def parse_offer(line: bytes) -> list[str] | None:
-        """Extensions named in an offer line (without its newline), None if not one."""
-        if not line.startswith(EXT_OFFER):
-            return None
-        return line[len(EXT_OFFER):].decode("ascii", "replace").split()
-
-    @staticmethod
-    def accept(extensions: list[str]) -> bytes:
-        return EXT_ACCEPT + " ".join(extensions).encode() + b"\n"
 
 
 class SenderSide:

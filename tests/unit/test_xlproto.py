@@ -95,13 +95,6 @@ def test_split_messages_in_one_chunk() -> None:
     assert s.feed(X.BANNER[5:] + X.READY) == [X.Message("banner"), X.Message("ready message")]
 
 
-def test_extension_offer_line() -> None:
-    assert X.ReceiverSide.parse_offer(b"xen-remus-ext offer ack heartbeat") == ["ack",
-                                                                              "heartbeat"]
-    assert X.ReceiverSide.parse_offer(b"Xen saved domain, xl format\n") is None
-    assert X.ReceiverSide.accept([]) == b"xen-remus-ext accept \n"
-
-
 def test_report_status_must_fit_a_byte() -> None:
     with pytest.raises(ValueError):
         X.ReceiverSide().report(256)
