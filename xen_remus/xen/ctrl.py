@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 from ctypes import byref, c_uint, c_uint64, c_ulong
 from dataclasses import dataclass
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +16,7 @@ import numpy.typing as npt
 from xen_remus.xen import libs
 from xen_remus.xen import structs as S
 from xen_remus.xen.domain import DomainInfo
-from xen_remus.xen.errors import NoSuchDomain, XenCallError, call_failed
+from xen_remus.xen.errors import NoSuchDomain, call_failed
 from xen_remus.xen.hcbuf import DirtyBitmap, HypercallBuffer
 from xen_remus.xen.state import StateCalls
 
@@ -32,27 +31,12 @@ class ShadowStats:
     dirty_count: int
 
 
-class XenCtrl(StateCalls):
+class XenCtrl(StateCalls, libs.Handle):
     """An open libxenctrl interface. Use as a context manager or call close()."""
 
     def __init__(self) -> None:
-        self.lib = libs.xenctrl()
-        handle = self.lib.xc_interface_open(libs.logger(), libs.logger(), 0)
-        if not handle:
-            raise XenCallError("xc_interface_open", None, libs.errno())
-        self.handle: int = handle
-
-    def close(self) -> None:
-        if self.handle:
-            self.lib.xc_interface_close(self.handle)
-            self.handle = 0
-
-    def __enter__(self) -> XenCtrl:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+        super().__init__(libs.xenctrl(), "xc_interface_open", "xc_interface_close",
+                         libs.logger(), libs.logger(), 0)
 
     def _check(self, rc: int, call: str, domid: int | None, detail: str = "") -> None:
         if rc < 0:

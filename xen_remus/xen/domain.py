@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from xen_remus.xen import structs as S
 
 
+class _Flag:
+    """A bool attribute of DomainInfo: whether ``mask`` is set in its ``flags``."""
+
+    def __init__(self, mask: int) -> None:
+        self.mask = mask
+
+    def __get__(self, info: DomainInfo, owner: type[DomainInfo]) -> bool:
+        return bool(info.flags & self.mask)
+
+
 @dataclass(frozen=True)
 class DomainInfo:
     """One domain's xc_domaininfo_t. ``shared_info_frame`` is an MFN for PV, a GFN otherwise."""
@@ -28,10 +38,13 @@ class DomainInfo:
                    int(s.shared_info_frame), int(s.cpu_time), int(s.nr_online_vcpus),
                    int(s.max_vcpu_id), int(s.arch_config.emulation_flags), bytes(s.handle))
 
-    @property
-    def hvm(self) -> bool:
-        """True for HVM containers, i.e. both HVM and PVH guests."""
-        return bool(self.flags & S.DOMINF_HVM_GUEST)
+    # XEN_DOMINF_* flags; hvm is true for HVM containers, i.e. both HVM and PVH guests.
+    hvm = _Flag(S.DOMINF_HVM_GUEST)
+    hap = _Flag(S.DOMINF_HAP)
+    dying = _Flag(S.DOMINF_DYING)
+    paused = _Flag(S.DOMINF_PAUSED)
+    running = _Flag(S.DOMINF_RUNNING)
+    shutdown = _Flag(S.DOMINF_SHUTDOWN)
 
     @property
     def pvh(self) -> bool:
@@ -41,26 +54,6 @@ class DomainInfo:
     @property
     def pv(self) -> bool:
         return not self.hvm
-
-    @property
-    def dying(self) -> bool:
-        return bool(self.flags & S.DOMINF_DYING)
-
-    @property
-    def paused(self) -> bool:
-        return bool(self.flags & S.DOMINF_PAUSED)
-
-    @property
-    def running(self) -> bool:
-        return bool(self.flags & S.DOMINF_RUNNING)
-
-    @property
-    def hap(self) -> bool:
-        return bool(self.flags & S.DOMINF_HAP)
-
-    @property
-    def shutdown(self) -> bool:
-        return bool(self.flags & S.DOMINF_SHUTDOWN)
 
     @property
     def shutdown_reason(self) -> int | None:

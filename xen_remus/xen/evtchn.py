@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from xen_remus.xen import libs
-from xen_remus.xen.errors import XenCallError, call_failed
+from xen_remus.xen.errors import call_failed
 
 
-class EventChannels:
+class EventChannels(libs.Handle):
     """An open libxenevtchn handle; bound ports are unbound on close()."""
 
     def __init__(self) -> None:
-        self.lib = libs.evtchn()
-        handle = self.lib.xenevtchn_open(libs.logger(), 0)
-        if not handle:
-            raise XenCallError("xenevtchn_open", None, libs.errno())
-        self.handle: int = handle
+        super().__init__(libs.evtchn(), "xenevtchn_open", "xenevtchn_close", libs.logger(), 0)
         self._bound: list[int] = []
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
@@ -47,18 +41,7 @@ class EventChannels:
         if self.lib.xenevtchn_unmask(self.handle, port) < 0:
             raise call_failed("xenevtchn_unmask", None, libs.errno(), f"local port {port}")
 
-    def close(self) -> None:
-        if not self.handle:
-            return
+    def _release(self) -> None:
         for port in self._bound:
             self.lib.xenevtchn_unbind(self.handle, port)
         self._bound.clear()
-        self.lib.xenevtchn_close(self.handle)
-        self.handle = 0
-
-    def __enter__(self) -> EventChannels:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -1,4 +1,5 @@
-"""Load the Xen 4.17 tool libraries once and declare the prototypes we call.
+"""Load the Xen 4.17 tool libraries once, declare the prototypes we call, and hold their
+handles (``Handle``: open, close once, use in a ``with`` block).
 
 Only this package touches ctypes. Each loader raises XenLibraryError when the library is absent
 (not dom0, or another Xen version), so importing xen_remus.xen never needs Xen.
@@ -21,9 +22,10 @@ from ctypes import (
     c_ulong,
     c_void_p,
 )
+from typing import Self
 
 from xen_remus.xen import structs as S
-from xen_remus.xen.errors import XenLibraryError
+from xen_remus.xen.errors import XenCallError, XenLibraryError
 
 P = c_void_p  # opaque handles
 xen_pfn_t = c_ulong
@@ -141,3 +143,37 @@ def errno() -> int:
     """errno of the last ctypes call on this thread."""
     return ctypes.get_errno()
 
+
+class Closing:
+    """close() at the end of a ``with`` block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Handle(Closing):
+    """An open handle of ``lib``: ``lib.<opener>(*args)`` opened it, ``close()`` calls
+    ``lib.<closer>`` once, after ``_release()`` (what a subclass holds through the handle)."""
+
+    def __init__(self, lib: ctypes.CDLL, opener: str, closer: str, *args: object) -> None:
+        self.lib = lib
+        self._closer = closer
+        handle = getattr(lib, opener)(*args)
+        if not handle:
+            raise XenCallError(opener, None, errno())
+        self.handle: int = handle
+
+    def _release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.handle:
+            self._release()
+            getattr(self.lib, self._closer)(self.handle)
+            self.handle = 0

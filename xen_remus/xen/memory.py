@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
 from xen_remus.stream.consts import PAGE_SIZE
 from xen_remus.xen import libs
-from xen_remus.xen.errors import MappingError, XenCallError, call_failed
+from xen_remus.xen.errors import MappingError, call_failed
 
 
-class Mapping:
+class Mapping(libs.Closing):
     """``pages`` guest frames mapped contiguously; page i is ``view[i*4096:(i+1)*4096]``.
 
     ``errors[i]`` is 0 or the positive errno for frame i (its bytes are then unusable).
@@ -69,23 +68,13 @@ class Mapping:
         if self._fmem.handle:
             self._fmem.lib.xenforeignmemory_unmap(self._fmem.handle, self.address, self.pages)
 
-    def __enter__(self) -> Mapping:
-        return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class ForeignMemory:
+class ForeignMemory(libs.Handle):
     """An open libxenforeignmemory handle."""
 
     def __init__(self) -> None:
-        self.lib = libs.foreignmemory()
-        handle = self.lib.xenforeignmemory_open(libs.logger(), 0)
-        if not handle:
-            raise XenCallError("xenforeignmemory_open", None, libs.errno())
-        self.handle: int = handle
+        super().__init__(libs.foreignmemory(), "xenforeignmemory_open",
+                         "xenforeignmemory_close", libs.logger(), 0)
 
     def map(self, domid: int, frames: npt.ArrayLike, writable: bool = False) -> Mapping:
         """Map guest frames (GFNs for HVM/PVH, MFNs for PV; MFNs for DOMID_XEN) in one call.
@@ -106,14 +95,3 @@ class ForeignMemory:
             raise call_failed("xenforeignmemory_map", domid, libs.errno(), f"{n} frames")
         return Mapping(self, domid, addr, arr, np.abs(errs), writable)
 
-    def close(self) -> None:
-        if self.handle:
-            self.lib.xenforeignmemory_close(self.handle)
-            self.handle = 0
-
-    def __enter__(self) -> ForeignMemory:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -34,10 +34,7 @@ DOMINF_SHUTDOWNSHIFT = 16
 DOMINF_SHUTDOWNMASK = 255
 
 # sched.h SHUTDOWN_* reasons
-SHUTDOWN_POWEROFF = 0
-SHUTDOWN_REBOOT = 1
-SHUTDOWN_SUSPEND = 2
-SHUTDOWN_CRASH = 3
+SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT, SHUTDOWN_SUSPEND, SHUTDOWN_CRASH = range(4)
 
 # xen_arch_domainconfig.emulation_flags: PVH has LAPIC only, HVM has all, PV none.
 X86_EMU_LAPIC = 1 << 0
@@ -75,13 +72,8 @@ class XenDomctlGetDomainInfo(ctypes.Structure):
 class XcHypercallBuffer(ctypes.Structure):
     """xc_hypercall_buffer_t: libxenctrl's descriptor of a hypercall-safe buffer."""
 
-    _fields_ = [
-        ("hbuf", c_void_p),
-        ("param_shadow", c_void_p),
-        ("dir", c_int),
-        ("ubuf", c_void_p),
-        ("sz", c_size_t),
-    ]
+    _fields_ = [("hbuf", c_void_p), ("param_shadow", c_void_p), ("dir", c_int),
+                ("ubuf", c_void_p), ("sz", c_size_t)]
 
 
 class XenDomctlShadowOpStats(ctypes.Structure):
@@ -91,13 +83,8 @@ class XenDomctlShadowOpStats(ctypes.Structure):
 class XenDomctl(ctypes.Structure):
     """struct xen_domctl: header plus the 128-byte union ``u`` (accessed as raw words)."""
 
-    _fields_ = [
-        ("cmd", c_uint32),
-        ("interface_version", c_uint32),
-        ("domain", c_uint16),
-        ("_pad", c_uint16 * 3),
-        ("u", c_uint64 * 16),
-    ]
+    _fields_ = [("cmd", c_uint32), ("interface_version", c_uint32), ("domain", c_uint16),
+                ("_pad", c_uint16 * 3), ("u", c_uint64 * 16)]
 
 
 class XenDomctlExtVcpuContext(ctypes.Structure):

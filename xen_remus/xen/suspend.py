@@ -7,19 +7,19 @@ the expensive part, and each Remus epoch then suspends with one notify.
 from __future__ import annotations
 
 import time
-from types import TracebackType
 
 from xen_remus.xen.ctrl import XenCtrl
 from xen_remus.xen.domain import DomainInfo
 from xen_remus.xen.errors import SuspendError, XenError
 from xen_remus.xen.evtchn import EventChannels
+from xen_remus.xen.libs import Closing
 from xen_remus.xen.xenstore import XenStore
 
 POLL_MIN = 0.0005  # the first checks are fast: a Remus epoch's downtime is at stake
 POLL_MAX = 0.01
 
 
-class Suspender:
+class Suspender(Closing):
     """Suspends ``domid`` on request; ``method`` is "evtchn" or "xenstore"."""
 
     def __init__(self, xc: XenCtrl, xs: XenStore, domid: int) -> None:
@@ -105,10 +105,3 @@ class Suspender:
         if self._evtchn is not None:
             self._evtchn.close()
             self._evtchn = None
-
-    def __enter__(self) -> Suspender:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

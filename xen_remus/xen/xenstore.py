@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-from types import TracebackType
 from typing import Any
 
 from xen_remus.xen.errors import XenError
+from xen_remus.xen.libs import Closing
 
 UNIX_SOCKET = "/run/xenstored/socket"
 XENBUS = "/dev/xen/xenbus"
@@ -27,7 +27,7 @@ class XenStoreError(XenError):
                          + (f": {detail}" if detail else ""))
 
 
-class XenStore:
+class XenStore(Closing):
     """A connected xenstore client. Use as a context manager, or call close()."""
 
     def __init__(self, unix_socket_path: str | None = None, xen_bus_path: str | None = None
@@ -106,13 +106,6 @@ class XenStore:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> XenStore:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _errno_of(exc: BaseException) -> int:
