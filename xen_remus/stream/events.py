@@ -104,15 +104,35 @@ class XlHeader(Event):
                 "config_len": len(self.config), "extra_len": len(self.extra)}
 
 
+def _check_options(options: int, big_endian: int, other: int, offset: int,
+                   digits: int) -> None:
+    """The options word of the libxl and the libxc image header: the big-endian bit is
+    known but not supported; bits outside ``big_endian | other`` are reserved."""
+    if options & big_endian:
+        raise FieldError("options", "big-endian streams are not supported", offset)
+    if options & ~(big_endian | other):
+        raise FieldError("options", f"reserved bits set (0x{options:0{digits}x})", offset)
+
+
+@dataclass
+class VersionedHeader(Event):
+    """What the libxl header and the libxc image header have in common."""
+
+    version: int
+    options: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "options": self.options}
+
+
 _LIBXL = struct.Struct(">QII")
 
 
 @dataclass
-class LibxlHeader(Event):
+class LibxlHeader(VersionedHeader):
     """libxl stream header: ident "LibxlFmt", version 2, options (big-endian)."""
 
     version: int = C.LIBXL_VERSION
-    options: int = 0
 
     def pack(self) -> bytes:
         return _LIBXL.pack(C.LIBXL_IDENT, self.version, self.options)
@@ -125,25 +145,18 @@ class LibxlHeader(Event):
                              "(LibxlFmt)", 0)
         if version != C.LIBXL_VERSION:
             raise FieldError("version", f"{version}, expected {C.LIBXL_VERSION}", 8)
-        if options & C.LIBXL_OPT_BIG_ENDIAN:
-            raise FieldError("options", "big-endian streams are not supported", 12)
-        if options & ~(C.LIBXL_OPT_BIG_ENDIAN | C.LIBXL_OPT_LEGACY):
-            raise FieldError("options", f"reserved bits set (0x{options:08x})", 12)
+        _check_options(options, C.LIBXL_OPT_BIG_ENDIAN, C.LIBXL_OPT_LEGACY, 12, 8)
         return cls(version=version, options=options)
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "options": self.options}
 
 
 _IHDR = struct.Struct(">QIIHHI")
 
 
 @dataclass
-class ImageHeader(Event):
+class ImageHeader(VersionedHeader):
     """libxc image header: marker, "XENF", version 3 (2 accepted), options (big-endian)."""
 
     version: int = 3
-    options: int = 0
 
     def pack(self) -> bytes:
         return _IHDR.pack(C.IHDR_MARKER, C.IHDR_ID, self.version, self.options, 0, 0)
@@ -158,16 +171,10 @@ class ImageHeader(Event):
             raise FieldError("id", f"0x{ident:08x}, expected 0x{C.IHDR_ID:08x} (XENF)", 8)
         if version not in C.IHDR_VERSIONS:
             raise FieldError("version", f"{version}, expected 2 or 3", 12)
-        if options & C.IHDR_OPT_BIG_ENDIAN:
-            raise FieldError("options", "big-endian streams are not supported", 16)
-        if options & ~C.IHDR_OPT_BIG_ENDIAN:
-            raise FieldError("options", f"reserved bits set (0x{options:04x})", 16)
+        _check_options(options, C.IHDR_OPT_BIG_ENDIAN, 0, 16, 4)
         if res1 or res2:
             raise FieldError("reserved", "not zero", 18 if res1 else 20)
         return cls(version=version, options=options)
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "options": self.options}
 
 
 _DHDR = struct.Struct("<IHHII")
