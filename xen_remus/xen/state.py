@@ -28,18 +28,13 @@ class TscInfo:
 
 @dataclass(frozen=True)
 class CpuPolicy:
-    """A domain's CPUID and MSR policy as arrays of xen_cpuid_leaf_t / xen_msr_entry_t."""
+    """A domain's CPUID and MSR policy, as libxenguest serialises it: ``nr_leaves``
+    xen_cpuid_leaf_t in ``cpuid``, ``nr_msrs`` xen_msr_entry_t in ``msrs``."""
 
     cpuid: bytes
     msrs: bytes
-
-    @property
-    def nr_leaves(self) -> int:
-        return len(self.cpuid) // ctypes.sizeof(S.XenCpuidLeaf)
-
-    @property
-    def nr_msrs(self) -> int:
-        return len(self.msrs) // ctypes.sizeof(S.XenMsrEntry)
+    nr_leaves: int
+    nr_msrs: int
 
 
 class StateCalls:
@@ -149,7 +144,8 @@ class StateCalls:
                                            byref(nm))
             self._check(rc, "xc_cpu_policy_serialise", domid)
             lsz, msz = ctypes.sizeof(S.XenCpuidLeaf), ctypes.sizeof(S.XenMsrEntry)
-            return CpuPolicy(bytes(leaves)[: nl.value * lsz], bytes(entries)[: nm.value * msz])
+            return CpuPolicy(bytes(leaves)[: nl.value * lsz], bytes(entries)[: nm.value * msz],
+                             int(nl.value), int(nm.value))
         finally:
             g.xc_cpu_policy_destroy(pol)
 
