@@ -22,7 +22,7 @@ from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
 
 STREAM_MIB = 256
-BATCH = 1024  # pages per PAGE_DATA record (Xen's MAX_BATCH_SIZE)
+BATCH = C.MAX_BATCH_SIZE  # pages per PAGE_DATA record
 CHUNK = 1 << 20
 TARGETS = {"encode_vs_copy": (">=", 0.5), "decode_vs_copy": (">=", 0.5)}
 

@@ -25,11 +25,12 @@ import numpy.typing as npt
 from xen_remus.channel.compress import Compressor, Decompressor
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
 
 GUEST_PAGES = 16384  # 64 MiB
 DIRTY = 2048  # pages per epoch (Remus at 200 ms under a busy guest: hundreds to thousands)
 EPOCHS = 8
-BATCH = 1024
+BATCH = C.MAX_BATCH_SIZE
 MIX = {"words": 0.6, "half": 0.1, "random": 0.1, "zero": 0.2}
 # Compression must pay off on the mix, and outrun a 1 GbE link (117 MB/s) at both ends.
 TARGETS = {"mix_ratio": (">=", 4.0), "encode_MBps": (">=", 150.0),
@@ -59,7 +60,7 @@ def _dirty(mem: Pages, rng: np.random.Generator, kinds: dict[str, float]
     return pfns.astype(np.uint64)
 
 
-def _body(bufs: list[bytes | bytearray | memoryview]) -> bytes:
+def _body(bufs: list[Buffer]) -> bytes:
     rec = b"".join(bytes(b) for b in bufs)
     return rec[8:8 + struct.unpack_from("<II", rec)[1]]
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from xen_remus import pagetable as pt
 from xen_remus.stream import consts as C
 
-BATCH = 1024
+BATCH = C.MAX_BATCH_SIZE
 NR_PFNS = 512 * 256  # 512 MiB
 MAX_MFN = 4 * 1024 * 1024 - 1
 EXTENT = 512  # pages per 2 MiB extent

@@ -14,13 +14,11 @@ from xen_remus.channel.compress import Compressor, Decompressor
 from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
+from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData
 
-XTAB = C.PFINFO_XTAB
-L1TAB = C.PFINFO_L1TAB
 
-
-def body_of(buffers: list[bytes | bytearray | memoryview]) -> bytes:
+def body_of(buffers: list[Buffer]) -> bytes:
     rec = b"".join(bytes(b) for b in buffers)
     rtype, length = struct.unpack_from("<II", rec)
     assert rtype == wire.REC_REMUS_PAGE_DATA_LZ4XOR
@@ -28,7 +26,7 @@ def body_of(buffers: list[bytes | bytearray | memoryview]) -> bytes:
     return rec[8:8 + length]
 
 
-def standard(buffers: list[bytes | bytearray | memoryview]) -> PageData:
+def standard(buffers: list[Buffer]) -> PageData:
     rec = b"".join(bytes(b) for b in buffers)
     rtype, length = struct.unpack_from("<II", rec)
     assert rtype == C.REC_TYPE_PAGE_DATA
@@ -51,7 +49,7 @@ def same_cache(a: PageCache, b: PageCache) -> None:
 # A batch: pfns (duplicates allowed), a type each, and page contents built from a few
 # kinds: zero pages, random pages, and edits of what the pfn held before.
 batch_st = st.lists(
-    st.tuples(st.integers(0, 40), st.sampled_from([0, 0, 0, L1TAB, XTAB]),
+    st.tuples(st.integers(0, 40), st.sampled_from([0, 0, 0, C.PFINFO_L1TAB, C.PFINFO_XTAB]),
               st.sampled_from(["zero", "random", "edit", "same"]), st.integers(0, 2**32)),
     min_size=1, max_size=24)
 
@@ -62,7 +60,7 @@ def build(batch: list[tuple[int, int, str, int]], memory: dict[int, bytes]
     for pfn, ty, kind, seed in batch:
         pfns.append(pfn)
         types.append(ty)
-        if ty == XTAB:
+        if ty == C.PFINFO_XTAB:
             continue
         rng = np.random.default_rng(seed)
         old = memory.get(pfn, bytes(C.PAGE_SIZE))
@@ -150,7 +148,7 @@ def _record(seed: int) -> tuple[Decompressor, bytes, np.ndarray]:
     n = 8
     pfns = np.array(sorted(rng.choice(64, n, replace=False)), np.uint64)
     types = np.zeros(n, np.uint8)
-    types[3] = XTAB
+    types[3] = C.PFINFO_XTAB
     mem = rng.integers(0, 256, (n - 1, C.PAGE_SIZE), np.uint8)
     mem[1] = 0
     enc, dec = Compressor(PageCache(64)), Decompressor(PageCache(64))

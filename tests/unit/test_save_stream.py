@@ -14,6 +14,7 @@ from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import Decoder, Record, StreamEnd, XlHeader
 from xen_remus.stream import consts as C
 from xen_remus.stream.consts import PAGE_SIZE
+from xen_remus.stream.events import Buffer
 
 
 def save_to_bytes(dom: FakeDomain, policy: PrecopyPolicy, config: str | None) -> bytes:
@@ -84,7 +85,7 @@ def test_live_save_stream_decodes_and_rebuilds_memory() -> None:
 def test_writev_all_survives_short_writes_and_many_buffers() -> None:
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    bufs: list[bytes | bytearray | memoryview] = [
+    bufs: list[Buffer] = [
         bytes([i % 256]) * (1 + i % 3000) for i in range(2500)]
     want = b"".join(bufs)
     got = bytearray()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from xen_remus.stream import Decoder, Event
+from xen_remus.stream import consts as C
 from xen_remus.stream.synth import Epoch, make_epoch, synthetic_stream
 
 
@@ -21,9 +22,7 @@ def decode(data: bytes, chunk: int = 0, fmt: str | None = None,
 def small_stream(fmt: str = "xl", pv: bool = False, epochs: int = 2, version: int = 3,
                  end: bool = True) -> bytes:
     """A few-KiB stream with every record type the layout uses (2 epochs: checkpointed)."""
-    eps: list[Epoch] = [make_epoch([1, 2, 9], [0, C_XTAB, 0], seed=5)]
+    eps: list[Epoch] = [make_epoch([1, 2, 9], [0, C.PFINFO_XTAB, 0], seed=5)]
     eps += [make_epoch([2 + n], seed=n) for n in range(1, epochs)]
     return b"".join(bytes(b) for b in synthetic_stream(fmt, pv, eps, version, end=end))
 
-
-C_XTAB = 0xF

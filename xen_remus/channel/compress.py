@@ -7,7 +7,7 @@ never-sent pages are XORed against nothing and lz4 takes them as they are.
 REMUS_PAGE_DATA_LZ4XOR body (little-endian, like PAGE_DATA):
   u32 count          pfns, as PAGE_DATA's count
   u32 flags          bit 0: ``blob`` is an lz4 block (else the raw delta); others 0
-  u32 raw_len        4096 x pages carrying data (the delta's length)
+  u32 raw_len        PAGE_SIZE x pages carrying data (the delta's length)
   u32 blob_len
   u64 pfn_check      weighted sum of the pfn words (as ``check`` below)
   u64 pfn[count]     PAGE_DATA's pfn words, type in bits 63-60, unchanged
@@ -58,12 +58,12 @@ _W_BATCH = np.resize(_W, C.MAX_BATCH_SIZE)  # the weights of words_check for a w
 
 
 def _page_words(pages: U8) -> npt.NDArray[np.uint64]:
-    """(k x 4096) bytes as (k x 512) little-endian u64 words (a view)."""
+    """(k x PAGE_SIZE) bytes as (k x 512) little-endian u64 words (a view)."""
     return pages.reshape(len(pages), C.PAGE_SIZE).view("<u8")
 
 
 def checksums(pages: U8) -> npt.NDArray[np.uint64]:
-    """One u64 per page (k x 4096 bytes)."""
+    """One u64 per page (k x PAGE_SIZE bytes)."""
     # einsum sums the products as it goes (mod 2**64, as the spec of the sum says):
     # no k x 512 temporary, unlike (words * _W).sum(axis=1).
     return np.asarray(np.einsum("ij,j->i", _page_words(pages), _W), np.uint64)
@@ -81,11 +81,11 @@ def words_check(words: npt.NDArray[np.uint64]) -> int:
 
 
 def as_pages(pages: PagesIn, n: int) -> U8:
-    """``n`` pages as one (n x 4096) uint8 array: a view of a contiguous buffer, or one
+    """``n`` pages as one (n x PAGE_SIZE) uint8 array: a view of a contiguous buffer, or one
     copy of a list of page buffers."""
     if isinstance(pages, np.ndarray):
         flat = pages.reshape(-1).view(np.uint8)
-    elif isinstance(pages, bytes | bytearray | memoryview):
+    elif isinstance(pages, Buffer):
         flat = np.frombuffer(pages, np.uint8)
     else:
         flat = np.frombuffer(b"".join(pages), np.uint8)

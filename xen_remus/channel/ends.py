@@ -183,7 +183,7 @@ class SenderChannel:
                 pages = (bytes(pages) if isinstance(pages, bytearray | memoryview)
                          else b"".join(pages))
             rec = wire.frame(C.REC_TYPE_PAGE_DATA, PageData.make(pfns, types, [pages] if
-                             isinstance(pages, bytes | bytearray | memoryview) else
+                             isinstance(pages, Buffer) else
                              pages).pack())
             if self._compressor is not None:
                 self._compressor.observe(pfns, types, pages)

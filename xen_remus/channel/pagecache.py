@@ -54,7 +54,7 @@ class PageCache:
         return out
 
     def store(self, pfns: npt.NDArray[np.uint64], pages: U8, slots: I64 | None = None) -> None:
-        """Remember ``pages`` (k x 4096) as the contents of ``pfns``; ``slots`` is this
+        """Remember ``pages`` (k x PAGE_SIZE) as the contents of ``pfns``; ``slots`` is this
         batch's ``lookup`` when the caller already has it (nothing stored in between)."""
         p = pfns.astype(np.int64)
         # Ascending pfns (what the save engine sends) cannot repeat: skip the sort.

@@ -89,7 +89,7 @@ class PageData:
 
     def page_bytes(self) -> memoryview:
         """All page contents as one memoryview (decoded records)."""
-        if isinstance(self.data, bytes | bytearray | memoryview):
+        if isinstance(self.data, Buffer):
             return memoryview(self.data)
         return memoryview(b"".join(self.data))
 
@@ -99,7 +99,7 @@ class PageData:
         words = (self.pfns.astype("<u8") |
                  (self.types.astype("<u8") << np.uint64(C.PFN_TYPE_SHIFT)))
         head: list[Buffer] = [_PAGE_HDR.pack(len(self.pfns), 0), words.tobytes()]
-        if isinstance(self.data, bytes | bytearray | memoryview):
+        if isinstance(self.data, Buffer):
             return head + ([self.data] if len(self.data) else [])
         return head + list(self.data)
 

@@ -14,7 +14,7 @@ from xen_remus.xen.errors import MappingError, call_failed
 
 
 class Mapping(libs.Closing):
-    """``pages`` guest frames mapped contiguously; page i is ``view[i*4096:(i+1)*4096]``.
+    """``pages`` guest frames mapped contiguously; page i is ``view[i*PAGE_SIZE:(i+1)*PAGE_SIZE]``.
 
     ``errors[i]`` is 0 or the positive errno for frame i (its bytes are then unusable).
     close() unmaps. Views derived from ``view`` (numpy arrays, slices) alias the guest's

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.stream.consts import PAGE_SIZE
+from xen_remus.stream.events import Buffer
 from xen_remus.xen import structs as S
 from xen_remus.xen.ctrl import XenCtrl
 from xen_remus.xen.errors import GuestStateError
@@ -41,7 +42,7 @@ class SharedInfoArch:
     p2m_generation: int
 
 
-def parse_shared_info(page: bytes | bytearray | memoryview, width: int) -> SharedInfoArch:
+def parse_shared_info(page: Buffer, width: int) -> SharedInfoArch:
     off, fmt = _ARCH[width]
     return SharedInfoArch(*struct.unpack_from(fmt, page, off))
 
