@@ -1,10 +1,11 @@
 """The continuous save: the Remus epoch loop on the primary, one checkpoint per interval.
 
-    epoch 0   pre-copy rounds while the guest runs (the one-shot engine's live phase)
+    epoch 0   pre-copy rounds while the guest runs (the one-shot engine's live phase),
+              then the first checkpoint, as every later epoch:
     epoch N   suspend -> dirty pages + vCPU/platform state into a local buffer
               -> devices postsuspend, preresume (net: a new output buffer starts)
               -> resume: the guest runs on, speculatively
-              -> transmit the buffer -> the backup ACKs epoch N
+              -> transmit the buffer -> the backup ACKs epoch N (a stock one cannot)
               -> devices commit(N) (net: epoch N's packets leave) -> wait for the interval
 
 What the guest says to the world during an epoch leaves only once the backup holds the
