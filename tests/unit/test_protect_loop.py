@@ -26,7 +26,7 @@ from tests.unit.save_fakes import FakeDomain, FakeGuest
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
-from xen_remus.protect_cli import Summary, _await_offer, read_banner
+from xen_remus.cli.protect import Summary, _await_offer, read_banner
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import Outcome

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.unit.save_fakes import FakeDomain, FakeGuest
+from xen_remus.cli.save import migrate
 from xen_remus.save.emit import FdEmitter
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import Target
 from xen_remus.save.transport import MigrationRefused, Receiver, receiver_command
-from xen_remus.save_cli import migrate
 from xen_remus.save_continuous import SaveEngine, SaveStats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def test_config_is_fetched_while_the_guest_is_opened(monkeypatch: pytest.MonkeyP
     """`xl list -l` runs in a thread beside open_guest; its error reaches the caller."""
     from types import SimpleNamespace
 
-    from xen_remus import save_cli
+    from xen_remus.cli import save as save_cli
     from xen_remus.save.session import ToolError
 
     opened: list[bool] = []

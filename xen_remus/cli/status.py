@@ -19,11 +19,14 @@ _COLS = ("DOMAIN", "ROLE", "STATE", "EPOCH", "PAUSE_MS", "DIRTY", "RATIO", "SEND
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "status", help="show Remus protection on this host (either end)",
-        description="Show each protected domain's state and its last epoch's figures "
-        "(pause, dirty pages, compression ratio, send time, ACK latency), read from the "
-        f"status files in {run_dir()} (XEN_REMUS_RUN_DIR overrides).")
-    p.add_argument("domain", nargs="?", help="only this domain")
-    p.add_argument("--json", action="store_true", help="the status documents as JSON")
+        description="Show what each `xen-remus protect` (primary) and `xen-remus "
+        "migrate-receive -r` (backup) on this host is doing: its state and the figures of "
+        "its last checkpoint (pause, dirty pages, compression ratio, send time, "
+        "acknowledgement time), then totals. They keep these in status files in "
+        f"{run_dir()} (the XEN_REMUS_RUN_DIR environment variable overrides).")
+    p.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this domain")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole status documents as JSON")
     p.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 

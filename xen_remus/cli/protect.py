@@ -1,11 +1,7 @@
-"""`xen-remus protect DOMAIN HOST [-i MS] [-u] [-s CMD] [-e] [-b] [-n] [-d] [-F]`, also
-`xen-remus migrate --remus DOMAIN HOST`: Remus, our epoch loop (save_continuous.RemusLoop)
-to a backup running `xen-remus migrate-receive -r` (ACK, heartbeats, compression) or stock
-`xl migrate-receive -r` (`--stock-backup`: the plain standard stream).
-
-Flags mean what they mean for `xl remus`. Stopping (SIGINT/SIGTERM) closes the stream:
-like `xl remus`, the backup then resumes its copy, so stop only with the backup gone or
-to be destroyed.
+"""`xen-remus protect DOMAIN HOST` (also `migrate --remus`): Remus, our epoch loop
+(save_continuous.RemusLoop) to a backup running `xen-remus migrate-receive -r` (ACK,
+heartbeats, compression) or stock `xl migrate-receive -r` (`--stock-backup`: the plain
+standard stream). Flags mean what they mean for `xl remus`.
 """
 
 from __future__ import annotations
@@ -23,10 +19,10 @@ from typing import Any
 from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
+from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.save.checkpoint import CheckpointEmitter
-from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, Receiver
 from xen_remus.save_continuous import RemusLoop, SaveEngine
@@ -34,62 +30,33 @@ from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")
 EXIT_UNPROTECTED = 3  # the backup was lost; the guest runs here unprotected
-
-
-def add_arguments(p: argparse.ArgumentParser, shared: bool = True) -> None:
-    """protect's options; ``shared`` False leaves out those `migrate` already has."""
-    p.add_argument("-i", dest="interval_ms", type=int, default=200, metavar="MS",
-                   help="checkpoint interval in ms (default 200)")
-    p.add_argument("-u", dest="uncompressed", action="store_true",
-                   help="no checkpoint compression (lz4 over XOR, with our backup)")
-    if shared:
-        p.add_argument("-s", dest="ssh", default=None, metavar="CMD",
-                       help="use CMD instead of ssh; an empty CMD means HOST is the command")
-        p.add_argument("-e", dest="no_daemon", action="store_true",
-                       help="pass -e to the receiver (it does not wait in the background)")
-    p.add_argument("--initial-grace", type=int, default=30_000, metavar="MS",
-                   help="until the initial copy is committed, allow this much more "
-                   "silence from the backup (it builds the domain; default 30000)")
-    p.add_argument("-b", dest="blackhole", action="store_true",
-                   help="checkpoint into a black hole (no backup): for measurements")
-    p.add_argument("-n", dest="no_netbuf", action="store_true",
-                   help="no network buffering (needs -F)")
-    p.add_argument("-d", dest="no_disk", action="store_true",
-                   help="no disk replication (needs -F)")
-    p.add_argument("-F", dest="unsafe", action="store_true",
-                   help="allow the unsafe modes -n and -d")
-    p.add_argument("--stock-backup", action="store_true",
-                   help="the backup runs stock `xl migrate-receive -r` (no extensions)")
-    p.add_argument("--heartbeat-timeout", type=int, default=1000, metavar="MS",
-                   help="declare the backup lost after this much silence (default 1000)")
-    if shared:
-        p.add_argument("--max-rounds", type=int, default=5, metavar="N",
-                       help="live pre-copy rounds at most (default 5)")
-        p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
-                       help="end pre-copy once at most this many pages are dirty (default 50)")
-        p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                       help="how long to wait for the receiver's banner (default 120)")
+DESCRIPTION = (
+    "Keep DOMAIN running here with an up-to-date copy on HOST that takes over if this "
+    "host fails (Remus). After a first live copy, protect takes a checkpoint every -i "
+    "milliseconds: it pauses the guest for a moment, copies the memory and CPU state that "
+    "changed, lets the guest go on and sends the checkpoint to HOST. The guest's network "
+    "output is held back until HOST has the checkpoint it depends on (until it is sent, "
+    "with --stock-backup), so after a failover no client has seen anything the copy does "
+    "not know. HOST runs `xen-remus migrate-receive -r` (reached through ssh, or -s CMD), "
+    "or stock `xl migrate-receive -r` with --stock-backup. `xen-remus status` shows the "
+    "figures of the last checkpoint; -v prints them for each one.")
+EPILOG = (
+    "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps "
+    "running here unprotected; destroy any copy left on HOST and run protect again), 2 for "
+    "bad arguments, 1 for other errors. Stopping protect (Ctrl-C or SIGTERM) closes the "
+    "stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two.")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("protect", help="protect a domain with Remus, backup on HOST",
-                       description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_arguments(p)
-    p.add_argument("domain")
-    p.add_argument("host")
+    p = sub.add_parser("protect", help="protect a running domain with Remus, a backup on HOST",
+                       description=DESCRIPTION, epilog=EPILOG)
+    options.remus(p)
+    options.heartbeat(p)
+    options.transport(p)
+    options.precopy(p)
+    p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
+    p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
-    # `migrate --remus` is protect (as the old `xm migrate --remus`).
-    migrate = sub.choices.get("migrate")
-    if migrate is not None:
-        migrate.add_argument("--remus", action="store_true",
-                             help="protect with Remus instead (= xen-remus protect)")
-        add_arguments(migrate, shared=False)
-        plain = migrate.get_default("func")
-
-        def dispatch(args: argparse.Namespace) -> int:
-            return cmd_protect(args) if args.remus else int(plain(args))
-
-        migrate.set_defaults(func=dispatch)
 
 
 def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> str:
@@ -102,16 +69,16 @@ def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> s
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if not 1 <= args.interval_ms <= 60_000:
-        raise UsageError(f"-i {args.interval_ms}: the interval must be 1..60000 ms")
+    lo, hi = options.INTERVAL_RANGE_MS
+    if not lo <= args.interval_ms <= hi:
+        raise UsageError(f"-i {args.interval_ms}: the interval must be {lo}..{hi} ms")
     if (args.no_netbuf or args.no_disk) and not args.unsafe:
         raise UsageError("-n and -d turn off output commit or disk replication: add -F "
                          "to accept that (as xl remus)")
     if not args.no_disk:
         raise UsageError("disk replication is not implemented yet: use -d -F (disks must "
                          "then be shared or read-only)")
-    if not 10 <= args.heartbeat_timeout <= 600_000:
-        raise UsageError("--heartbeat-timeout must be 10..600000 ms")
+    options.check_heartbeat(args)
 
 
 def read_banner(fd: int, timeout: float, what: str) -> bytes:
@@ -193,10 +160,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
                         level=logging.DEBUG if args.verbose > 1 else
                         logging.INFO if args.verbose else logging.WARNING)
     check_args(args)
-    try:
-        policy = PrecopyPolicy(args.max_rounds, args.target_dirty)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    policy = options.precopy_policy(args)
     from xen_remus.devices.discover import device_set  # pyroute2 only when protecting
 
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from xen_remus.channel.ends import Config, ReceiverChannel
-from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
+from xen_remus.cli import options
 from xen_remus.errors import UsageError
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
@@ -27,31 +27,40 @@ from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "migrate-receive",
-        help="receive a plain or checkpointed (-r) migration stream, like xl migrate-receive",
-        description="Receive a migration stream on stdin (answering on stdout), validate "
-        "it, and relay whole epochs into stock `xl migrate-receive` on this host. With -r "
-        "the stream is checkpointed (Remus): when it ends or breaks, the guest resumes from "
-        "the last complete epoch.")
-    p.add_argument("-r", dest="remus", action="store_true", help="checkpointed (Remus) stream")
+        help="receive a migration or a Remus (-r) stream, in place of `xl migrate-receive`",
+        description="Receive a migration stream on stdin (answering on stdout) from `xl "
+        "migrate`, `xl remus`, `xen-remus migrate` or `xen-remus protect`, check it, and "
+        "pass it on to stock `xl migrate-receive` on this host, which builds the domain. "
+        "With -r the stream is a series of Remus checkpoints: each is held until it is "
+        "complete and valid, and when the stream ends or breaks, the domain starts from "
+        "the last complete checkpoint (failover).",
+        epilog="Senders run it as their transport command, e.g. `xl migrate -s '' DOMAIN "
+        "'xen-remus migrate-receive'` or `xl remus -F -n -d -s '' DOMAIN 'xen-remus "
+        "migrate-receive -r'`; `xen-remus protect` runs it through ssh by itself.")
+    p.add_argument("-r", dest="remus", action="store_true",
+                   help="the stream is a Remus one (checkpoints, failover at its end)")
     p.add_argument("-e", dest="no_daemon", action="store_true",
-                   help="passed to xl: do not daemonise or monitor the guest")
+                   help="passed to xl: stay in the foreground instead of waiting in the "
+                   "background for the domain to end")
     p.add_argument("-F", dest="no_daemon_f", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--xl", default="xl", help="the xl binary that builds the guest")
+    p.add_argument("--xl", default="xl", metavar="PATH",
+                   help="the xl command that builds the domain (default %(default)s)")
     p.add_argument("--max-epoch-mib", type=int, default=DEFAULT_MAX_EPOCH_BYTES >> 20,
-                   help="ceiling on one buffered epoch (default %(default)s MiB)")
-    p.add_argument("--failover-timeout", type=float, default=300.0,
-                   help="bound on the failover (watchdog), seconds (default %(default)s)")
-    p.add_argument("--failover-stall", type=float, default=30.0,
-                   help="the watchdog also gives up when xl and its hotplug scripts used "
-                   "no CPU for this many seconds (default %(default)s)")
-    p.add_argument("--idle-timeout", type=float, default=None,
-                   help="treat the sender as gone after this many seconds without data "
-                   "(default: wait for EOF, as stock xl does)")
+                   metavar="MIB", help="with -r: largest checkpoint held in memory, in "
+                   "MiB; a larger one is an error (default %(default)s)")
+    p.add_argument("--failover-timeout", type=float, default=300.0, metavar="S",
+                   help="with -r: give xl at most S seconds to start the domain from the last "
+                   "checkpoint after the stream ends, then kill it (default %(default)s)")
+    p.add_argument("--failover-stall", type=float, default=30.0, metavar="S",
+                   help="with -r: kill it sooner if xl and its hotplug scripts use no CPU for S "
+                   "seconds, a hang rather than slow work (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="treat the sender as gone after S seconds without data (default: "
+                   "wait for the connection to close, as stock xl does)")
     p.add_argument("--no-extensions", action="store_true",
-                   help="with -r: offer no xen-remus extensions (behave as stock xl)")
-    p.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_MS,
-                   metavar="MS", help="with a xen-remus sender: fail over after this much "
-                   "silence (default %(default)s)")
+                   help="with -r: offer none of the xen-remus additions (acknowledgements, "
+                   "heartbeats, compression): behave exactly as stock xl")
+    options.heartbeat(p)
     p.set_defaults(func=run)
 
 
@@ -61,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
                          "be positive")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         raise UsageError("--idle-timeout must be positive")
-    if not 10 <= args.heartbeat_timeout <= 600_000:
-        raise UsageError("--heartbeat-timeout must be 10..600000 ms")
+    options.check_heartbeat(args)
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
                         level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Like xl: a vanished sender is an error to handle, not a signal to die of.

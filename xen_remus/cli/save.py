@@ -1,5 +1,6 @@
 """`xen-remus save DOMAIN FILE` and `xen-remus migrate DOMAIN HOST`: our engine, stock
-receivers (`xl restore`, `xl migrate-receive`)."""
+receivers (`xl restore`, `xl migrate-receive`). `migrate --remus` takes protect's options
+here and is handed over to protect by migrate_hook."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
@@ -22,49 +24,42 @@ from xen_remus.xlproto import SenderSide
 log = logging.getLogger(__name__)
 
 
-def _policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-rounds", type=int, default=5, metavar="N",
-                   help="live pre-copy rounds at most, counting the full copy (default 5)")
-    p.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
-                   help="suspend once at most this many pages are dirty (default 50)")
-
-
 def register(sub: Any) -> None:
-    s = sub.add_parser("save", help="save a domain to a file that `xl restore` restores",
-                       description="Save DOMAIN (name or id) to FILE with our engine. As "
-                       "`xl save`, the domain is suspended, saved, then destroyed.")
+    s = sub.add_parser(
+        "save", help="save a domain to a file that `xl restore` can restore",
+        description="Save DOMAIN to FILE, a standard xl save file: restore it with `xl "
+        "restore FILE`. As with `xl save`, the domain is suspended, saved, then destroyed "
+        "(-c and -p keep it). With --live, memory is first copied while the guest runs, "
+        "which shortens the time it is suspended.")
     s.add_argument("-c", dest="checkpoint", action="store_true",
                    help="leave the domain running after the save (as xl save -c)")
     s.add_argument("-p", dest="paused", action="store_true",
                    help="leave the domain paused after the save (as xl save -p)")
     s.add_argument("--live", action="store_true",
-                   help="copy memory while the guest runs first (xl save does not)")
-    _policy_args(s)
-    s.add_argument("domain")
-    s.add_argument("file")
+                   help="copy memory while the guest runs first (xl save does not); the "
+                   "live copy options below apply")
+    options.precopy(s)
+    s.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
+    s.add_argument("file", metavar="FILE", help="the save file to write")
     s.set_defaults(func=cmd_save)
 
-    m = sub.add_parser("migrate", help="live-migrate a domain to `xl migrate-receive` on HOST",
-                       description="Migrate DOMAIN to HOST, whose receiver is stock `xl "
-                       "migrate-receive` run through ssh (or -s CMD; -s '' runs HOST itself "
-                       "as the command). On success the domain here is destroyed.")
-    m.add_argument("-s", dest="ssh", default=None, metavar="CMD",
-                   help="use CMD instead of ssh; an empty CMD means HOST is the command")
-    m.add_argument("-e", dest="no_daemon", action="store_true",
-                   help="pass -e to the receiver (it does not wait in the background)")
-    m.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="how long to wait for each receiver message (default 120)")
-    _policy_args(m)
-    m.add_argument("domain")
-    m.add_argument("host")
+    m = sub.add_parser(
+        "migrate", help="live-migrate a domain to HOST, which runs stock `xl migrate-receive`",
+        description="Move DOMAIN to HOST while it runs. HOST runs stock `xl "
+        "migrate-receive`, reached through ssh as `xl migrate` does (or -s CMD). On success "
+        "the domain here is destroyed; if the move fails before HOST takes the domain over, "
+        "it resumes here. With --remus, DOMAIN is protected instead of moved: see "
+        "`xen-remus protect --help`.")
+    m.add_argument("--remus", action="store_true",
+                   help="protect DOMAIN with Remus, a backup on HOST (the same as "
+                   "`xen-remus protect`; the Remus options below then apply)")
+    options.transport(m)
+    options.precopy(m)
+    options.remus(m)
+    options.heartbeat(m)
+    m.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
+    m.add_argument("host", metavar="HOST", help="the host to move it to")
     m.set_defaults(func=cmd_migrate)
-
-
-def _policy(args: argparse.Namespace, live: bool) -> PrecopyPolicy:
-    try:
-        return PrecopyPolicy(args.max_rounds if live else 0, args.target_dirty)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def config_while_opening(s: SaveSession) -> str:
@@ -91,7 +86,7 @@ def config_while_opening(s: SaveSession) -> str:
 
 def cmd_save(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    policy = _policy(args, args.live)
+    policy = options.precopy_policy(args, args.live)
     t0 = time.monotonic()
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid = s.target.domid
@@ -126,7 +121,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    policy = _policy(args, True)
+    policy = options.precopy_policy(args)
     rune = receiver_command(args.host, args.ssh, ["-e"] if args.no_daemon else [])
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid, name = s.target.domid, s.target.name

@@ -28,25 +28,34 @@ from xen_remus.stream.records import Record
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("stream", help="verify, dump or summarise a migration stream")
+    p = subparsers.add_parser(
+        "stream", help="verify, dump or summarise a migration stream",
+        description="Check and inspect Xen migration streams: xl save files, and captures "
+        "of what `xl migrate`, `xl remus` or xen-remus send.")
     sub = p.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
-    for name, func, text in (
-        ("verify", _verify, "check a stream against the Xen migration specs"),
-        ("dump", _dump, "one line per record"),
-        ("stats", _stats, "totals and per-epoch pages, bytes and records"),
+    for name, func, text, more in (
+        ("verify", _verify, "check a stream against the Xen migration specs",
+         ": exit status 0 if it is valid (with a one-line summary), 1 if not (naming the "
+         "record, field and byte offset), 2 for bad arguments or a file that cannot be "
+         "read"),
+        ("dump", _dump, "print one line per header and record", ""),
+        ("stats", _stats, "count records, pages and bytes per epoch and in total",
+         ": epoch 0 is the first full copy, each later one a checkpoint"),
     ):
-        sp = sub.add_parser(name, help=text, description=text)
+        sp = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + more
+                            + ".")
         sp.add_argument("-f", "--format", choices=FORMATS, default=None,
                         help="stream format (default: detect from the first bytes)")
         mode = sp.add_mutually_exclusive_group()
         mode.add_argument("--checkpointed", dest="checkpointed", action="store_const",
                           const=True, default=None,
-                          help="expect a checkpointed (Remus) stream: EOF after a "
-                          "complete epoch is its end")
+                          help="expect a Remus stream, which may end after any "
+                          "complete checkpoint")
         mode.add_argument("--plain", dest="checkpointed", action="store_const", const=False,
-                          help="reject CHECKPOINT records (plain save/migration)")
+                          help="expect a plain save or migration stream: reject "
+                          "checkpoints")
         if name != "verify":
-            sp.add_argument("--json", action="store_true", help="one JSON object per line")
+            sp.add_argument("--json", action="store_true", help="print one JSON object per line")
         sp.add_argument("file", metavar="FILE|-", help="stream file, or - for stdin")
         sp.set_defaults(func=func)
 

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
+from xen_remus.cli.protect import check_args, cmd_protect, receiver_rune
 from xen_remus.errors import UsageError
-from xen_remus.migrate_hook import build_parser, main
-from xen_remus.protect_cli import check_args, cmd_protect, receiver_rune
+from xen_remus.migrate_hook import build_parser, command_func, main
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -22,6 +22,7 @@ def test_migrate_remus_is_protect() -> None:
                 "host", "ssh", "no_daemon", "blackhole", "stock_backup"):
         assert getattr(args, key) == getattr(p, key), key
     assert p.func is cmd_protect and args.remus
+    assert command_func(p) is cmd_protect and command_func(args) is cmd_protect
 
 
 @pytest.mark.parametrize("argv,msg", [

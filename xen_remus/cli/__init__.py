@@ -1,0 +1,1 @@
+"""The `xen-remus` sub-commands, one module per command group (entry point: migrate_hook)."""

@@ -1,0 +1,100 @@
+"""Options that several commands share, each declared once here.
+
+Every function adds one titled group (its own section in ``--help``) to a command's parser.
+A value lands under the same name whichever command parsed it, so `migrate --remus` can be
+handed to protect as it is. Imports stay light: `xen-remus status` must not load numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
+from xen_remus.errors import UsageError
+from xen_remus.save.policy import PrecopyPolicy
+
+INTERVAL_RANGE_MS = (1, 60_000)  # protect -i
+HEARTBEAT_RANGE_MS = (10, 600_000)  # what the channel's negotiation accepts
+
+
+def transport(p: argparse.ArgumentParser) -> None:
+    """How the sender reaches the receiver on HOST (as `xl migrate` and `xl remus`)."""
+    g = p.add_argument_group("transport to HOST", "The receiver on HOST is started "
+                             "through ssh, as xl migrate and xl remus do.")
+    g.add_argument("-s", dest="ssh", default=None, metavar="CMD",
+                   help="connect with CMD instead of ssh; with -s '' HOST is not a host "
+                   "name but the whole command to run")
+    g.add_argument("-e", dest="no_daemon", action="store_true",
+                   help="pass -e to the receiver: it stays in the foreground instead of "
+                   "waiting in the background for the domain to end")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="give up when the receiver has not answered within S seconds "
+                   "(default 120)")
+
+
+def precopy(p: argparse.ArgumentParser) -> None:
+    """The live pre-copy limits: when to stop copying a running guest and suspend it."""
+    g = p.add_argument_group("live copy", "Memory is copied in rounds while the guest "
+                             "runs; then the guest is suspended for the rest.")
+    g.add_argument("--max-rounds", type=int, default=5, metavar="N",
+                   help="copy rounds while the guest runs, the first full copy included, "
+                   "before it is suspended anyway (default 5)")
+    g.add_argument("--target-dirty", type=int, default=50, metavar="PAGES",
+                   help="suspend the guest as soon as at most PAGES memory pages are left "
+                   "to copy (default 50)")
+
+
+def precopy_policy(args: argparse.Namespace, live: bool = True) -> PrecopyPolicy:
+    """The live-copy limits of ``args``; ``live`` False suspends first (as `xl save`)."""
+    try:
+        return PrecopyPolicy(args.max_rounds if live else 0, args.target_dirty)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def remus(p: argparse.ArgumentParser) -> None:
+    """protect's own options (also those of `migrate --remus`); as for `xl remus`."""
+    g = p.add_argument_group("checkpoints", "As the options of xl remus.")
+    g.add_argument("-i", dest="interval_ms", type=int, default=200, metavar="MS",
+                   help="take a checkpoint every MS milliseconds, {}..{} (default 200); "
+                   "the guest's network output waits up to this long"
+                   .format(*INTERVAL_RANGE_MS))
+    g.add_argument("-u", dest="uncompressed", action="store_true",
+                   help="send checkpoints uncompressed (by default those to a xen-remus "
+                   "backup are compressed: lz4 over what changed since the last one)")
+    g.add_argument("-n", dest="no_netbuf", action="store_true",
+                   help="do not hold back the guest's network output until the backup has "
+                   "the checkpoint: a failover can then lose what clients saw (needs -F)")
+    g.add_argument("-d", dest="no_disk", action="store_true",
+                   help="do not replicate disks (needs -F); required for now: disk "
+                   "replication is not implemented, so disks must be shared or read-only")
+    g.add_argument("-F", dest="unsafe", action="store_true",
+                   help="accept the unsafe modes -n and -d")
+    g.add_argument("-b", dest="blackhole", action="store_true",
+                   help="discard the checkpoints instead of sending them (HOST is not "
+                   "used): to measure what protection costs the guest")
+    g.add_argument("--stock-backup", action="store_true",
+                   help="the backup runs stock `xl migrate-receive -r`: send the plain "
+                   "standard stream (no acknowledgements, heartbeats or compression)")
+    g.add_argument("--initial-grace", type=int, default=30_000, metavar="MS",
+                   help="until the backup has taken the first full copy, allow it MS more "
+                   "milliseconds of silence, as building the domain there can stall it "
+                   "for seconds (default 30000)")
+
+
+def heartbeat(p: argparse.ArgumentParser) -> None:
+    """Failure detection between two xen-remus ends (protect and migrate-receive -r)."""
+    g = p.add_argument_group("failure detection", "Between two xen-remus ends, both send "
+                             "heartbeats when they have nothing else to say.")
+    g.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_MS,
+                   metavar="MS",
+                   help="after MS milliseconds ({}..{}) without a word from the other "
+                   "end, it counts as failed: protect goes on unprotected, migrate-receive "
+                   "-r fails over (default {})".format(*HEARTBEAT_RANGE_MS,
+                                                       HEARTBEAT_TIMEOUT_MS))
+
+
+def check_heartbeat(args: argparse.Namespace) -> None:
+    lo, hi = HEARTBEAT_RANGE_MS
+    if not lo <= args.heartbeat_timeout <= hi:
+        raise UsageError(f"--heartbeat-timeout must be {lo}..{hi} ms")
