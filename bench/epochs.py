@@ -4,8 +4,9 @@
 Sender: RemusLoop over the bench's in-memory guest (bench/remus.py), DIRTY pages dirtied
 per epoch (a few bytes each), the stream into a temporary file. Receiver: those bytes
 through a pipe in 8 KiB chunks (socat's blocks, as the lab's backup gets them), read as
-`migrate-receive -r` reads them (_read_beating, heartbeat thread on), fed to Receiver with
-the ReceiverChannel rewrite (compressed pages back into standard PAGE_DATA), into a sink
+`migrate-receive -r` reads them (Upstream.read_beating, heartbeat thread on), fed to the
+continuous restore (its decisions carried out by receive.driver.Relay) with the
+ReceiverChannel rewrite (compressed pages back into standard PAGE_DATA), into a sink
 that writes to /dev/null. Figures: median process CPU ms per epoch of each end (epoch 0, the
 initial copy, excluded). ``--profile FILE`` writes cProfile stats of both ends
 (FILE.sender, FILE.receiver) and prints the top functions.
@@ -26,7 +27,9 @@ import numpy as np
 from bench.remus import fake_loop
 from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.channel.link import ReceiverLink
-from xen_remus.restore_continuous import Receiver, Upstream, _Beating, _read_beating, write_all
+from xen_remus.fdio import write_all
+from xen_remus.receive.driver import Relay
+from xen_remus.receive.upstream import Upstream
 from xen_remus.save_continuous import RemusLoop
 from xen_remus.stream.events import Buffer
 
@@ -82,15 +85,15 @@ def receiver(compress: bool, stream: bytes, ends: list[int],
              prof: cProfile.Profile | None, chunk: int = CHUNK) -> list[float]:
     """CPU ms to receive each epoch (its bytes fed in CHUNK pieces)."""
     sink = _NullSink()
-    rx = Receiver(sink, checkpointed=True)
     chan = ReceiverChannel(Config(ack=False, compression=compress), time.monotonic())
-    rx.rewrite = chan.on_record
+    rx = Relay(sink, checkpointed=True, rewrite=chan.on_record)
     cpu: list[float] = []
     mv = memoryview(stream)
     rfd, wfd = os.pipe()
     # The stream comes through a pipe, read as `migrate-receive -r` does (heartbeats on).
     up = Upstream(rfd, wfd, None)
-    link = _Beating(ReceiverLink(chan, sink.fd))
+    link = ReceiverLink(chan, sink.fd)
+    link.start_heartbeats()
     start = 0
     try:
         for epoch, end in enumerate(ends):
@@ -99,7 +102,7 @@ def receiver(compress: bool, stream: bytes, ends: list[int],
             t0 = time.process_time()
             for at in range(start, end, chunk):
                 os.write(wfd, mv[at:min(at + chunk, end)])
-                if rx.feed(_read_beating(up, link, armed=True)) is not None:
+                if rx.feed(up.read_beating(link, armed=True)) is not None:
                     raise RuntimeError(f"receiver ended at epoch {epoch}: {rx.outcome}")
             cpu.append((time.process_time() - t0) * 1000)
             if prof is not None:
@@ -108,7 +111,7 @@ def receiver(compress: bool, stream: bytes, ends: list[int],
                 raise RuntimeError(f"epoch {epoch} not committed (committed {rx.committed})")
             start = end
     finally:
-        link.stop()
+        link.stop_heartbeats()
         for fd in (sink.fd, rfd, wfd):
             os.close(fd)
     return cpu

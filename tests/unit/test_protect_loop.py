@@ -27,7 +27,9 @@ from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect import Summary, _await_offer, read_banner
-from xen_remus.restore_continuous import Outcome, Upstream, receive
+from xen_remus.receive.driver import receive
+from xen_remus.receive.upstream import Upstream
+from xen_remus.restore_continuous import Outcome
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop

@@ -1,4 +1,5 @@
-"""The receiver core against a fake sink: whole epochs only, failover, cuts, ceilings."""
+"""The continuous restore, its decisions carried out on a fake sink (receive.driver.Relay):
+whole epochs only, failover, cuts, ceilings."""
 
 from __future__ import annotations
 
@@ -7,12 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from xen_remus.restore_continuous import (
-    EpochTooLarge,
-    Outcome,
-    ReceiveError,
-    Receiver,
-)
+from xen_remus.receive.driver import Relay
+from xen_remus.restore_continuous import EpochTooLarge, Outcome, ReceiveError
 from xen_remus.stream import Decoder, EpochEnd, StreamError
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.synth import make_epoch, synthetic_stream
@@ -63,7 +60,7 @@ def epoch_ends(data: bytes) -> list[int]:
 def run(data: bytes, checkpointed: bool, chunks: Sequence[int] = (),
         ceiling: int = 1 << 30) -> tuple[FakeSink, Outcome]:
     sink = FakeSink()
-    rx = Receiver(sink, checkpointed, ceiling)
+    rx = Relay(sink, checkpointed, ceiling)
     pos, out = 0, None
     for n in chunks:
         if out is not None or pos >= len(data):
@@ -80,7 +77,7 @@ def run(data: bytes, checkpointed: bool, chunks: Sequence[int] = (),
 def test_plain_stream_is_relayed_exactly_and_go_is_left_over() -> None:
     data = stream(1, end=True)
     sink = FakeSink()
-    rx = Receiver(sink, checkpointed=False)
+    rx = Relay(sink, checkpointed=False)
     out = rx.feed(data + GO)
     assert out is not None and out.kind == "complete"
     assert bytes(sink.data) == data
@@ -106,7 +103,7 @@ def test_failover_reason_names_what_ended_the_input(cut_into: int) -> None:
     reported as a plain EOF; both at an epoch boundary and mid-epoch."""
     data = stream(3, end=False)
     cut = epoch_ends(data)[1] + cut_into
-    rx = Receiver(FakeSink(), checkpointed=True)
+    rx = Relay(FakeSink(), checkpointed=True)
     assert rx.feed(data[:cut]) is None
     out = rx.eof("no word from the primary for more than the heartbeat timeout")
     assert out.kind == "failover" and out.epoch == 1
@@ -124,7 +121,7 @@ def test_cut_at_every_offset() -> None:
     assert len(ends) == 4
     for cut in range(1, len(data)):
         sink = FakeSink()
-        rx = Receiver(sink, checkpointed=True)
+        rx = Relay(sink, checkpointed=True)
         if cut < ends[0]:
             with pytest.raises(ReceiveError, match="before any complete epoch"):
                 rx.feed(data[:cut])
@@ -176,7 +173,7 @@ def test_epoch_over_the_ceiling_fails_over_with_a_clear_error() -> None:
 def test_checkpoint_in_a_plain_receive_aborts() -> None:
     data = stream(3, end=False)
     sink = FakeSink()
-    rx = Receiver(sink, checkpointed=False)
+    rx = Relay(sink, checkpointed=False)
     with pytest.raises(ReceiveError, match="CHECKPOINT"):
         rx.feed(data)
     assert sink.aborted is not None and sink.failed_over is None
@@ -185,7 +182,7 @@ def test_checkpoint_in_a_plain_receive_aborts() -> None:
 def test_plain_stream_cut_aborts() -> None:
     data = stream(1, end=True)
     sink = FakeSink()
-    rx = Receiver(sink, checkpointed=False)
+    rx = Relay(sink, checkpointed=False)
     assert rx.feed(data[:len(data) // 2]) is None
     with pytest.raises(ReceiveError, match="truncated"):
         rx.eof()
@@ -222,14 +219,13 @@ def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> Non
     data = stream(4, end=False)
     ends = epoch_ends(data)
     sink = FakeSink()
-    rx = Receiver(sink, True)
 
     def rewrite(rec: Record) -> None:
         if rec.offset >= ends[1] and rec.name == "PAGE_DATA":
             raise CompressionError("checksum mismatch", rec.epoch, 1, rec.offset)
         return None
 
-    rx.rewrite = rewrite
+    rx = Relay(sink, True, rewrite=rewrite)
     out = rx.feed(data) or rx.eof()
     assert out.kind == "failover" and out.epoch == 1
     assert isinstance(out.error, CompressionError) and "checksum" in str(out.error)

@@ -6,12 +6,13 @@ SenderLink never blocks without a deadline: writes are non-blocking and interlea
 reading the backup's channel, so a backup that powers off mid-write (no RST: the socket
 just stops draining) is declared lost once its heartbeats stop, instead of hanging.
 
-Heartbeats while the engine is busy elsewhere (suspending the guest, copying pages: under
-TCG that can outlast the timeout): ``start_heartbeats()`` runs a thread that sends them
-when due. Every method takes one lock, so the thread only ever writes between two whole
-calls; hence start it after the libxc headers, and send each libxl-layer stretch
-(CHECKPOINT ... CHECKPOINT_END) in one ``send`` call. A BackupLost the thread meets is
-raised by the engine's next call.
+Heartbeats while an end is busy elsewhere (the primary suspending the guest or copying
+pages, under TCG longer than the timeout; the backup writing into a sink that builds the
+domain): ``start_heartbeats()`` runs a thread that sends them when due, the same thread
+class at both ends. Every method takes one lock, so the thread only ever writes between
+two whole calls; hence the sender starts it after the libxc headers and sends each
+libxl-layer stretch (CHECKPOINT ... CHECKPOINT_END) in one ``send`` call. A BackupLost
+the sender's thread meets is raised by the engine's next call.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from xen_remus.channel.compress import PagesIn
 from xen_remus.channel.ends import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
+from xen_remus.fdio import READ_SIZE, Iovecs, readable
 from xen_remus.stream.events import Buffer
 
-IOV_MAX = 1024
 WRITE_CHUNK = 256 << 10  # bytes offered per writev: more than a pipe holds
-READ_MAX = 65536
 Clock = Callable[[], float]
 
 
@@ -43,7 +43,8 @@ class BackupLost(XenRemusError):
 
 
 class _Heartbeats:
-    """The heartbeat thread both ends run (``_beat`` is each end's loop)."""
+    """The heartbeat thread both ends run (``_beat`` is each end's loop: it sends what is
+    due, under the end's lock, and sleeps at most 50 ms)."""
 
     _thread: threading.Thread | None
     _stop: threading.Event
@@ -135,7 +136,7 @@ class SenderLink(_Heartbeats):
 
     def _read(self) -> None:
         try:
-            data = os.read(self.recv_fd, READ_MAX)
+            data = os.read(self.recv_fd, READ_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -158,7 +159,7 @@ class SenderLink(_Heartbeats):
         if self._eof:
             raise self._lost("it closed its channel")
         now = self.clock()
-        if self.chan.peer_dead(now) and select.select([self.recv_fd], [], [], 0)[0]:
+        if self.chan.peer_dead(now) and readable(self.recv_fd):
             self._read()  # words that waited while we were busy: not the backup's fault
             now = self.clock()
         if self.chan.peer_dead(now):
@@ -185,31 +186,22 @@ class SenderLink(_Heartbeats):
             self._write(bufs)
 
     def _write(self, bufs: Sequence[Buffer]) -> None:
-        views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
-        i = 0
-        while i < len(views):
+        # Not fdio.write_all: here the wait also reads the back channel (heartbeats, ACKs)
+        # and is bounded by the backup's deadline, not the write's.
+        out = Iovecs(bufs)
+        while out:
             if not self._wait(True, None):
                 continue
-            # Offer about what the pipe can take: writev turns every buffer offered into
-            # an iovec, and the transport drains the pipe a few KiB at a time.
-            j, size = i, 0
-            while j < len(views) and j - i < IOV_MAX and size < WRITE_CHUNK:
-                size += views[j].nbytes
-                j += 1
             try:
-                n = os.writev(self.send_fd, views[i:j])
+                # Offer about what the pipe can take: writev turns every buffer offered
+                # into an iovec, and the transport drains the pipe a few KiB at a time.
+                n = out.writev(self.send_fd, WRITE_CHUNK)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 raise self._lost(f"writing the stream failed: errno {exc.errno}") from None
             self.offset += n
             self.chan.sent(self.clock())
-            while n and i < len(views):
-                if n >= views[i].nbytes:
-                    n -= views[i].nbytes
-                    i += 1
-                else:
-                    views[i], n = views[i][n:], 0
 
     def idle(self, until: float) -> None:
         """Wait until ``until`` (the next epoch), sending heartbeats and reading ACKs.
@@ -240,12 +232,14 @@ class SenderLink(_Heartbeats):
 
 class ReceiverLink(_Heartbeats):
     """The backup's writes to the primary: ACKs and heartbeats (``out_fd``: the channel
-    the banner went to). Call ``tick`` whenever woken; sleep at most ``timeout()``.
+    the banner went to). Call ``seen`` for every chunk from the primary and ``tick``
+    whenever woken; sleep at most ``timeout()``.
 
     ``start_heartbeats()`` sends them from a thread too: the receiver's main loop may
     block for seconds writing into a sink that is busy (xl building the domain before it
     reads on), and the primary would take that silence for a dead backup. The thread
-    only sends; deciding that the primary is dead stays with ``tick`` in the main loop.
+    only sends; deciding that the primary is dead stays with ``tick`` in the main loop
+    (Upstream.read_beating).
     """
 
     _beat_name = "xen-remus heartbeat (backup)"
@@ -275,16 +269,21 @@ class ReceiverLink(_Heartbeats):
             self._send(self.chan.pending(now))
             if not self.chan.peer_dead(now):
                 return False
-        return self.in_fd is None or not select.select([self.in_fd], [], [], 0)[0]
+        return self.in_fd is None or not readable(self.in_fd)
+
+    def seen(self, now: float) -> None:
+        """Bytes came from the primary at ``now``."""
+        with self._lock:
+            self.chan.seen(now)
 
     def committed(self, epoch: int, commit_ms: float = 0.0) -> None:
         with self._lock:
             self._send(self.chan.committed(epoch, self.clock(), commit_ms))
 
     def timeout(self) -> float | None:
-        wake = self.chan.wake_at()
+        with self._lock:
+            wake = self.chan.wake_at()
         return None if wake is None else max(0.0, wake - self.clock())
-
 
     def _beat(self) -> None:
         while not self._stop.is_set():

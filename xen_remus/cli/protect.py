@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
+from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
@@ -86,10 +86,11 @@ def read_banner(fd: int, timeout: float, what: str) -> bytes:
     buf = b""
     deadline = time.monotonic() + timeout
     while len(buf) < len(BANNER):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise MigrationRefused(f"receiver `{what}`: no banner within {timeout:.0f} s")
-        chunk = os.read(fd, 4096)
+        try:
+            chunk = read_some(fd, deadline - time.monotonic(), "the banner", 4096)
+        except IoTimeout:
+            raise MigrationRefused(f"receiver `{what}`: no banner within {timeout:.0f} s"
+                                   ) from None
         if not chunk:
             raise MigrationRefused(f"receiver `{what}` closed the connection before the "
                                    f"banner (got {buf[:60]!r})")
@@ -208,11 +209,11 @@ def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:
     link.events += chan.feed_back(rest, now)
     deadline = now + wait
     while not any(isinstance(ev, Offered) for ev in link.events):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([link.recv_fd], [], [], left)[0]:
+        try:
+            data = read_some(link.recv_fd, deadline - time.monotonic(), "the offer", 4096)
+        except IoTimeout:
             log.info("no extension offer from the backup: a stock receiver, plain stream")
             return
-        data = os.read(link.recv_fd, 4096)
         if not data:
             raise MigrationRefused("the backup closed its channel right after its banner")
         link.events += chan.feed_back(data, time.monotonic())

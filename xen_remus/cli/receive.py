@@ -18,13 +18,10 @@ from typing import Any
 from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.cli import options
 from xen_remus.errors import UsageError
-from xen_remus.restore_continuous import (
-    DEFAULT_MAX_EPOCH_BYTES,
-    SinkConfig,
-    Upstream,
-    XlSink,
-    receive,
-)
+from xen_remus.receive.driver import receive
+from xen_remus.receive.upstream import Upstream
+from xen_remus.receive.xlsink import SinkConfig, XlSink
+from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES
 
 
 def register(sub: Any) -> None:

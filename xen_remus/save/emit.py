@@ -7,13 +7,12 @@ import os
 from collections.abc import Sequence
 
 from xen_remus.errors import XenRemusError
+from xen_remus.fdio import Iovecs, write_all
 from xen_remus.save.pages import Pfns, Types
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import PageData
-
-IOV_MAX = 1024  # Linux's limit of buffers per writev
 
 
 class StreamWriteError(XenRemusError):
@@ -76,21 +75,11 @@ class FdEmitter:
 
 
 def writev_all(fd: int, bufs: list[Buffer], offset: int = 0, what: str = "stream") -> None:
-    """os.writev until every byte is out (short writes on pipes and sockets resume where
-    they stopped), at most IOV_MAX buffers per call."""
-    views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
-    i = 0
-    while i < len(views):
-        try:
-            n = os.writev(fd, views[i:i + IOV_MAX])
-        except OSError as exc:
-            raise StreamWriteError(f"writing the {what} at offset {offset} failed: errno "
-                                   f"{exc.errno} ({os.strerror(exc.errno or 0)})") from None
-        offset += n
-        while n and i < len(views):
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+    """Every byte of ``bufs`` to ``fd`` (fdio.write_all); a failure names the stream
+    offset (``offset`` is that of the first byte) it stopped at."""
+    out = Iovecs(bufs)
+    try:
+        write_all(fd, out, None, what)
+    except OSError as exc:
+        raise StreamWriteError(f"writing the {what} at offset {offset + out.written} failed: "
+                               f"errno {exc.errno} ({os.strerror(exc.errno or 0)})") from None

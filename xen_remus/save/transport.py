@@ -5,12 +5,12 @@ receiver's handshake messages (parsed by xen_remus.xlproto.SenderSide)."""
 from __future__ import annotations
 
 import os
-import select
 import shlex
 import subprocess
 import time
 
 from xen_remus.errors import XenRemusError
+from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.xlproto import HandshakeError, Message, SenderSide
 
 
@@ -42,11 +42,11 @@ class ReceiverProcess:
         """Read until ``proto`` recognises the next expected message (bounded wait)."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.recv_fd], [], [], left)[0]:
+            try:
+                chunk = read_some(self.recv_fd, deadline - time.monotonic(), what, 4096)
+            except IoTimeout:
                 raise MigrationRefused(f"receiver `{self.rune}`: no {what} within "
-                                       f"{timeout:.0f} s")
-            chunk = os.read(self.recv_fd, 4096)
+                                       f"{timeout:.0f} s") from None
             if not chunk:
                 rc = self.proc.poll()
                 try:
