@@ -2,7 +2,7 @@
 (time.monotonic() seconds); nothing here reads a clock.
 
 A powered-off peer sends no TCP reset: the connection stays ESTABLISHED and a blocking
-read waits forever (LAB-NOTES item 20). So each end sends *something* at least every
+read waits forever. So each end sends *something* at least every
 ``interval`` (stream bytes count; a heartbeat is sent only when the end was otherwise
 idle), and declares its peer dead after ``timeout`` without a byte from it.
 """

@@ -32,7 +32,7 @@ from xen_remus.channel.errors import ChannelError
 OFFER_PREFIX = b"xen-remus-ext offer "
 OFFER_LINE_MAX = 512
 VERSION = 1
-HEARTBEAT_TIMEOUT_MS = 1000  # the legacy Remus HEARTBEAT_MS; issue 5's default
+HEARTBEAT_TIMEOUT_MS = 1000  # the legacy Remus HEARTBEAT_MS
 CACHE_MIB = 256
 _LIMITS = {"interval": (1, 60_000), "timeout": (10, 600_000), "cache": (1, 1 << 20)}
 

@@ -26,7 +26,7 @@ REC_REMUS_PAGE_DATA_LZ4XOR = 0x80585202  # fwd: PAGE_DATA as lz4 of an XOR delta
 REC_REMUS_EPOCH_STATS = 0x80585203  # fwd: the sender's figures for one epoch
 REC_REMUS_ACK = 0x80585204  # back: u64 epoch committed, u32 commit time in µs
 REC_REMUS_CLOSE = 0x80585205  # back: the backup stops protecting (text reason)
-# Reserved for the disk channel (issue on disk replication): 0x80585210-0x8058521f.
+# Reserved for the disk channel: 0x80585210-0x8058521f.
 
 NAMES = {
     REC_REMUS_ACCEPT: "REMUS_ACCEPT",

@@ -9,7 +9,7 @@ re-implementing libxl's domain build; xl does that, and takes the same stream we
 have. Why not materialise the guest ourselves: a later fallback, if stock restore cannot
 be made reliable (see below).
 
-Why stock failover hangs and why ours should not (LAB-NOTES item 11). libxl reads a
+Why stock failover hangs and why ours should not. libxl reads a
 checkpointed stream in two alternating layers: libxc (in libxl-save-helper) reads page
 data up to its CHECKPOINT record, then hands the fd back to libxl, which buffers its own
 records up to CHECKPOINT_END (libxl_stream_read.c, SRS_PHASE_BUFFERING), then hands it
@@ -54,7 +54,7 @@ class SinkConfig:
     io_timeout: float = 60.0  # the sink must take each write / send each message
     ready_timeout: float = 600.0  # plain stream: restore may take a while after END
     # The watchdog. Failover runs the device hotplug scripts, which take 20-40 s under
-    # TCG (lab run 30450: vif-bridge still busy at 30 s): kill xl only when its process
+    # TCG (vif-bridge was seen still busy at 30 s): kill xl only when its process
     # tree has used no CPU for failover_stall s, or after failover_timeout s in all.
     failover_timeout: float = 300.0
     failover_stall: float = 30.0

@@ -42,8 +42,8 @@ class Suspender(Closing):
                     evtchn.close()
         self.method = "evtchn" if self._evtchn is not None else "xenstore"
 
-    # libxl allows a guest 60 s to answer; under TCG a busy guest took over 10 s (lab run
-    # 20261126-012857, epoch 24 of a protect).
+    # libxl allows a guest 60 s to answer; under TCG a busy guest took over 10 s to answer
+    # in the middle of a protect.
     def suspend(self, timeout: float = 60.0) -> DomainInfo:
         """Ask the guest to suspend and wait (at most ``timeout`` s) until Xen reports it
         shut down with reason suspend. Returns that domain info."""
