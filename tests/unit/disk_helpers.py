@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from xen_remus.disk import nbd
+from xen_remus.disk.server import DiskServer, WriteSink
+
+T = TypeVar("T")
 
 IO_TIMEOUT = 10.0  # seconds for any one client step
 
@@ -122,3 +129,36 @@ class Client:
         await self.w.drain()
         self.w.close()
         await self.w.wait_closed()
+
+
+def short_dir() -> str:
+    """A temporary directory with a short path: a Unix socket path has at most 107 bytes."""
+    return tempfile.mkdtemp(prefix="xr-disk-", dir="/tmp")
+
+
+class ServerThread:
+    """A DiskServer in its own asyncio loop on a thread (for blocking clients and tools)."""
+
+    def __init__(self, image: str, sock: str, sink: WriteSink | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = DiskServer(image, sock, sink=sink)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="disk-server",
+                                       daemon=True)
+
+    def run(self, fn: Callable[[], Awaitable[T]], timeout: float = IO_TIMEOUT) -> T:
+        async def go() -> T:
+            return await fn()
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        self.run(self.server.start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.run(self.server.close)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(IO_TIMEOUT)
+            self.loop.close()

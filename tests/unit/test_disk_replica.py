@@ -23,12 +23,12 @@ from xen_remus.disk.replica import (
     ACK,
     HEADER_SIZE,
     SEAL,
-    W,
     AckReader,
     BackupStream,
     Frame,
     FrameDecoder,
     PrimaryLog,
+    W,
 )
 from xen_remus.disk.store import EpochStore
 

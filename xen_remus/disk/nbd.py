@@ -143,12 +143,14 @@ class Closed:
     error: bool
 
 
-class _NeedData:
+class NeedData:
+    """The type of NEED_DATA: next_event has nothing until more bytes are fed."""
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 Event = Send | Ready | Read | Write | Flush | Closed
 
 # Phases.
@@ -201,7 +203,7 @@ class ServerConnection:
         """The reply header for a Read/Write/Flush event; a READ's data follows on success."""
         return simple_reply(handle, error)
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA until more bytes are fed."""
         while not self._events:
             if self.phase == _CLOSED:

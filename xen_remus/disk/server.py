@@ -140,6 +140,10 @@ class DiskServer:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("%s: client connection lost: %s", self.name, exc)
+        except asyncio.CancelledError:
+            # close() ends us so; returning (not re-raising) keeps asyncio's stream callback
+            # from logging the cancelled handler as an error.
+            log.info("%s: client connection closed by the server", self.name)
         finally:
             self._tasks.discard(task)
             writer.close()
