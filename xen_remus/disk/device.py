@@ -63,7 +63,7 @@ class ReplicatedDisk(Device):
         except XenRemusError:
             raise
         except Exception as exc:
-            raise DeviceError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
+            raise DeviceError(f"{self.name}: {what}: {str(exc) or type(exc).__name__}") from exc
 
     def setup(self) -> None:
         self._do("connect", self.control.connect)
