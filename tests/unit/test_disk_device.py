@@ -118,9 +118,11 @@ def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> N
     store = EpochStore(backup)
     bsock = os.path.join(tmp, "b.sock")
     with ServerThread(primary, os.path.join(tmp, "a.sock")) as st:
+        async def backup_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await serve_backup(r, w, store)
+
         async def start_backup() -> asyncio.AbstractServer:
-            return await asyncio.start_unix_server(
-                lambda r, w: serve_backup(r, w, store), bsock)
+            return await asyncio.start_unix_server(backup_conn, bsock)
         bsrv = st.run(start_backup)
 
         async def open_link(first: int) -> ReplicaSender:
