@@ -73,6 +73,7 @@ class DiskServer:
         self.size = 0
         self.writes = 0
         self.bytes_written = 0
+        self.syncs = 0  # fdatasyncs done (FLUSH, FUA)
         self.stalls = 0  # times a connection stopped reading at the sink's cap
         self._fd = -1
         self._server: asyncio.AbstractServer | None = None
@@ -220,4 +221,5 @@ class DiskServer:
         except OSError as exc:
             log.error("%s: %s: fdatasync: %s", self.name, what, exc.strerror)
             return _nbd_error(exc)
+        self.syncs += 1
         return 0
