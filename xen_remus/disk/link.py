@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from xen_remus.disk.errors import DiskError, ReplicaStreamError
@@ -16,15 +17,18 @@ from xen_remus.disk.store import EpochStore
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+HIGH_WATER = 4 * 1024 * 1024  # bytes in the transport's buffer before the sender waits
 
 
 class ReplicaSender:
     """The primary's end: completed writes and SEALs out, ACKs in; counts unACKed bytes.
 
-    Never blocks the guest on the backup: frames go to the transport's buffer, bounded by
-    the cap on unACKed bytes at which ``full`` tells the server to stop taking requests.
-    When the backup is lost (EOF, error, a bad ACK, ``release()``), replication stops:
-    ``full`` is False from then on, writes are no longer sent, and ``on_lost`` is told why.
+    Never blocks the guest on the backup: frames are queued here (no copy) and ``run()``
+    (which must be running) sends them in order, keeping at most HIGH_WATER bytes in the
+    transport; the queue is bounded by the cap on unACKed bytes, at which ``full`` tells
+    the server to stop taking requests. When the backup is lost (EOF, error, a bad ACK,
+    ``release()``), replication stops: ``full`` is False from then on, writes are no longer
+    queued, and ``on_lost`` is told why.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -38,6 +42,10 @@ class ReplicaSender:
         self._acks = AckReader()
         self._room = asyncio.Event()
         self._room.set()
+        self._out: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        # A transport's buffer is one bytearray; kept small, appending to it stays cheap.
+        writer.transport.set_write_buffer_limits(high=HIGH_WATER)
 
     @property
     def full(self) -> bool:
@@ -50,14 +58,14 @@ class ReplicaSender:
     def write(self, epoch: int, offset: int, data: bytes) -> None:
         if self.lost is not None:
             return
-        self._writer.writelines(self.log.write(epoch, offset, data))
+        self._queue(*self.log.write(epoch, offset, data))
         if self.log.full:
             self._room.clear()
 
     def seal(self, epoch: int) -> None:
         if self.lost is not None:
             return
-        self._writer.write(self.log.seal(epoch))
+        self._queue(self.log.seal(epoch))
 
     def committed(self, epoch: int) -> None:
         """The backup committed ``epoch`` (its memory ACK): as good as a disk ACK of it."""
@@ -72,7 +80,8 @@ class ReplicaSender:
         self._lose(why)
 
     async def run(self) -> None:
-        """Read the backup's ACKs until the connection ends (then the backup is lost)."""
+        """Send the frames and read the ACKs until the connection ends (backup lost)."""
+        pump = asyncio.create_task(self._pump())
         try:
             while self.lost is None:
                 data = await self._reader.read(READ_CHUNK)
@@ -85,6 +94,28 @@ class ReplicaSender:
             self._lose(f"replication connection failed: {exc}")
         except DiskError as exc:
             self._lose(str(exc))
+        finally:
+            pump.cancel()
+            await asyncio.wait([pump])
+
+    def _queue(self, *bufs: bytes) -> None:
+        self._out.extend(bufs)
+        self._wake.set()
+
+    async def _pump(self) -> None:
+        try:
+            while self.lost is None:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._out and self.lost is None:
+                    batch, size = [], 0
+                    while self._out and size < HIGH_WATER:
+                        batch.append(self._out.popleft())
+                        size += len(batch[-1])
+                    self._writer.writelines(batch)
+                    await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._lose(f"replication connection failed: {exc}")
 
     def _ack(self, epoch: int) -> None:
         self.log.ack(epoch)
@@ -95,6 +126,8 @@ class ReplicaSender:
         if self.lost is not None:
             return
         self.lost = why
+        self._out.clear()
+        self._wake.set()
         self._room.set()  # the server must not wait for a backup that is gone
         self._writer.close()
         log.warning("disk replication stopped: %s (acked through epoch %d)", why,

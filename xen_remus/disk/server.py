@@ -153,47 +153,67 @@ class DiskServer:
 
     async def _serve(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        # Replies are batched and go out before every await (one send for many pipelined
+        # requests); none waits for more input than the next await.
         conn = nbd.ServerConnection(self.size, self.export)
+        out: list[bytes] = []
+
+        async def send() -> None:
+            if out:
+                writer.writelines(out)
+                out.clear()
+            await writer.drain()
+
         while True:
             ev = conn.next_event()
             if isinstance(ev, nbd.Send):
-                writer.write(ev.data)
+                out.append(ev.data)
             elif isinstance(ev, nbd.Read):
-                self._read(writer, ev)
+                out.extend(self._read(ev))
             elif isinstance(ev, nbd.Write):
-                await self._write(writer, ev)
+                err = self._write(ev)
+                if ev.fua and err == 0:
+                    await send()
+                    err = await self._sync(f"FUA WRITE at {ev.offset}")
+                out.append(nbd.simple_reply(ev.handle, err))
+                sink = self.sink
+                if sink is not None and sink.full:
+                    self.stalls += 1
+                    await send()
+                    await sink.wait_room()
             elif isinstance(ev, nbd.Flush):
-                writer.write(conn.reply(ev.handle, await self._sync(f"FLUSH {ev.handle}")))
+                await send()
+                out.append(nbd.simple_reply(ev.handle, await self._sync(f"FLUSH {ev.handle}")))
             elif isinstance(ev, nbd.Ready):
                 log.info("%s: client attached to export %r", self.name, ev.export)
             elif isinstance(ev, nbd.Closed):
                 (log.error if ev.error else log.info)("%s: %s", self.name, ev.reason)
-                await writer.drain()
+                await send()
                 return
             else:  # NEED_DATA
-                await writer.drain()
+                await send()
                 sink = self.sink
                 if sink is not None and sink.full:  # another connection filled it
                     self.stalls += 1
                     await sink.wait_room()
                 conn.receive_data(await reader.read(READ_CHUNK))
 
-    def _read(self, writer: asyncio.StreamWriter, ev: nbd.Read) -> None:
+    def _read(self, ev: nbd.Read) -> tuple[bytes, ...]:
+        """The reply to a READ: header and data, or an error header."""
         try:
             data = os.pread(self._fd, ev.length, ev.offset)
         except OSError as exc:
             log.error("%s: READ of %d bytes at %d: %s", self.name, ev.length, ev.offset,
                       exc.strerror)
-            writer.write(nbd.simple_reply(ev.handle, _nbd_error(exc)))
-            return
+            return (nbd.simple_reply(ev.handle, _nbd_error(exc)),)
         if len(data) != ev.length:  # the image shrank under us
             log.error("%s: READ of %d bytes at %d got %d", self.name, ev.length, ev.offset,
                       len(data))
-            writer.write(nbd.simple_reply(ev.handle, nbd.EIO))
-            return
-        writer.writelines((nbd.simple_reply(ev.handle), data))
+            return (nbd.simple_reply(ev.handle, nbd.EIO),)
+        return nbd.simple_reply(ev.handle), data
 
-    async def _write(self, writer: asyncio.StreamWriter, ev: nbd.Write) -> None:
+    def _write(self, ev: nbd.Write) -> int:
+        """pwrite, then hand the write to the sink (no await between): its NBD error."""
         try:
             done = os.pwrite(self._fd, ev.data, ev.offset)
             while done < len(ev.data):  # short writes to a regular file are rare
@@ -201,19 +221,12 @@ class DiskServer:
         except OSError as exc:
             log.error("%s: WRITE of %d bytes at %d: %s", self.name, len(ev.data), ev.offset,
                       exc.strerror)
-            writer.write(nbd.simple_reply(ev.handle, _nbd_error(exc)))
-            return
+            return _nbd_error(exc)
         self.writes += 1
         self.bytes_written += len(ev.data)
-        sink = self.sink
-        if sink is not None:
-            sink.write(self.epoch, ev.offset, ev.data)  # no await since the pwrite
-        err = await self._sync(f"FUA WRITE at {ev.offset}") if ev.fua else 0
-        writer.write(nbd.simple_reply(ev.handle, err))
-        if sink is not None and sink.full:
-            self.stalls += 1
-            await writer.drain()
-            await sink.wait_room()
+        if self.sink is not None:
+            self.sink.write(self.epoch, ev.offset, ev.data)
+        return 0
 
     async def _sync(self, what: str) -> int:
         try:
