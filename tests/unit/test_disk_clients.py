@@ -116,7 +116,8 @@ def _fio(sock: str, *extra: str) -> dict[str, object]:
 
 def test_fio_nbd_engine_random_writes_verify_at_queue_depth_16(served: ServerThread) -> None:
     _fio(served.server.socket_path, "--rw=randwrite", "--bs=4k", "--iodepth=16",
-         "--size=4m", "--verify=crc32c", "--do_verify=1", "--fsync=64")
+         "--size=4m", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+         "--fsync=64")
     assert served.server.writes >= 1024 and served.server.syncs >= 16
 
 

@@ -316,3 +316,32 @@ def test_primary_killed_mid_stream_backup_holds_the_last_committed_epoch(
             f"seed {seed}: limit {limit}, committed {committed}, {ended[0]}")
 
     run(main)
+
+
+def test_a_failing_sink_is_dropped_and_guest_io_goes_on(tmp: str) -> None:
+    img = make_image(tmp)
+
+    class Broken(RecSink):
+        def write(self, epoch: int, offset: int, data: bytes) -> None:
+            if offset >= 4096:
+                raise DiskError("replica gone")
+            super().write(epoch, offset, data)
+
+    async def main() -> None:
+        sink = Broken()
+        srv = DiskServer(img, os.path.join(tmp, "s"), sink=sink)
+        await srv.start()
+        try:
+            c = await Client.connect(srv.socket_path)
+            assert await c.write(0, b"a" * 4096) == 0
+            assert await c.write(4096, b"b" * 4096) == 0  # the sink fails: still written
+            assert srv.sink is None and srv.replication_error == "replica gone"
+            assert await c.write(8192, b"c" * 4096) == 0
+            srv.seal(0)  # nothing to seal into any more: fine
+            assert await c.read(0, 12288) == b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+            await c.disc()
+        finally:
+            await srv.close()
+        assert [w[2] for w in sink.log] == [0]
+
+    run(main)

@@ -60,7 +60,9 @@ class DiskServer:
     """Serve ``image`` over NBD on the Unix socket ``socket_path``.
 
     ``epoch`` is the open epoch: writes are handed to the sink labelled with it, and
-    ``seal(epoch)`` closes it. With no sink the disk is simply served (unreplicated).
+    ``seal(epoch)`` closes it. With no sink the disk is simply served (unreplicated). A sink
+    that fails (DiskError) is dropped: guest I/O goes on locally, ``replication_error``
+    says why.
     """
 
     def __init__(self, image: str, socket_path: str, export: str = "",
@@ -75,6 +77,7 @@ class DiskServer:
         self.bytes_written = 0
         self.syncs = 0  # fdatasyncs done (FLUSH, FUA)
         self.stalls = 0  # times a connection stopped reading at the sink's cap
+        self.replication_error: str | None = None  # why the sink was dropped, if it was
         self._fd = -1
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,9 +130,13 @@ class DiskServer:
             return
         if epoch != self.epoch:
             raise EpochError(f"{self.name}: seal({epoch}) but epoch {self.epoch} is open")
-        if self.sink is not None:
-            self.sink.seal(epoch)
         self.epoch = epoch + 1
+        if self.sink is not None:
+            try:
+                self.sink.seal(epoch)
+            except DiskError as exc:
+                self._drop_sink(exc)
+                raise DiskError(f"{self.name}: sealing epoch {epoch}: {exc}") from exc
 
     # -- one connection -------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader,
@@ -225,8 +232,17 @@ class DiskServer:
         self.writes += 1
         self.bytes_written += len(ev.data)
         if self.sink is not None:
-            self.sink.write(self.epoch, ev.offset, ev.data)
+            try:
+                self.sink.write(self.epoch, ev.offset, ev.data)
+            except DiskError as exc:
+                self._drop_sink(exc)
         return 0
+
+    def _drop_sink(self, exc: DiskError) -> None:
+        """Replication failed: the guest goes on with its local disk (backup lost)."""
+        log.error("%s: replication stopped: %s", self.name, exc)
+        self.replication_error = str(exc)
+        self.sink = None
 
     async def _sync(self, what: str) -> int:
         try:
