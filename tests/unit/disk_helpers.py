@@ -1,0 +1,164 @@
+"""Helpers for the disk tests: client-side NBD messages and a small asyncio NBD client."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from xen_remus.disk import nbd
+from xen_remus.disk.server import DiskServer, WriteSink
+
+T = TypeVar("T")
+
+IO_TIMEOUT = 10.0  # seconds for any one client step
+
+
+def client_flags(flags: int = nbd.FLAG_C_FIXED_NEWSTYLE) -> bytes:
+    return struct.pack(">I", flags)
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", nbd.IHAVEOPT, opt, len(data)) + data
+
+
+def go_data(name: str = "", infos: tuple[int, ...] = ()) -> bytes:
+    raw = name.encode()
+    return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos))
+            + b"".join(struct.pack(">H", i) for i in infos))
+
+
+def request(cmd: int, offset: int = 0, length: int = 0, handle: int = 1, flags: int = 0,
+            data: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, cmd, handle, offset,
+                       length) + data
+
+
+def write_req(offset: int, data: bytes, handle: int = 1, fua: bool = False) -> bytes:
+    return request(nbd.CMD_WRITE, offset, len(data), handle,
+                   nbd.CMD_FLAG_FUA if fua else 0, data)
+
+
+def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(option, reply type, payload) of each option reply in ``data``."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        magic, opt, rep, n = struct.unpack_from(">QIII", data, pos)
+        assert magic == nbd.OPT_REPLY_MAGIC, f"bad option reply magic at {pos}"
+        out.append((opt, rep, data[pos + 20:pos + 20 + n]))
+        pos += 20 + n
+    return out
+
+
+def parse_reply(data: bytes) -> tuple[int, int]:
+    """(error, handle) of a simple reply header."""
+    magic, err, handle = struct.unpack(">IIQ", data[:16])
+    assert magic == nbd.SIMPLE_REPLY_MAGIC
+    return err, handle
+
+
+class Client:
+    """An NBD client over a Unix socket: fixed newstyle, OPT_GO, simple replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+        self.size = 0
+        self.flags = 0
+        self._handle = 0
+
+    @classmethod
+    async def connect(cls, path: str, name: str = "") -> Client:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path),
+                                                IO_TIMEOUT)
+        c = cls(reader, writer)
+        greeting = await c._exact(18)
+        magic, opt_magic, _hflags = struct.unpack(">QQH", greeting)
+        assert (magic, opt_magic) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+        writer.write(client_flags() + option(nbd.OPT_GO, go_data(name)))
+        while True:
+            head = await c._exact(20)
+            _m, _opt, rep, n = struct.unpack(">QIII", head)
+            payload = await c._exact(n)
+            if rep == nbd.REP_INFO and struct.unpack_from(">H", payload)[0] == nbd.INFO_EXPORT:
+                _t, c.size, c.flags = struct.unpack(">HQH", payload)
+            elif rep == nbd.REP_ACK:
+                return c
+            else:
+                raise AssertionError(f"OPT_GO refused: reply 0x{rep:x} {payload!r}")
+
+    async def _exact(self, n: int) -> bytes:
+        return await asyncio.wait_for(self.r.readexactly(n), IO_TIMEOUT)
+
+    def send(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"",
+             flags: int = 0) -> int:
+        self._handle += 1
+        self.w.write(request(cmd, offset, length, self._handle, flags, data))
+        return self._handle
+
+    async def reply(self, length: int = 0) -> tuple[int, int, bytes]:
+        """(error, handle, data): ``length`` bytes of data follow a successful READ."""
+        err, handle = parse_reply(await self._exact(16))
+        data = await self._exact(length) if length and not err else b""
+        return err, handle, data
+
+    async def read(self, offset: int, length: int) -> bytes:
+        h = self.send(nbd.CMD_READ, offset, length)
+        err, handle, data = await self.reply(length)
+        assert (err, handle) == (0, h), f"READ {length}@{offset}: error {err}"
+        return data
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> int:
+        h = self.send(nbd.CMD_WRITE, offset, len(data), data,
+                      nbd.CMD_FLAG_FUA if fua else 0)
+        err, handle, _ = await self.reply()
+        assert handle == h
+        return err
+
+    async def flush(self) -> int:
+        h = self.send(nbd.CMD_FLUSH)
+        err, handle, _ = await self.reply()
+        assert handle == h
+        return err
+
+    async def disc(self) -> None:
+        self.send(nbd.CMD_DISC)
+        await self.w.drain()
+        self.w.close()
+        await self.w.wait_closed()
+
+
+def short_dir() -> str:
+    """A temporary directory with a short path: a Unix socket path has at most 107 bytes."""
+    return tempfile.mkdtemp(prefix="xr-disk-", dir="/tmp")
+
+
+class ServerThread:
+    """A DiskServer in its own asyncio loop on a thread (for blocking clients and tools)."""
+
+    def __init__(self, image: str, sock: str, sink: WriteSink | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = DiskServer(image, sock, sink=sink)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="disk-server",
+                                       daemon=True)
+
+    def run(self, fn: Callable[[], Awaitable[T]], timeout: float = IO_TIMEOUT) -> T:
+        async def go() -> T:
+            return await fn()
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        self.run(self.server.start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.run(self.server.close)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(IO_TIMEOUT)
+            self.loop.close()

@@ -1,0 +1,21 @@
+"""Disk replication: every guest write mirrored to the backup and committed with its epoch.
+
+The data path, primary to backup::
+
+    guest (blkfront) -> blkback (phy:/dev/nbdN) -> /dev/nbdN -> nbd-client's socket
+      -> Unix socket -> DiskServer (server.py, over the sans-IO nbd.py)
+           -> pwrite into the local image, then the same write, in the same order,
+              as W(epoch, offset, data) on the replication stream (replica.py, link.py)
+           -> at each checkpoint's suspend, ReplicatedDisk.postsuspend(N) (device.py)
+              seals epoch N: SEAL(N) goes into the stream behind N's writes
+      -> backup: BackupStream feeds an EpochStore (store.py), which holds each epoch's
+         writes apart (last writer wins, spilled to a file past a memory ceiling) and
+         ACKs SEAL(N) ("disk sealed through N")
+      -> the backup ACKs memory checkpoint N only once disk seal N is in too; then
+         EpochStore.commit(N) applies epoch N to the backup's image
+      -> failover: EpochStore.failover(last committed) drops every uncommitted write.
+
+The guest never waits for the backup (output commit already holds back its effects);
+only a full replication backlog (unACKed bytes at the cap) makes the server stop taking
+requests until the backup catches up.
+"""
