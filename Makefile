@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv lint unit test bench demo soak soak-stock-hostkill clean lab-deps lab-images lab-test lab-test-all
+.PHONY: all venv host-deps lint unit test bench demo soak soak-stock-hostkill clean lab-deps lab-images lab-test lab-test-all
 
 all: test
 
@@ -19,15 +19,22 @@ $(VENV)/.done: setup.py pyproject.toml
 
 venv: $(VENV)/.done
 
+# Real NBD clients for the disk tests (tests/unit/test_disk_clients.py): Debian packages.
+HOST_TOOLS := nbdinfo nbdcopy qemu-io fio
+host-deps:
+	@missing=; for t in $(HOST_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnbd-bin qemu-utils fio; fi
+
 lint: venv
 	$(VENV)/bin/ruff check xen_remus lab tests bench
 	$(VENV)/bin/mypy --strict xen_remus
 	$(VENV)/bin/mypy --strict lab bench tests
 
-unit: venv
+unit: venv host-deps
 	$(PYTEST) -q -m 'not lab' tests/unit tests/lab
 
-test: venv
+test: venv host-deps
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint && \
 	$(PYTEST) -q -m 'not lab' tests/unit tests/lab && \
