@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "migrate-receive": "xen_remus.cli.receive",
     "status": "xen_remus.cli.status",
     "protect": "xen_remus.cli.protect",
+    "disk": "xen_remus.cli.disk",
 }
 
 

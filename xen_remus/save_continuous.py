@@ -2,11 +2,14 @@
 
     epoch 0   pre-copy rounds while the guest runs (the one-shot engine's live phase),
               then the first checkpoint, as every later epoch:
-    epoch N   suspend -> dirty pages + vCPU/platform state into a local buffer
-              -> devices postsuspend, preresume (net: a new output buffer starts)
+    epoch N   suspend -> dirty pages into a local buffer
+              -> devices postsuspend (net: a new output buffer starts; disks: the
+                 epoch's writes and its seal join the buffer)
+              -> vCPU/platform state -> devices preresume
               -> resume: the guest runs on, speculatively
               -> transmit the buffer -> the backup ACKs epoch N (a stock one cannot)
-              -> devices commit(N) (net: epoch N's packets leave) -> wait for the interval
+              -> devices commit(N) (disks, then net: epoch N's packets leave)
+              -> wait for the interval
 
 What the guest says to the world during an epoch leaves only once the backup holds the
 state that said it. A backup that stops answering ends the loop with the guest running
@@ -76,7 +79,7 @@ class EpochBuffer(Protocol):
 class RemusLoop:
     """Continuous checkpoints of ``engine``'s domain (the Remus figure), one per interval:
 
-        suspend -> copy dirty pages + state into the local buffer -> devices postsuspend
+        suspend -> copy dirty pages into the local buffer -> devices postsuspend -> state
         -> devices preresume -> resume (fast) -> transmit -> wait for the backup's ACK of
         epoch N -> devices commit(N) -> wait for the interval
 
@@ -134,18 +137,20 @@ class RemusLoop:
             e.send_pages(e.dom.logdirty_clean(final=True), live=False)
         dirty = e.stats.rounds.pop().pages  # one record per epoch: keep the list short
         tp = self.clock()
+        # Devices seal the epoch: net starts a new output buffer; disks put the epoch's
+        # writes into this checkpoint (their records go before CHECKPOINT).
+        self.devices.postsuspend(epoch)
+        td = self.clock()
         e.end_of_checkpoint()
         e.out.checkpoint()
         tv = self.clock()
-        self.devices.postsuspend(epoch)  # net: a new output buffer starts here
         self.devices.preresume()
-        td = self.clock()
         e.resume()
         self.out.buffering = False
         t1 = self.clock()
         log.debug("epoch %d pause: suspend %.1f, pages %.1f, vcpu/state %.1f, devices %.1f, "
-                  "resume %.1f ms", epoch, (ts - t0) * 1e3, (tp - ts) * 1e3, (tv - tp) * 1e3,
-                  (td - tv) * 1e3, (t1 - td) * 1e3)
+                  "resume %.1f ms", epoch, (ts - t0) * 1e3, (tp - ts) * 1e3, (tv - td) * 1e3,
+                  (td - tp) * 1e3, (t1 - tv) * 1e3)
         self.out.transmit()
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)

@@ -27,7 +27,6 @@ def test_migrate_remus_is_protect() -> None:
 
 @pytest.mark.parametrize("argv,msg", [
     (["-n", "-d"], "add -F"),
-    (["-F"], "disk replication is not implemented"),
     (["-i", "0", "-d", "-F"], "interval"),
     (["-d", "-F", "--heartbeat-timeout", "5"], "heartbeat"),
 ])

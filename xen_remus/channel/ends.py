@@ -32,6 +32,7 @@ epoch_sent, wait_ack, idle, a heartbeat thread; ReceiverLink: tick, committed, t
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,12 +59,14 @@ class Config:
     compression: bool = True
     cache_mib: int = 256
     initial_grace_ms: int = 0  # extra silence allowed before the first ACK (see _accept)
+    disk: bool = False  # sender: it has disks to replicate; receiver: it takes them
 
     def extensions(self) -> Extensions:
         t = self.heartbeat_timeout_ms
         i = self.heartbeat_interval_ms or max(1, t // 4)
         return Extensions(ack=self.ack, heartbeat=(i, t),
-                          lz4_xor_mib=self.cache_mib if self.compression else None)
+                          lz4_xor_mib=self.cache_mib if self.compression else None,
+                          disk=self.disk)
 
 
 # Events of the back channel, as the sender sees them.
@@ -291,6 +294,9 @@ class ReceiverChannel:
         self._timer: HeartbeatTimer | None = None
         self._decompressor: compress.Decompressor | None = None
         self._now = now
+        # REMUS_DISK records go here as they arrive (vdev, frames, where): the receiver's
+        # disk replicas (disk/backup.py), which hold them per epoch.
+        self.on_disk: Callable[[str, memoryview, str], None] | None = None
 
     def offer_line(self) -> bytes:
         return self.offered.offer_line()
@@ -318,7 +324,12 @@ class ReceiverChannel:
             if self._decompressor is None:
                 raise ChannelError(f"{where}: compression was not agreed")
             return self._decompressor.decode(rec.body, rec.epoch, rec.offset)
-        if rec.rtype == wire.REC_REMUS_HEARTBEAT:
+        if rec.rtype == wire.REC_REMUS_DISK:
+            if not self.agreed.disk or self.on_disk is None:
+                raise ChannelError(f"{where}: disk replication was not agreed")
+            vdev, frames = wire.parse_disk(rec.body, where)
+            self.on_disk(vdev, frames, where)
+        elif rec.rtype == wire.REC_REMUS_HEARTBEAT:
             wire.parse_heartbeat(rec.body, where)
         elif rec.rtype == wire.REC_REMUS_EPOCH_STATS:
             self._stats.append(EpochStats.unpack(rec.body, where))
@@ -339,6 +350,7 @@ class ReceiverChannel:
                 and ext.heartbeat[1] >= off.heartbeat[1])),
             ("lz4-xor", ext.lz4_xor_mib is None or (
                 off.lz4_xor_mib is not None and ext.lz4_xor_mib <= off.lz4_xor_mib)),
+            ("disk", not ext.disk or off.disk),
         ) if not ok]
         if bad:
             raise ChannelError(f"{where}: accepts what was not offered ({', '.join(bad)}): "

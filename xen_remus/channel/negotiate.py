@@ -50,6 +50,7 @@ class Extensions:
     heartbeat: tuple[int, int] | None = (HEARTBEAT_TIMEOUT_MS // 4, HEARTBEAT_TIMEOUT_MS)
     lz4_xor_mib: int | None = CACHE_MIB
     other: tuple[str, ...] = field(default=())
+    disk: bool = False  # REMUS_DISK records: the guest's disks, sealed per checkpoint
 
     def tokens(self) -> str:
         out = [f"version={self.version}"]
@@ -59,6 +60,8 @@ class Extensions:
             out.append(f"heartbeat={self.heartbeat[0]}:{self.heartbeat[1]}")
         if self.lz4_xor_mib is not None:
             out.append(f"lz4-xor={self.lz4_xor_mib}")
+        if self.disk:
+            out.append("disk")
         return " ".join(out)
 
     def offer_line(self) -> bytes:
@@ -66,7 +69,7 @@ class Extensions:
 
     @classmethod
     def parse(cls, text: str, what: str) -> Extensions:
-        version, ack, hb, lz, other = 0, False, None, None, []
+        version, ack, hb, lz, disk, other = 0, False, None, None, False, []
         for tok in text.split():
             key, _, val = tok.partition("=")
             try:
@@ -81,13 +84,15 @@ class Extensions:
                         raise ValueError("interval must be below the timeout")
                 elif key == "lz4-xor":
                     lz = _ranged(int(val), "cache")
+                elif key == "disk" and not val:
+                    disk = True
                 else:
                     other.append(tok)
             except ValueError as exc:
                 raise ChannelError(f"{what}: bad token {tok!r}: {exc}") from None
         if version < 1:
             raise ChannelError(f"{what}: no version token in {text!r}")
-        return cls(version, ack, hb, lz, tuple(other))
+        return cls(version, ack, hb, lz, tuple(other), disk)
 
     def agree(self, offer: Extensions) -> Extensions:
         """The sender's choice (self = its wishes) given the receiver's offer: what both
@@ -100,7 +105,8 @@ class Extensions:
         lz = None
         if self.lz4_xor_mib and offer.lz4_xor_mib:
             lz = min(self.lz4_xor_mib, offer.lz4_xor_mib)
-        return Extensions(min(self.version, offer.version), self.ack and offer.ack, hb, lz)
+        return Extensions(min(self.version, offer.version), self.ack and offer.ack, hb, lz,
+                          disk=self.disk and offer.disk)
 
 
 def _ranged(v: int, what: str) -> int:

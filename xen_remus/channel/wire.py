@@ -26,7 +26,8 @@ REC_REMUS_PAGE_DATA_LZ4XOR = 0x80585202  # fwd: PAGE_DATA as lz4 of an XOR delta
 REC_REMUS_EPOCH_STATS = 0x80585203  # fwd: the sender's figures for one epoch
 REC_REMUS_ACK = 0x80585204  # back: u64 epoch committed, u32 commit time in µs
 REC_REMUS_CLOSE = 0x80585205  # back: the backup stops protecting (text reason)
-# Reserved for the disk channel: 0x80585210-0x8058521f.
+REC_REMUS_DISK = 0x80585210  # fwd: a guest disk's replication frames (disk/replica.py)
+# Reserved for more of the disk channel: 0x80585211-0x8058521f.
 
 NAMES = {
     REC_REMUS_ACCEPT: "REMUS_ACCEPT",
@@ -35,6 +36,7 @@ NAMES = {
     REC_REMUS_EPOCH_STATS: "REMUS_EPOCH_STATS",
     REC_REMUS_ACK: "REMUS_ACK",
     REC_REMUS_CLOSE: "REMUS_CLOSE",
+    REC_REMUS_DISK: "REMUS_DISK",
 }
 OURS_MASK, OURS_BASE = 0xFFFFFF00, 0x80585200
 BACK_FRAME_MAX = 4096  # no back-channel frame is larger; more means a desynchronised channel
@@ -43,6 +45,8 @@ _RH = struct.Struct("<II")
 _HEARTBEAT = struct.Struct("<Q")
 _ACK = struct.Struct("<QI4x")
 _PAD = bytes(8)
+DISK_NAME_SIZE = 16  # REMUS_DISK: the disk's vdev (e.g. b"xvda"), NUL-padded; frames follow
+DISK_RECORD_MAX = 4 << 20  # frames are split over records of about this size
 
 
 def is_ours(rtype: int) -> bool:
@@ -79,6 +83,34 @@ def ack(epoch: int, commit_us: int) -> bytes:
 
 def close(reason: str) -> bytes:
     return frame_bytes(REC_REMUS_CLOSE, reason.encode("utf-8", "replace")[:1024])
+
+
+def disk_bodies(vdev: str, frames: bytes, frame_ends: list[int]) -> list[list[Buffer]]:
+    """Bodies of the REMUS_DISK records carrying ``frames`` of ``vdev``, cut only where a
+    frame ends (``frame_ends``, ascending offsets in ``frames``), about DISK_RECORD_MAX
+    each."""
+    name_ = vdev.encode("ascii", "replace")
+    if not 0 < len(name_) < DISK_NAME_SIZE:
+        raise ValueError(f"REMUS_DISK: disk name {vdev!r} is not 1..15 ASCII bytes")
+    head = name_.ljust(DISK_NAME_SIZE, b"\0")
+    out: list[list[Buffer]] = []
+    start = 0
+    for end in frame_ends:
+        if end - start >= DISK_RECORD_MAX or end >= len(frames):
+            out.append([head, memoryview(frames)[start:end]])
+            start = end
+    if start < len(frames):
+        out.append([head, memoryview(frames)[start:]])
+    return out
+
+
+def parse_disk(body: Buffer, where: str) -> tuple[str, memoryview]:
+    """The vdev and the frames of a REMUS_DISK body."""
+    view = memoryview(body).cast("B")
+    name_ = bytes(view[:DISK_NAME_SIZE]).rstrip(b"\0")
+    if len(view) < DISK_NAME_SIZE or not name_ or not name_.isascii() or b"\0" in name_:
+        raise ChannelError(f"{where}: REMUS_DISK without a disk name")
+    return name_.decode("ascii"), view[DISK_NAME_SIZE:]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ from collections import deque
 from types import FrameType
 from typing import Any
 
+from xen_remus.channel import wire
 from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
+from xen_remus.disk.device import ReplicatedDisk
+from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.save.engine import SaveEngine
@@ -75,9 +78,6 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.no_netbuf or args.no_disk) and not args.unsafe:
         raise UsageError("-n and -d turn off output commit or disk replication: add -F "
                          "to accept that (as xl remus)")
-    if not args.no_disk:
-        raise UsageError("disk replication is not implemented yet: use -d -F (disks must "
-                         "then be shared or read-only)")
     options.check_heartbeat(args)
 
 
@@ -161,10 +161,17 @@ def cmd_protect(args: argparse.Namespace) -> int:
                         logging.INFO if args.verbose else logging.WARNING)
     check_args(args)
     policy = options.precopy_policy(args)
-    from xen_remus.devices.discover import device_set  # pyroute2 only when protecting
+    # pyroute2 only when protecting
+    from xen_remus.devices.discover import device_set, read_disks, unreplicable
 
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid, name = s.target.domid, s.target.name
+        disks = [] if args.no_disk or args.blackhole else read_disks(domid)
+        if (why := unreplicable(disks)) is not None:
+            raise UsageError(str(why))
+        if disks and args.stock_backup:
+            raise UsageError("a stock backup (`xl migrate-receive -r`) cannot replicate "
+                             f"disks ({', '.join(d.vdev for d in disks)}): add -d -F")
         config = domain_config_json(domid)
         guest = s.open_guest()
         assert s.dom is not None
@@ -181,17 +188,23 @@ def cmd_protect(args: argparse.Namespace) -> int:
             rest = read_banner(recv_fd, args.timeout, rune)
         chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                     compression=not args.uncompressed,
-                                    initial_grace_ms=args.initial_grace), time.monotonic())
+                                    initial_grace_ms=args.initial_grace,
+                                    disk=bool(disks)), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
         status = StatusFile(name, "primary", peer)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
+            if disks and not (chan.agreed is not None and chan.agreed.disk):
+                raise MigrationRefused(f"the backup on {peer} does not take disk "
+                                       "replication (an older xen-remus?): add -d -F")
             out = CheckpointEmitter(link, config)
             engine = SaveEngine(s.dom, guest, out, policy)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
-            rc = _protect(engine, out, link, device_set(domid, net=not args.no_netbuf),
-                          args, summary, status, name)
+            devs = device_set(domid, net=not args.no_netbuf,
+                              disks=[replicated_disk(d.vdev, d.replica, out)
+                                     for d in disks if d.replica])
+            rc = _protect(engine, out, link, devs, args, summary, status, name)
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
@@ -199,6 +212,17 @@ def cmd_protect(args: argparse.Namespace) -> int:
                 recv.close(timeout=5)
             for fd in hole:
                 os.close(fd)
+
+
+def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter) -> ReplicatedDisk:
+    """The Device of one block-remus disk: at each seal its frames go into the
+    checkpoint being buffered, as REMUS_DISK records."""
+
+    def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
+        for body in wire.disk_bodies(vdev, frames, ends):
+            out.libxc_record(wire.REC_REMUS_DISK, body)
+
+    return ReplicatedDisk(SocketControl(vdev, replica, into_checkpoint))
 
 
 def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         chan = None
         if args.remus and not args.no_extensions:
-            chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout),
-                                   time.monotonic())
+            chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
+                                          disk=True), time.monotonic())
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan)
     except BaseException:
         if sink.proc.poll() is None:

@@ -33,13 +33,15 @@ class ReplicaSender:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  first_epoch: int = 0, cap: int = DEFAULT_CAP,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None,
+                 on_seal_request: Callable[[int], None] | None = None) -> None:
         self.log = PrimaryLog(first_epoch, cap)
+        self._on_seal_request = on_seal_request
         self.lost: str | None = None
         self._reader = reader
         self._writer = writer
         self._on_lost = on_lost
-        self._acks = AckReader()
+        self._acks = AckReader(seal_requests=on_seal_request is not None)
         self._room = asyncio.Event()
         self._room.set()
         self._out: deque[bytes] = deque()
@@ -50,6 +52,11 @@ class ReplicaSender:
     @property
     def full(self) -> bool:
         return self.lost is None and self.log.full
+
+    @property
+    def backlog(self) -> int:
+        """Frames queued, not yet handed to the transport."""
+        return len(self._out)
 
     @property
     def acked_through(self) -> int:
@@ -90,6 +97,10 @@ class ReplicaSender:
                     return
                 for epoch in self._acks.feed(data):
                     self._ack(epoch)
+                requests, self._acks.requests = self._acks.requests, []
+                for epoch in requests:
+                    assert self._on_seal_request is not None
+                    self._on_seal_request(epoch)
         except (ConnectionError, OSError) as exc:
             self._lose(f"replication connection failed: {exc}")
         except DiskError as exc:

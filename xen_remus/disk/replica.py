@@ -189,18 +189,25 @@ class PrimaryLog:
 
 
 class AckReader:
-    """The primary reading the backup's ACKs (only ACK frames may come that way)."""
+    """The primary reading the backup's ACKs. With ``seal_requests`` the peer is the epoch
+    loop (the protect process relays the stream): its SEAL(N) frames ask the server to
+    seal epoch N, and are collected in ``requests``; no other frame may come that way."""
 
-    def __init__(self) -> None:
+    def __init__(self, seal_requests: bool = False) -> None:
         self._dec = FrameDecoder()
+        self._seal_requests = seal_requests
+        self.requests: list[int] = []
 
     def feed(self, data: bytes) -> list[int]:
         acks = []
         for f in self._dec.feed(data):
-            if f.kind != ACK:
+            if f.kind == SEAL and self._seal_requests:
+                self.requests.append(f.epoch)
+            elif f.kind != ACK:
                 raise ReplicaStreamError(f"{f.name} frame from the backup (only ACK may come"
                                          " back)", f.at, f.epoch)
-            acks.append(f.epoch)
+            else:
+                acks.append(f.epoch)
         return acks
 
 

@@ -4,6 +4,7 @@ commit (then ACK), fail over (timed, logged), abort; then the plain stream's han
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import Protocol
 from xen_remus.channel.ends import ReceiverChannel
 from xen_remus.channel.link import ReceiverLink
 from xen_remus.channel.stats import StatusFile
+from xen_remus.disk.backup import DiskReplicas, disk_images
+from xen_remus.errors import XenRemusError
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
     DEFAULT_MAX_EPOCH_BYTES,
@@ -63,6 +66,7 @@ class Relay:
         self.outcome: Outcome | None = None
         self.on_header: Callable[[XlHeader], None] | None = None
         self.on_commit: Callable[[int], None] | None = None
+        self.on_failover: Callable[[int], None] | None = None  # before the sink resumes
 
     @property
     def committed(self) -> int | None:
@@ -111,6 +115,8 @@ class Relay:
     def _fail_over(self, d: FailOver) -> Outcome:
         log.warning("failover: %s; resuming from epoch %d", d.reason, d.epoch)
         t0 = time.monotonic()
+        if self.on_failover is not None:
+            self.on_failover(d.epoch)
         self.sink.failover(d.epoch)
         secs = time.monotonic() - t0
         log.warning("failover: guest resumed from epoch %d in %.3f s", d.epoch, secs)
@@ -129,9 +135,17 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                chan.on_record if chan is not None else None)
     link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
     bstatus: StatusFile | None = None  # ours: the backup's status file
+    images: dict[str, str] = {}  # the guest's disks (vdev -> image), from its config
+    disks = DiskReplicas(images.get)
     if chan is not None and link is not None:
+        chan.on_disk = disks.feed
+        rx.on_failover = disks.failover
 
         def committed(epoch: int) -> None:
+            try:
+                disks.commit(epoch)  # the disks hold epoch N before its ACK
+            except XenRemusError as exc:
+                raise ReceiveError(f"epoch {epoch}: committing the disks: {exc}") from exc
             link.committed(epoch)
             if bstatus is not None:  # `xen-remus status` on the backup: the primary's figures
                 for st in chan.take_stats():
@@ -147,6 +161,8 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     def on_header(hdr: XlHeader) -> None:
         nonlocal bstatus
         sink.domain_name = _domain_name(hdr)
+        with contextlib.suppress(TypeError, ValueError):
+            images.update(disk_images(hdr.config_json()))
         if chan is not None and sink.domain_name:
             bstatus = StatusFile(sink.domain_name, "backup")
             bstatus.state("receiving", "initial copy")
@@ -166,6 +182,7 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     finally:
         if link is not None:
             link.stop_heartbeats()
+        disks.close()
     if bstatus is not None:
         bstatus.state(out.kind, out.reason)
     if out.kind == "complete":

@@ -1,0 +1,156 @@
+"""The replicated disk as protect and the receiver use it, on the host: a real NBD client
+(qemu-io) writes to the disk daemon; the epoch loop's SocketControl seals epochs and puts
+their frames into REMUS_DISK record bodies; the backup's DiskReplicas holds them per epoch
+and applies an epoch only at its commit; a failover drops every later write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.unit.disk_helpers import short_dir
+from tests.unit.test_devices_netbuf import FakeStore
+from xen_remus.channel import wire
+from xen_remus.channel.errors import ChannelError
+from xen_remus.devices.discover import REPLICA_KEY, domain_disks, unreplicable
+from xen_remus.disk.backup import DiskReplicas, disk_images
+from xen_remus.disk.daemon import ReplicatedDiskDaemon
+from xen_remus.disk.remote import SocketControl
+
+SIZE = 4 << 20
+
+
+class Daemon:
+    """The disk daemon in its own loop thread, as block-remus runs it in dom0."""
+
+    def __init__(self, image: str, d: str) -> None:
+        self.nbd, self.replica = os.path.join(d, "nbd"), os.path.join(d, "replica")
+        self.loop = asyncio.new_event_loop()
+        self.daemon = ReplicatedDiskDaemon(image, self.nbd, self.replica)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.daemon.start(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.daemon.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def qemu_io(sock: str, cmd: str) -> None:
+    exe = shutil.which("qemu-io")
+    if exe is None:
+        pytest.fail("qemu-io is not installed: apt-get install -y qemu-utils")
+    out = subprocess.run([exe, "-f", "raw", "-c", cmd, f"nbd:unix:{sock}"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
+
+
+@pytest.fixture
+def tmp() -> Iterator[str]:
+    d = short_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def image(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_epochs_reach_the_backup_whole_and_only_at_commit(tmp: str) -> None:
+    primary = image(os.path.join(tmp, "a.img"), os.urandom(SIZE))
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    replicas = DiskReplicas({"xvda": backup}.get)
+    records: list[list[bytes]] = []  # the bodies of each sealed epoch
+
+    def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
+        bodies = wire.disk_bodies(vdev, frames, ends)
+        records.append([b"".join(bytes(p) for p in body) for body in bodies])
+
+    def deliver(epoch: int) -> None:  # what the receiver does with checkpoint `epoch`
+        for body in records[epoch]:
+            vdev, frames = wire.parse_disk(body, f"REMUS_DISK (epoch {epoch})")
+            replicas.feed(vdev, frames, f"epoch {epoch}")
+
+    ctl = SocketControl("xvda", d.replica, into_checkpoint)
+    try:
+        ctl.connect()
+        qemu_io(d.nbd, "write -P 0x11 0 64k")
+        ctl.seal(0)  # the whole image (initial sync) and the write
+        deliver(0)
+        assert read(backup) == bytes(SIZE), "applied before its commit"
+        replicas.commit(0)
+        ctl.commit(0)
+        at0 = read(primary)
+        assert read(backup) == at0
+        qemu_io(d.nbd, "write -P 0x22 1M 128k")
+        ctl.seal(1)
+        qemu_io(d.nbd, "write -P 0x33 2M 4k")
+        ctl.seal(2)
+        deliver(1)
+        deliver(2)
+        replicas.commit(1)
+        at1 = bytearray(at0)
+        at1[1 << 20:(1 << 20) + (128 << 10)] = b"\x22" * (128 << 10)
+        assert read(backup) == bytes(at1)
+        replicas.failover(1)  # epoch 2 sealed, never committed: dropped
+        assert read(backup) == bytes(at1)
+        assert read(primary)[2 << 20:(2 << 20) + 4096] == b"\x33" * 4096
+    finally:
+        ctl.disconnect()
+        replicas.close()
+        d.close()
+
+
+def test_a_bad_record_breaks_the_epoch_naming_the_disk(tmp: str) -> None:
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    replicas = DiskReplicas({"xvda": backup}.get)
+    with pytest.raises(ChannelError, match="epoch 3: disk xvda: .*magic"):
+        replicas.feed("xvda", memoryview(b"garbage!" * 8), "epoch 3")
+    with pytest.raises(ChannelError, match="disk xvdb is not in the guest's configuration"):
+        replicas.feed("xvdb", memoryview(b""), "epoch 3")
+    replicas.close()
+
+
+def test_disks_of_a_domain_and_which_can_be_replicated() -> None:
+    fe, be = "/local/domain/7/device/vbd", "/local/domain/0/backend/vbd/7"
+    xs = FakeStore({f"{fe}/51712/backend": f"{be}/51712", f"{be}/51712/dev": "xvda",
+                    f"{be}/51712/params": "/srv/g.img", f"{be}/51712/script":
+                    "/etc/xen/scripts/block-remus", f"{be}/51712/{REPLICA_KEY}": "/run/r.sock",
+                    f"{fe}/51728/backend": f"{be}/51728", f"{be}/51728/dev": "xvdb",
+                    f"{be}/51728/params": "/dev/vg/data"})
+    disks = domain_disks(xs, 7)
+    assert [(d.vdev, d.replicable) for d in disks] == [("xvda", True), ("xvdb", False)]
+    assert unreplicable(disks[:1]) is None
+    why = str(unreplicable(disks))
+    assert "xvdb (/dev/vg/data, script none)" in why and "-d -F" in why
+
+
+def test_disk_images_from_the_guest_config() -> None:
+    cfg = {"disks": [{"vdev": "xvda", "pdev_path": "/srv/g.img"}, {"vdev": "xvdb"}, 7]}
+    assert disk_images(cfg) == {"xvda": "/srv/g.img"}
+    assert disk_images(None) == {}
+
+
+def test_disk_bodies_are_cut_at_frame_ends() -> None:
+    frames = bytes(10 << 20)
+    ends = [3 << 20, 6 << 20, 9 << 20, 10 << 20]
+    bodies = wire.disk_bodies("xvda", frames, ends)
+    sizes = [sum(len(p) for p in b) - wire.DISK_NAME_SIZE for b in bodies]
+    assert sizes == [6 << 20, 4 << 20] and sum(sizes) == len(frames)
+    with pytest.raises(ValueError, match="disk name"):
+        wire.disk_bodies("x" * 16, b"", [])

@@ -1,0 +1,71 @@
+"""`xen-remus disk serve IMAGE --nbd SOCK --replica SOCK`: one replicated guest disk.
+
+Started by the block-remus hotplug script (`xen-remus disk install-script` puts it in
+/etc/xen/scripts) for each disk configured with `script=block-remus`; it runs until the
+script's remove step stops it (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from xen_remus.errors import UsageError
+
+SCRIPT = "block-remus"
+SCRIPTS_DIR = "/etc/xen/scripts"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "disk", help="serve a replicated guest disk (run by the block-remus script)",
+        description="Replicated guest disks. A disk line such as `disk = ['vdev=xvda, "
+        "access=rw, script=block-remus, target=/srv/guest.img']` makes xl run the "
+        "block-remus hotplug script, which starts `xen-remus disk serve` for the image "
+        "and attaches it as /dev/nbdN for the guest. `xen-remus protect` then "
+        "replicates every write to the backup, committed with the checkpoint it belongs "
+        "to. The backup host needs the same configuration and an image of the same size "
+        "at the same path.")
+    cmds = p.add_subparsers(dest="disk_command", metavar="ACTION")
+    s = cmds.add_parser("serve", help="serve IMAGE over NBD and replicate it on request",
+                        description="Serve IMAGE over NBD on the Unix socket --nbd (for "
+                        "nbd-client) and take the epoch loop's replication connection on "
+                        "--replica. Runs until SIGTERM.")
+    s.add_argument("image", metavar="IMAGE", help="the disk image (a file or block device)")
+    s.add_argument("--nbd", required=True, metavar="SOCK", help="NBD Unix socket path")
+    s.add_argument("--replica", required=True, metavar="SOCK",
+                   help="replication Unix socket path")
+    s.set_defaults(func=cmd_serve)
+    i = cmds.add_parser("install-script", help=f"install the {SCRIPT} hotplug script",
+                        description=f"Copy the {SCRIPT} block hotplug script into DIR "
+                        f"(default {SCRIPTS_DIR}), where xl looks for `script=` names.")
+    i.add_argument("--dir", default=SCRIPTS_DIR, metavar="DIR")
+    i.set_defaults(func=cmd_install_script)
+    p.set_defaults(func=lambda args: p.print_help(sys.stderr) or 2)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xen_remus.disk.daemon import serve
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s xen-remus disk: %(message)s")
+    asyncio.run(serve(args.image, args.nbd, args.replica))
+    return 0
+
+
+def cmd_install_script(args: argparse.Namespace) -> int:
+    dest = Path(args.dir)
+    if not dest.is_dir():
+        raise UsageError(f"{dest}: no such directory (is Xen's toolstack installed?)")
+    src = resources.files("xen_remus.hotplug") / SCRIPT
+    with resources.as_file(src) as path:
+        shutil.copyfile(path, dest / SCRIPT)
+    (dest / SCRIPT).chmod(0o755)
+    print(f"installed {dest / SCRIPT}")
+    return 0

@@ -1,0 +1,72 @@
+"""The backup's disk replicas, inside the receiver: REMUS_DISK records into epoch stores.
+
+Checkpoint N carries its disks' writes and SEAL(N) (disk/remote.py puts them there), so
+when the receiver has epoch N whole it commits N's disk writes to each replica image
+(``commit``) and only then ACKs N; on a failover from N every later write is dropped
+(``failover``). A replica's image is the path of the same disk (its vdev) in the guest's
+configuration on this host: it must exist, with the primary's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from xen_remus.channel.errors import ChannelError
+from xen_remus.disk.errors import DiskError
+from xen_remus.disk.replica import BackupStream
+from xen_remus.disk.store import EpochStore
+
+log = logging.getLogger(__name__)
+
+
+class DiskReplicas:
+    """One EpochStore per replicated disk, opened at its first record."""
+
+    def __init__(self, image_of: Callable[[str], str | None]) -> None:
+        self.image_of = image_of
+        self.streams: dict[str, BackupStream] = {}
+
+    def feed(self, vdev: str, frames: memoryview, where: str) -> None:
+        """Frames of ``vdev`` as they arrive (held per epoch until ``commit``)."""
+        try:
+            stream = self.streams.get(vdev)
+            if stream is None:
+                image = self.image_of(vdev)
+                if image is None:
+                    raise DiskError(f"disk {vdev} is not in the guest's configuration")
+                stream = self.streams[vdev] = BackupStream(EpochStore(image))
+                log.info("disk %s: replica %s (%d bytes)", vdev, image, stream.store.size)
+            stream.feed(bytes(frames))  # its ACK frames: our epoch ACK covers the disks
+        except DiskError as exc:  # the epoch in flight is unusable: fail over before it
+            raise ChannelError(f"{where}: disk {vdev}: {exc}") from exc
+
+    def commit(self, epoch: int) -> None:
+        """Apply every disk's writes through ``epoch`` (before the ACK of ``epoch``)."""
+        for vdev, stream in self.streams.items():
+            applied = stream.store.commit(epoch)
+            log.debug("disk %s: epoch %d committed (%d writes)", vdev, epoch, applied)
+
+    def failover(self, epoch: int | None) -> None:
+        """The guest resumes from ``epoch`` (None: nothing): drop every later write."""
+        for vdev, stream in self.streams.items():
+            if epoch is not None:
+                dropped = stream.store.failover(epoch)
+                log.warning("disk %s: resuming from epoch %d; %d later writes dropped", vdev,
+                            epoch, dropped)
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.store.close()
+        self.streams.clear()
+
+
+def disk_images(config: object) -> dict[str, str]:
+    """vdev -> image path, from a libxl_domain_config (the xl header's JSON)."""
+    disks = config.get("disks") if isinstance(config, dict) else None
+    paths: dict[str, str] = {}
+    for d in disks if isinstance(disks, list) else []:
+        if isinstance(d, dict) and isinstance(d.get("vdev"), str) and isinstance(
+                d.get("pdev_path"), str):
+            paths[d["vdev"]] = d["pdev_path"]
+    return paths
