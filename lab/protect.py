@@ -80,6 +80,11 @@ PROTECTORS = {
         sender=OURS + " -u -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # Disks replicated (block-remus), output commit on: no -d, so no -F.
+    "xen-remus-disk": Protector(
+        receiver=OURS_RECEIVER,
+        sender=OURS + " -s '' {name} 'socat - TCP:{bip}:{port}'",
+    ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
