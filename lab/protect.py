@@ -7,8 +7,10 @@ stock `xl remus` and the variants of `xen-remus protect`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
+from typing import Any
 
 from lab import failover, guest
 from lab.errors import LabError
@@ -141,3 +143,36 @@ def wait_failover(b: Host, spec: GuestSpec, recv: Job, timeout: float = 90.0) ->
     """Wait (bounded: stock migrate-receive -r can hang, LAB-NOTES 11) until the guest runs
     unpaused on B under its own name; return the seconds waited."""
     return failover.wait_running(b, spec.name, timeout, recv)
+
+
+def client_events(out: str) -> list[dict[str, Any]]:
+    """The counter client's events (COUNTER_CLIENT prints one JSON object a line)."""
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@dataclasses.dataclass
+class HeldConnection:
+    """What the client holding one connection across a kill at ``t_kill`` saw."""
+
+    pre: list[int]  # counters replied before the kill
+    post: list[int]  # and after it
+    gap: float  # the longest silence between two replies, s
+    backwards: list[tuple[int, int]]  # consecutive replies where the counter went back
+    breaks: list[dict[str, Any]]  # the connection closed or failed
+
+    @classmethod
+    def of(cls, out: str, t_kill: float) -> HeldConnection:
+        events = client_events(out)
+        replies = [e for e in events if "counter" in e]
+        pairs = list(zip(replies, replies[1:], strict=False))
+        return cls([e["counter"] for e in replies if e["t"] < t_kill],
+                   [e["counter"] for e in replies if e["t"] >= t_kill],
+                   max((y["t"] - x["t"] for x, y in pairs), default=0.0),
+                   [(x["counter"], y["counter"]) for x, y in pairs
+                    if y["counter"] < x["counter"]],
+                   [e for e in events if e.get("event") in ("closed", "error")])
+
+    def text(self) -> str:
+        return (f"{len(self.pre)} replies before, {len(self.post)} after, longest silence "
+                f"{self.gap:.1f} s, went back {self.backwards or 'never'}, connection "
+                f"{'broke: ' + str(self.breaks) if self.breaks else 'survived'}")

@@ -79,15 +79,23 @@ def test_protect_with_disk_failover_on_host_kill(lab_two: Lab) -> None:
         client.wait_output(r'"counter"', 60)
         time.sleep(10)  # checkpoints with disk writes flow
         assert not send.done(), f"protect ended early: {send.stderr()[-3000:]}"
+        seen = [e["counter"] for e in protect.client_events(client.output()) if "counter" in e]
+        assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
         before = guest.last_tick(a, spec.name)
         a.kill()
-        print(f"\nkilled host A at tick {before.value}")
+        t_kill = time.time()
+        print(f"\nkilled host A at tick {before.value}; clients saw up to {max(seen)}")
         running = protect.wait_failover(b, spec, recv, timeout=240)
         last = check_paused(b, spec.name, image)
         print(f"failover with a disk: running on B {running:.1f} s after the kill; the disk "
-              f"holds ticks 1..{last - 1}, nothing newer; receiver: {recv.stderr()[-600:]}")
+              f"holds ticks 1..{last - 1}, nothing newer")
         after = guest.advancing(b, spec, guest.counter(b, spec))
-        assert after.bootid == before.bootid
+        time.sleep(4)
+        held = protect.HeldConnection.of(client.output(), t_kill)
+        print(f"client: {held.text()}\nreceiver log tail:\n{recv.stderr()[-800:]}")
+        assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
+        assert after.value >= max(seen), f"counter went back: saw {max(seen)}, B has {after}"
+        assert not held.backwards and not held.breaks and held.post, held
         assert "Traceback" not in recv.stderr()
     finally:
         if a.alive():

@@ -10,10 +10,8 @@ shows per-epoch progress. Failover time and what the client saw are printed.
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from typing import Any
 
 import pytest
 
@@ -25,10 +23,6 @@ from lab.lab import Lab
 pytestmark = pytest.mark.lab
 
 CLIENT = protect.COUNTER_CLIENT
-
-
-def client_events(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 # Seconds after the sender reports an ACKed epoch at which host A dies. Under TCG an epoch
@@ -137,7 +131,7 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
         print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
         assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
         nic = kill_at(moment, send, b, recv)
-        seen = [e for e in client_events(client.output()) if "counter" in e]
+        seen = [e for e in protect.client_events(client.output()) if "counter" in e]
         assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
         before = guest.Counter(seen[-1]["counter"], seen[-1]["bootid"])
         top = max(e["counter"] for e in seen)
@@ -152,20 +146,10 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
         after = guest.counter(b, spec)
         assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
         time.sleep(6)
-        events = client_events(client.output())
-        replies = [e for e in events if "counter" in e]
-        pre = [e["counter"] for e in replies if e["t"] < t_kill]
-        post = [e["counter"] for e in replies if e["t"] >= t_kill]
-        breaks = [e for e in events if e.get("event") in ("closed", "error")]
-        pairs = list(zip(replies, replies[1:], strict=False))
-        gap = max((y["t"] - x["t"] for x, y in pairs), default=0.0)
-        backwards = [(x["counter"], y["counter"]) for x, y in pairs
-                     if y["counter"] < x["counter"]]
+        held = protect.HeldConnection.of(client.output(), t_kill)
         print(f"[{how}] failover: guest running on B {running:.1f} s after the kill; counter "
               f"seen before the kill up to {top}, first on B {after.value}; client: "
-              f"{len(pre)} replies before, {len(post)} after, longest silence {gap:.1f} s, "
-              f"went back {backwards or 'never'}, connection "
-              f"{'broke: ' + str(breaks) if breaks else 'survived'}")
+              f"{held.text()}")
         print(f"[{how}] host A died {moment}, {landed(recv.stderr())}")
         if moment == "before-ack":  # B resumed from an epoch whose ACK A never had
             resumed = re.search(r"resuming from epoch (\d+)", recv.stderr())
@@ -173,9 +157,9 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
         print(f"[{how}] receiver log tail:\n{recv.stderr()[-800:]}")
         if how not in ("xen-remus-n", "xen-remus-un"):  # output commit: nothing seen is lost
             assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
-            assert not backwards, f"the held connection saw the counter go back: {backwards}"
-            assert not breaks, f"the client's connection broke: {breaks}"
-            assert post, "no reply on the held connection after the failover"
+            assert not held.backwards, f"the held connection saw the counter go back: {held}"
+            assert not held.breaks, f"the client's connection broke: {held.breaks}"
+            assert held.post, "no reply on the held connection after the failover"
         later = guest.counter(b, spec)
         assert later.value > after.value and later.bootid == after.bootid
     finally:
