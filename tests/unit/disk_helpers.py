@@ -38,7 +38,7 @@ def request(cmd: int, offset: int = 0, length: int = 0, handle: int = 1, flags: 
 
 
 def write_req(offset: int, data: bytes, handle: int = 1, fua: bool = False) -> bytes:
-    return request(nbd.CMD_WRITE, offset, len(data), handle,
+    return request(nbd.Command.WRITE, offset, len(data), handle,
                    nbd.CMD_FLAG_FUA if fua else 0, data)
 
 
@@ -106,26 +106,26 @@ class Client:
         return err, handle, data
 
     async def read(self, offset: int, length: int) -> bytes:
-        h = self.send(nbd.CMD_READ, offset, length)
+        h = self.send(nbd.Command.READ, offset, length)
         err, handle, data = await self.reply(length)
         assert (err, handle) == (0, h), f"READ {length}@{offset}: error {err}"
         return data
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> int:
-        h = self.send(nbd.CMD_WRITE, offset, len(data), data,
+        h = self.send(nbd.Command.WRITE, offset, len(data), data,
                       nbd.CMD_FLAG_FUA if fua else 0)
         err, handle, _ = await self.reply()
         assert handle == h
         return err
 
     async def flush(self) -> int:
-        h = self.send(nbd.CMD_FLUSH)
+        h = self.send(nbd.Command.FLUSH)
         err, handle, _ = await self.reply()
         assert handle == h
         return err
 
     async def disc(self) -> None:
-        self.send(nbd.CMD_DISC)
+        self.send(nbd.Command.DISC)
         await self.w.drain()
         self.w.close()
         await self.w.wait_closed()

@@ -148,13 +148,13 @@ def test_bad_option_magic_names_its_offset() -> None:
 def test_read_write_flush_disc_events() -> None:
     conn = in_transmission()
     data = bytes(range(256)) * 16
-    evs = drain(conn, request(nbd.CMD_READ, 4096, 512, handle=7)
+    evs = drain(conn, request(nbd.Command.READ, 4096, 512, handle=7)
                 + write_req(8192, data, handle=8)
                 + write_req(0, b"x" * 512, handle=9, fua=True)
-                + request(nbd.CMD_FLUSH, handle=10)
-                + request(nbd.CMD_FLUSH, handle=11, flags=nbd.CMD_FLAG_FUA)
-                + request(nbd.CMD_DISC, handle=12)
-                + request(nbd.CMD_READ, 0, 512, handle=13))  # after DISC: ignored
+                + request(nbd.Command.FLUSH, handle=10)
+                + request(nbd.Command.FLUSH, handle=11, flags=nbd.CMD_FLAG_FUA)
+                + request(nbd.Command.DISC, handle=12)
+                + request(nbd.Command.READ, 0, 512, handle=13))  # after DISC: ignored
     assert evs == [Read(7, 4096, 512), Write(8, 8192, data, False),
                    Write(9, 0, b"x" * 512, True), Flush(10), Flush(11),
                    Closed("client disconnected (NBD_CMD_DISC)", False)]
@@ -163,29 +163,29 @@ def test_read_write_flush_disc_events() -> None:
 def test_refused_requests_get_the_specs_error_and_the_stream_stays_in_sync() -> None:
     conn = in_transmission()
     cases = [
-        (request(nbd.CMD_READ, SIZE - 512, 1024, handle=1), nbd.EINVAL),  # read past end
+        (request(nbd.Command.READ, SIZE - 512, 1024, handle=1), nbd.EINVAL),  # read past end
         (write_req(SIZE - 512, b"y" * 1024, handle=2), nbd.ENOSPC),  # write past end
-        (request(nbd.CMD_READ, 0, 0, handle=3), nbd.EINVAL),  # empty
-        (request(nbd.CMD_READ, 0, 512, handle=4, flags=1 << 2), nbd.EINVAL),  # DF flag
+        (request(nbd.Command.READ, 0, 0, handle=3), nbd.EINVAL),  # empty
+        (request(nbd.Command.READ, 0, 512, handle=4, flags=1 << 2), nbd.EINVAL),  # DF flag
         (request(4, 0, 512, handle=5), nbd.EINVAL),  # TRIM: not advertised
         (request(7, 0, 512, handle=6), nbd.EINVAL),  # BLOCK_STATUS
         (request(0x4242, 0, 0, handle=7), nbd.EINVAL),  # unknown
-        (request(nbd.CMD_READ, 0, nbd.MAX_REQUEST + 1, handle=8), nbd.EINVAL),
-        (request(nbd.CMD_FLUSH, handle=9, flags=1 << 5), nbd.EINVAL),
-        (request(nbd.CMD_READ, 2**64 - 512, 1024, handle=10), nbd.EINVAL),  # wraps
+        (request(nbd.Command.READ, 0, nbd.MAX_REQUEST + 1, handle=8), nbd.EINVAL),
+        (request(nbd.Command.FLUSH, handle=9, flags=1 << 5), nbd.EINVAL),
+        (request(nbd.Command.READ, 2**64 - 512, 1024, handle=10), nbd.EINVAL),  # wraps
     ]
     for msg, err in cases:
         evs = drain(conn, msg)
         assert len(evs) == 1 and isinstance(evs[0], Send), (msg[:28].hex(), evs)
         assert parse_reply(evs[0].data) == (err, struct.unpack_from(">Q", msg, 8)[0])
     # The refused write's payload was consumed: the next request parses.
-    assert drain(conn, request(nbd.CMD_READ, 0, 512, handle=99)) == [Read(99, 0, 512)]
+    assert drain(conn, request(nbd.Command.READ, 0, 512, handle=99)) == [Read(99, 0, 512)]
 
 
 def test_an_oversized_write_is_skipped_not_held_then_refused() -> None:
     conn = in_transmission(size=2**40)
     n = nbd.MAX_REQUEST + 4096
-    conn.receive_data(request(nbd.CMD_WRITE, 0, n, handle=5))
+    conn.receive_data(request(nbd.Command.WRITE, 0, n, handle=5))
     assert drain(conn) == []
     chunk = b"\0" * (1 << 20)
     fed = 0
@@ -194,7 +194,7 @@ def test_an_oversized_write_is_skipped_not_held_then_refused() -> None:
         fed += len(chunk)
         assert drain(conn) == []
         assert len(conn._buf) <= 2 * len(chunk)  # skipped, not accumulated
-    evs = drain(conn, b"\0" * (n - fed) + request(nbd.CMD_READ, 0, 512, handle=6))
+    evs = drain(conn, b"\0" * (n - fed) + request(nbd.Command.READ, 0, 512, handle=6))
     assert len(evs) == 2 and isinstance(evs[0], Send)
     assert parse_reply(evs[0].data) == (nbd.EINVAL, 5)
     assert evs[1] == Read(6, 0, 512)
@@ -211,7 +211,7 @@ def test_bad_request_magic_closes_naming_the_offset() -> None:
     conn = ServerConnection(SIZE)
     hs = client_flags() + option(nbd.OPT_GO, go_data())
     first = write_req(0, b"a" * 1000, handle=1)
-    bad = b"\xde\xad\xbe\xef" + request(nbd.CMD_READ, 0, 512)[4:]
+    bad = b"\xde\xad\xbe\xef" + request(nbd.Command.READ, 0, 512)[4:]
     evs = drain(conn, hs + first + bad)
     assert isinstance(evs[-1], Closed) and evs[-1].error
     assert "0xdeadbeef" in evs[-1].reason
@@ -232,12 +232,12 @@ def test_eof_inside_a_request_is_an_error_at_a_boundary_it_is_not() -> None:
 
 
 _REQS = st.one_of(
-    st.builds(lambda o, n, h: request(nbd.CMD_READ, o, n, h),
+    st.builds(lambda o, n, h: request(nbd.Command.READ, o, n, h),
               st.integers(0, SIZE), st.integers(0, 8192), st.integers(0, 2**64 - 1)),
     st.builds(lambda o, d, h, f: write_req(o, d, h, f),
               st.integers(0, SIZE), st.binary(min_size=0, max_size=3000),
               st.integers(0, 2**64 - 1), st.booleans()),
-    st.builds(lambda h, f: request(nbd.CMD_FLUSH, 0, 0, h, f),
+    st.builds(lambda h, f: request(nbd.Command.FLUSH, 0, 0, h, f),
               st.integers(0, 2**64 - 1), st.integers(0, 2**16 - 1)),
     st.builds(lambda c, o, n, h: request(c, o, n, h),
               st.integers(4, 2**16 - 1), st.integers(0, 2**64 - 1), st.integers(0, 4096),

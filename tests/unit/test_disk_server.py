@@ -91,7 +91,7 @@ def test_read_write_flush_fua_against_the_image(tmp: str) -> None:
             assert await c.read(SIZE - 512, 512) == b"\x33" * 512
             # Refused, and the connection goes on.
             assert await c.write(SIZE - 100, b"x" * 200) == nbd.ENOSPC
-            h = c.send(nbd.CMD_READ, SIZE, 512)
+            h = c.send(nbd.Command.READ, SIZE, 512)
             assert await c.reply(512) == (nbd.EINVAL, h, b"")
             h = c.send(4, 0, 512)  # TRIM, not advertised
             assert await c.reply() == (nbd.EINVAL, h, b"")
@@ -114,9 +114,9 @@ def test_pipelined_requests_are_answered_in_order_with_their_handles(tmp: str) -
         await srv.start()
         try:
             c = await Client.connect(srv.socket_path)
-            hs = [c.send(nbd.CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096) for i in range(32)]
+            hs = [c.send(nbd.Command.WRITE, i * 4096, 4096, bytes([i]) * 4096) for i in range(32)]
             assert [(await c.reply())[:2] for _ in hs] == [(0, h) for h in hs]
-            hs = [c.send(nbd.CMD_READ, i * 4096, 4096) for i in range(32)]
+            hs = [c.send(nbd.Command.READ, i * 4096, 4096) for i in range(32)]
             for i, h in enumerate(hs):
                 assert await c.reply(4096) == (0, h, bytes([i]) * 4096)
             await c.disc()
@@ -162,7 +162,7 @@ def test_at_the_cap_the_server_stops_taking_requests_and_drops_nothing(tmp: str)
         await srv.start()
         try:
             c = await Client.connect(srv.socket_path)
-            hs = [c.send(nbd.CMD_WRITE, i * 4096, 4096, bytes([i + 1]) * 4096)
+            hs = [c.send(nbd.Command.WRITE, i * 4096, 4096, bytes([i + 1]) * 4096)
                   for i in range(10)]
             got = [await c.reply() for _ in range(3)]
             with pytest.raises(asyncio.TimeoutError):
@@ -194,7 +194,7 @@ def test_bad_request_magic_closes_the_connection_naming_the_offset(
         try:
             c = await Client.connect(srv.socket_path)
             await c.write(0, b"z" * 100)
-            c.w.write(b"\x00\x00\x00\x01" + request(nbd.CMD_READ, 0, 512)[4:])
+            c.w.write(b"\x00\x00\x00\x01" + request(nbd.Command.READ, 0, 512)[4:])
             assert await asyncio.wait_for(c.r.read(), 5) == b""  # closed by the server
             c2 = await Client.connect(srv.socket_path)  # the server itself goes on
             assert await c2.read(0, 100) == b"z" * 100

@@ -19,6 +19,7 @@ with a Closed event naming the stream offset; nothing raises.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -58,19 +59,26 @@ REP_ERR_UNKNOWN: Final = 2**31 + 6
 INFO_EXPORT: Final = 0
 INFO_BLOCK_SIZE: Final = 3
 
-# Commands, command flags, error values.
-CMD_READ: Final = 0
-CMD_WRITE: Final = 1
-CMD_DISC: Final = 2
-CMD_FLUSH: Final = 3
+
+class Command(enum.IntEnum):
+    """NBD_CMD_* values: READ, WRITE, DISC and FLUSH are served, the others refused."""
+
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+
+
+# Command flags, error values.
 CMD_FLAG_FUA: Final = 1 << 0
 EPERM: Final = 1
 EIO: Final = 5
 EINVAL: Final = 22
 ENOSPC: Final = 28
-COMMAND_NAMES: Final = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC",
-                        CMD_FLUSH: "FLUSH", 4: "TRIM", 5: "CACHE", 6: "WRITE_ZEROES",
-                        7: "BLOCK_STATUS"}
 
 # Limits. A request longer than MAX_REQUEST is refused (its payload skipped, never held):
 # 32 MiB is what Linux's nbd sends at most and what BLOCK_SIZE advertises. An option's data
@@ -112,27 +120,30 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
-class Read:
+class Request:
+    """A transmission request the caller serves and answers with a reply for ``handle``."""
+
     handle: int
+
+
+@dataclass(frozen=True, slots=True)
+class Read(Request):
     offset: int
     length: int
 
 
 @dataclass(frozen=True, slots=True)
-class Write:
+class Write(Request):
     """Write ``data`` at ``offset``; with ``fua`` it must be durable before the reply."""
 
-    handle: int
     offset: int
     data: bytes
     fua: bool
 
 
 @dataclass(frozen=True, slots=True)
-class Flush:
+class Flush(Request):
     """Every write already answered must be durable before this reply."""
-
-    handle: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +390,7 @@ class ServerConnection:
             self._close(f"bad request magic 0x{magic:08x} (want 0x{REQUEST_MAGIC:08x}) at"
                         f" stream offset {at}", True)
             return True
-        if cmd == CMD_WRITE:
+        if cmd == Command.WRITE:
             if length > MAX_REQUEST:  # skip the payload, then refuse
                 self._take(REQUEST_SIZE)
                 self._skip = length
@@ -398,15 +409,15 @@ class ServerConnection:
                 self._events.append(Write(handle, offset, data, bool(flags & CMD_FLAG_FUA)))
             return True
         self._take(REQUEST_SIZE)
-        if cmd == CMD_READ:
+        if cmd == Command.READ:
             err = self._check(flags, offset, length, EINVAL)
             self._events.append(Send(simple_reply(handle, err)) if err
                                 else Read(handle, offset, length))
-        elif cmd == CMD_FLUSH:
+        elif cmd == Command.FLUSH:
             # offset and length are reserved (zero); a client that sets them is not refused.
             self._events.append(Send(simple_reply(handle, EINVAL)) if flags & ~CMD_FLAG_FUA
                                 else Flush(handle))
-        elif cmd == CMD_DISC:
+        elif cmd == Command.DISC:
             # Earlier requests are already answered (events are handled in order).
             self._close("client disconnected (NBD_CMD_DISC)", False)
         else:
