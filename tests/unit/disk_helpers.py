@@ -1,16 +1,20 @@
-"""Helpers for the disk tests: client-side NBD messages and a small asyncio NBD client."""
+"""Helpers for the disk tests: client-side NBD messages, a small asyncio NBD client, a
+DiskServer on its own loop thread, and a primary replicating to a backup store."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from xen_remus.disk import nbd
+from xen_remus.disk.device import DEFAULT_TIMEOUT, LoopControl
+from xen_remus.disk.link import ReplicaSender, serve_backup
 from xen_remus.disk.server import DiskServer, WriteSink
+from xen_remus.disk.store import DEFAULT_MEMORY_CEILING, EpochStore
 
 T = TypeVar("T")
 
@@ -131,11 +135,6 @@ class Client:
         await self.w.wait_closed()
 
 
-def short_dir() -> str:
-    """A temporary directory with a short path: a Unix socket path has at most 107 bytes."""
-    return tempfile.mkdtemp(prefix="xr-disk-", dir="/tmp")
-
-
 class ServerThread:
     """A DiskServer in its own asyncio loop on a thread (for blocking clients and tools)."""
 
@@ -162,3 +161,56 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(IO_TIMEOUT)
             self.loop.close()
+
+
+class Replicated:
+    """A primary image served by a ServerThread, replicated to a backup image's EpochStore.
+
+    Both images (``primary``, ``backup`` in ``d``) start as ``size`` zero bytes. The backup
+    listens on a Unix socket in the server's loop; ``control()`` is the LoopControl that
+    connects the server to it. Closing the store (after a failover, say) is the caller's.
+    """
+
+    def __init__(self, d: str, size: int,
+                 memory_ceiling: int = DEFAULT_MEMORY_CEILING) -> None:
+        self.primary, self.backup = os.path.join(d, "a"), os.path.join(d, "b")
+        for path in (self.primary, self.backup):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        self.store = EpochStore(self.backup, memory_ceiling=memory_ceiling)
+        self.st = ServerThread(self.primary, os.path.join(d, "a.sock"))
+        self._backup_sock = os.path.join(d, "b.sock")
+        self._backup_server: asyncio.AbstractServer | None = None
+
+    def control(self, timeout: float = DEFAULT_TIMEOUT) -> LoopControl:
+        return LoopControl(self.st.server, self.st.loop, self._open_link, timeout=timeout)
+
+    async def _open_link(self, first: int) -> ReplicaSender:
+        r, w = await asyncio.open_unix_connection(self._backup_sock)
+        return ReplicaSender(r, w, first_epoch=first)
+
+    async def _backup_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await serve_backup(r, w, self.store)
+
+    async def _listen(self) -> None:
+        self._backup_server = await asyncio.start_unix_server(self._backup_conn,
+                                                              self._backup_sock)
+
+    async def _stop_listening(self) -> None:
+        if self._backup_server is not None:
+            self._backup_server.close()
+
+    def __enter__(self) -> Replicated:
+        self.st.__enter__()
+        try:
+            self.st.run(self._listen)
+        except BaseException:
+            self.st.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.st.run(self._stop_listening)
+        finally:
+            self.st.__exit__()

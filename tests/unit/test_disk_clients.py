@@ -8,7 +8,6 @@ tested.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -18,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.disk_helpers import ServerThread, short_dir
-from xen_remus.disk.device import LoopControl, ReplicatedDisk
-from xen_remus.disk.link import ReplicaSender, serve_backup
-from xen_remus.disk.store import EpochStore
+from tests.unit.disk_helpers import Replicated, ServerThread
+from xen_remus.disk.device import ReplicatedDisk
 
 SIZE = 16 * 1024 * 1024
 TOOL_TIMEOUT = 120  # seconds for one tool run
@@ -50,13 +47,6 @@ def run_tool(*args: str) -> str:
 
 def uri(sock: str) -> str:
     return f"nbd+unix:///?socket={sock}"
-
-
-@pytest.fixture
-def tmp() -> Iterator[str]:
-    d = short_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -122,38 +112,16 @@ def test_fio_nbd_engine_random_writes_verify_at_queue_depth_16(served: ServerThr
 
 
 def test_fio_through_a_replicated_disk_leaves_the_backup_equal(tmp: str) -> None:
-    primary, backup = os.path.join(tmp, "a"), os.path.join(tmp, "b")
-    for p in (primary, backup):
-        with open(p, "wb") as f:
-            f.truncate(SIZE)
-    store = EpochStore(backup, memory_ceiling=2 * 1024 * 1024)  # spills, too
-    bsock = os.path.join(tmp, "b.sock")
-    with ServerThread(primary, os.path.join(tmp, "a.sock")) as st:
-        async def backup_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await serve_backup(r, w, store)
-
-        async def start_backup() -> asyncio.AbstractServer:
-            return await asyncio.start_unix_server(backup_conn, bsock)
-
-        bsrv = st.run(start_backup)
-
-        async def open_link(first: int) -> ReplicaSender:
-            r, w = await asyncio.open_unix_connection(bsock)
-            return ReplicaSender(r, w, first_epoch=first)
-
-        disk = ReplicatedDisk(LoopControl(st.server, st.loop, open_link))
+    with Replicated(tmp, SIZE, memory_ceiling=2 * 1024 * 1024) as rep:  # spills, too
+        disk = ReplicatedDisk(rep.control())
         disk.setup()
         for epoch, rw in enumerate(("randwrite", "write")):
-            _fio(st.server.socket_path, f"--rw={rw}", "--bs=4k", "--iodepth=16",
+            _fio(rep.st.server.socket_path, f"--rw={rw}", "--bs=4k", "--iodepth=16",
                  "--size=8m", "--fsync=32")
             disk.postsuspend(epoch)
-            assert store.wait_sealed(epoch, timeout=30), f"SEAL({epoch}) never arrived"
+            assert rep.store.wait_sealed(epoch, timeout=30), f"SEAL({epoch}) never arrived"
             disk.commit(epoch)
-            store.commit(epoch)
-            assert Path(backup).read_bytes() == Path(primary).read_bytes()
+            rep.store.commit(epoch)
+            assert Path(rep.backup).read_bytes() == Path(rep.primary).read_bytes()
         disk.teardown()
-
-        async def stop_backup() -> None:
-            bsrv.close()
-        st.run(stop_backup)
-    store.close()
+    rep.store.close()

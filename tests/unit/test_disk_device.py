@@ -3,21 +3,15 @@ backup store through LoopControl (the server in its own loop thread, as in dom0)
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.unit.disk_helpers import Client, ServerThread, short_dir
+from tests.unit.disk_helpers import Client, Replicated
 from xen_remus.devices.base import Device, DeviceError, DeviceSet
-from xen_remus.disk.device import LoopControl, ReplicatedDisk
+from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.errors import EpochError
-from xen_remus.disk.link import ReplicaSender, serve_backup
-from xen_remus.disk.store import EpochStore
 
 SIZE = 256 * 1024
 
@@ -104,32 +98,10 @@ def test_failures_name_the_disk_and_the_step() -> None:
     assert ei.value is ours
 
 
-@pytest.fixture
-def tmp() -> Iterator[str]:
-    d = short_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> None:
-    primary, backup = os.path.join(tmp, "a"), os.path.join(tmp, "b")
-    for p in (primary, backup):
-        Path(p).write_bytes(bytes(SIZE))
-    store = EpochStore(backup)
-    bsock = os.path.join(tmp, "b.sock")
-    with ServerThread(primary, os.path.join(tmp, "a.sock")) as st:
-        async def backup_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await serve_backup(r, w, store)
-
-        async def start_backup() -> asyncio.AbstractServer:
-            return await asyncio.start_unix_server(backup_conn, bsock)
-        bsrv = st.run(start_backup)
-
-        async def open_link(first: int) -> ReplicaSender:
-            r, w = await asyncio.open_unix_connection(bsock)
-            return ReplicaSender(r, w, first_epoch=first)
-
-        ctl = LoopControl(st.server, st.loop, open_link, timeout=5)
+    with Replicated(tmp, SIZE) as rep:
+        st = rep.st
+        ctl = rep.control(timeout=5)
         disk = ReplicatedDisk(ctl)
 
         async def write(off: int, data: bytes) -> None:
@@ -141,12 +113,12 @@ def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> N
         disk.setup()  # idempotent while connected
         st.run(lambda: write(0, b"A" * 4096))
         disk.postsuspend(0)
-        assert store.wait_sealed(0, timeout=5)
+        assert rep.store.wait_sealed(0, timeout=5)
         disk.commit(0)
-        assert store.commit(0) == 1
+        assert rep.store.commit(0) == 1
         st.run(lambda: write(4096, b"B" * 4096))
         disk.postsuspend(1)
-        assert store.wait_sealed(1, timeout=5)
+        assert rep.store.wait_sealed(1, timeout=5)
         st.run(lambda: write(8192, b"C" * 4096))  # epoch 2: never sealed
         deadline = time.monotonic() + 5
         while ctl.sender is not None and ctl.sender.acked_through < 1:
@@ -164,13 +136,9 @@ def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> N
             ctl.seal(3)
         with pytest.raises(DeviceError, match="from the server's own loop"):
             st.run(from_the_loop)
-
-        async def stop_backup() -> None:
-            bsrv.close()
-        st.run(stop_backup)
-    assert store.failover(1) == 1  # epoch 1 commits with the failover; epoch 2 is dropped
-    store.close()
-    img = Path(backup).read_bytes()
+    assert rep.store.failover(1) == 1  # epoch 1 commits with the failover; epoch 2 is dropped
+    rep.store.close()
+    img = Path(rep.backup).read_bytes()
     assert img[:8192] == b"A" * 4096 + b"B" * 4096 and img[8192:] == bytes(SIZE - 8192)
-    assert Path(primary).read_bytes()[:16384] == b"A" * 4096 + b"B" * 4096 + b"C" * 4096 \
+    assert Path(rep.primary).read_bytes()[:16384] == b"A" * 4096 + b"B" * 4096 + b"C" * 4096 \
         + b"D" * 4096

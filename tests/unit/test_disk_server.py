@@ -8,28 +8,20 @@ import contextlib
 import logging
 import os
 import random
-import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from tests.unit.disk_helpers import Client, go_data, request, short_dir
+from tests.unit.disk_helpers import Client, go_data, request
 from xen_remus.disk import nbd
 from xen_remus.disk.errors import DiskError, EpochError
 from xen_remus.disk.link import ReplicaSender, serve_backup
-from xen_remus.disk.server import DiskServer
+from xen_remus.disk.server import DiskServer, WriteSink
 from xen_remus.disk.store import EpochStore
 
 SIZE = 1 << 20
 TEST_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def tmp() -> Iterator[str]:
-    d = short_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def make_image(d: str, name: str = "img", fill: bytes = b"\0") -> str:
@@ -42,6 +34,19 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     async def bounded() -> None:
         await asyncio.wait_for(main(), TEST_TIMEOUT)
     asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def serving(image: str, sock: str, sink: WriteSink | None = None,
+                  first_epoch: int = 0) -> AsyncIterator[tuple[DiskServer, Client]]:
+    """A started DiskServer of ``image`` and a client attached to it; the server is closed
+    on the way out (the client's DISC, if any, is the test's)."""
+    srv = DiskServer(image, sock, sink=sink, first_epoch=first_epoch)
+    await srv.start()
+    try:
+        yield srv, await Client.connect(srv.socket_path)
+    finally:
+        await srv.close()
 
 
 class RecSink:
@@ -78,10 +83,7 @@ def test_read_write_flush_fua_against_the_image(tmp: str) -> None:
     img = make_image(tmp, fill=b"\x11")
 
     async def main() -> None:
-        srv = DiskServer(img, os.path.join(tmp, "s"))
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s")) as (srv, c):
             assert c.size == SIZE and c.flags == nbd.TRANSMISSION_FLAGS
             assert await c.read(0, 4096) == b"\x11" * 4096
             assert await c.write(4096, b"\x22" * 8192) == 0
@@ -96,8 +98,6 @@ def test_read_write_flush_fua_against_the_image(tmp: str) -> None:
             h = c.send(4, 0, 512)  # TRIM, not advertised
             assert await c.reply() == (nbd.EINVAL, h, b"")
             await c.disc()
-        finally:
-            await srv.close()
         assert srv.writes == 2 and srv.bytes_written == 8192 + 512
         data = Path(img).read_bytes()
         assert data[4096:12288] == b"\x22" * 8192 and data[-512:] == b"\x33" * 512
@@ -110,18 +110,13 @@ def test_pipelined_requests_are_answered_in_order_with_their_handles(tmp: str) -
     img = make_image(tmp)
 
     async def main() -> None:
-        srv = DiskServer(img, os.path.join(tmp, "s"))
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s")) as (srv, c):
             hs = [c.send(nbd.Command.WRITE, i * 4096, 4096, bytes([i]) * 4096) for i in range(32)]
             assert [(await c.reply())[:2] for _ in hs] == [(0, h) for h in hs]
             hs = [c.send(nbd.Command.READ, i * 4096, 4096) for i in range(32)]
             for i, h in enumerate(hs):
                 assert await c.reply(4096) == (0, h, bytes([i]) * 4096)
             await c.disc()
-        finally:
-            await srv.close()
 
     run(main)
 
@@ -131,10 +126,7 @@ def test_writes_reach_the_sink_in_image_order_labelled_with_the_open_epoch(tmp: 
 
     async def main() -> None:
         sink = RecSink()
-        srv = DiskServer(img, os.path.join(tmp, "s"), sink=sink, first_epoch=3)
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s"), sink=sink, first_epoch=3) as (srv, c):
             await c.write(0, b"a" * 512)
             await c.write(512, b"b" * 512, fua=True)
             srv.seal(3)
@@ -145,8 +137,6 @@ def test_writes_reach_the_sink_in_image_order_labelled_with_the_open_epoch(tmp: 
             with pytest.raises(EpochError, match="epoch 5 is open"):
                 srv.seal(7)
             await c.disc()
-        finally:
-            await srv.close()
         assert sink.log == [("W", 3, 0, b"a" * 512), ("W", 3, 512, b"b" * 512),
                             ("S", 3, 0, b""), ("W", 4, 0, b"c" * 512), ("S", 4, 0, b"")]
 
@@ -158,10 +148,7 @@ def test_at_the_cap_the_server_stops_taking_requests_and_drops_nothing(tmp: str)
 
     async def main() -> None:
         sink = RecSink(cap=3 * 4096)
-        srv = DiskServer(img, os.path.join(tmp, "s"), sink=sink)
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s"), sink=sink) as (srv, c):
             hs = [c.send(nbd.Command.WRITE, i * 4096, 4096, bytes([i + 1]) * 4096)
                   for i in range(10)]
             got = [await c.reply() for _ in range(3)]
@@ -178,8 +165,6 @@ def test_at_the_cap_the_server_stops_taking_requests_and_drops_nothing(tmp: str)
             assert [g[:2] for g in got] == [(0, h) for h in hs]
             assert [w[2] for w in sink.log] == [i * 4096 for i in range(10)]
             await c.disc()
-        finally:
-            await srv.close()
 
     run(main)
 
@@ -189,18 +174,13 @@ def test_bad_request_magic_closes_the_connection_naming_the_offset(
     img = make_image(tmp)
 
     async def main() -> None:
-        srv = DiskServer(img, os.path.join(tmp, "s"))
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s")) as (srv, c):
             await c.write(0, b"z" * 100)
             c.w.write(b"\x00\x00\x00\x01" + request(nbd.Command.READ, 0, 512)[4:])
             assert await asyncio.wait_for(c.r.read(), 5) == b""  # closed by the server
             c2 = await Client.connect(srv.socket_path)  # the server itself goes on
             assert await c2.read(0, 100) == b"z" * 100
             await c2.disc()
-        finally:
-            await srv.close()
 
     with caplog.at_level(logging.ERROR, logger="xen_remus.disk.server"):
         run(main)
@@ -329,10 +309,7 @@ def test_a_failing_sink_is_dropped_and_guest_io_goes_on(tmp: str) -> None:
 
     async def main() -> None:
         sink = Broken()
-        srv = DiskServer(img, os.path.join(tmp, "s"), sink=sink)
-        await srv.start()
-        try:
-            c = await Client.connect(srv.socket_path)
+        async with serving(img, os.path.join(tmp, "s"), sink=sink) as (srv, c):
             assert await c.write(0, b"a" * 4096) == 0
             assert await c.write(4096, b"b" * 4096) == 0  # the sink fails: still written
             assert srv.sink is None and srv.replication_error == "replica gone"
@@ -340,8 +317,6 @@ def test_a_failing_sink_is_dropped_and_guest_io_goes_on(tmp: str) -> None:
             srv.seal(0)  # nothing to seal into any more: fine
             assert await c.read(0, 12288) == b"a" * 4096 + b"b" * 4096 + b"c" * 4096
             await c.disc()
-        finally:
-            await srv.close()
         assert [w[2] for w in sink.log] == [0]
 
     run(main)

@@ -1,0 +1,17 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture
+def tmp() -> Iterator[str]:
+    """A temporary directory with a short path: a Unix socket path has at most 107 bytes."""
+    d = tempfile.mkdtemp(prefix="xr-disk-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
