@@ -78,7 +78,7 @@ def test_qemu_io_writes_flushes_fua_and_reads_back(served: ServerThread) -> None
     data = Path(served.server.image).read_bytes()
     assert data[:65536] == b"\xab" * 65536 and data[65536:69632] == b"\xcd" * 4096
     assert data[-4096:] == b"\xef" * 4096
-    assert served.server.syncs >= 2  # the FUA write and the flush each reached fdatasync
+    assert served.server.stats.syncs >= 2  # the FUA write and the flush each reached fdatasync
     # Past the end: qemu-io itself refuses or the server answers ENOSPC; never a hang.
     bad = subprocess.run([tool("qemu-io"), "-f", "raw",
                           f"nbd:unix:{served.server.socket_path}", "-c",
@@ -108,7 +108,7 @@ def test_fio_nbd_engine_random_writes_verify_at_queue_depth_16(served: ServerThr
     _fio(served.server.socket_path, "--rw=randwrite", "--bs=4k", "--iodepth=16",
          "--size=4m", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
          "--fsync=64")
-    assert served.server.writes >= 1024 and served.server.syncs >= 16
+    assert served.server.stats.writes >= 1024 and served.server.stats.syncs >= 16
 
 
 def test_fio_through_a_replicated_disk_leaves_the_backup_equal(tmp: str) -> None:

@@ -98,7 +98,7 @@ def test_read_write_flush_fua_against_the_image(tmp: str) -> None:
             h = c.send(4, 0, 512)  # TRIM, not advertised
             assert await c.reply() == (nbd.EINVAL, h, b"")
             await c.disc()
-        assert srv.writes == 2 and srv.bytes_written == 8192 + 512
+        assert srv.stats.writes == 2 and srv.stats.bytes_written == 8192 + 512
         data = Path(img).read_bytes()
         assert data[4096:12288] == b"\x22" * 8192 and data[-512:] == b"\x33" * 512
         assert not os.path.exists(srv.socket_path)
@@ -154,7 +154,7 @@ def test_at_the_cap_the_server_stops_taking_requests_and_drops_nothing(tmp: str)
             got = [await c.reply() for _ in range(3)]
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(c.reply(), 0.3)  # the 4th waits for room
-            assert len(sink.log) == 3 and srv.stalls >= 1
+            assert len(sink.log) == 3 and srv.stats.stalls >= 1
             for _ in range(8):  # bounded: each drain lets at most 3 more writes in
                 if len(got) == len(hs):
                     break

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 from xen_remus.disk import nbd
@@ -56,6 +57,16 @@ def _nbd_error(exc: OSError) -> int:
     return nbd.EIO
 
 
+@dataclass
+class ServerStats:
+    """What a DiskServer has done, over all its connections."""
+
+    writes: int = 0
+    bytes_written: int = 0
+    syncs: int = 0  # fdatasyncs done (FLUSH, FUA)
+    stalls: int = 0  # times a connection stopped reading at the sink's cap
+
+
 class DiskServer:
     """Serve ``image`` over NBD on the Unix socket ``socket_path``.
 
@@ -70,13 +81,11 @@ class DiskServer:
         self.image = image
         self.socket_path = socket_path
         self.export = export
+        self.size = 0  # of the image, once started
+        self.stats = ServerStats()
+        # Replication: the open epoch's writes go to the sink, until it fails.
         self.sink = sink
         self.epoch = first_epoch
-        self.size = 0
-        self.writes = 0
-        self.bytes_written = 0
-        self.syncs = 0  # fdatasyncs done (FLUSH, FUA)
-        self.stalls = 0  # times a connection stopped reading at the sink's cap
         self.replication_error: str | None = None  # why the sink was dropped, if it was
         self._fd = -1
         self._server: asyncio.AbstractServer | None = None
@@ -185,7 +194,7 @@ class DiskServer:
                 out.append(nbd.simple_reply(ev.handle, err))
                 sink = self.sink
                 if sink is not None and sink.full:
-                    self.stalls += 1
+                    self.stats.stalls += 1
                     await send()
                     await sink.wait_room()
             elif isinstance(ev, nbd.Flush):
@@ -201,7 +210,7 @@ class DiskServer:
                 await send()
                 sink = self.sink
                 if sink is not None and sink.full:  # another connection filled it
-                    self.stalls += 1
+                    self.stats.stalls += 1
                     await sink.wait_room()
                 conn.receive_data(await reader.read(READ_CHUNK))
 
@@ -229,8 +238,8 @@ class DiskServer:
             log.error("%s: WRITE of %d bytes at %d: %s", self.name, len(ev.data), ev.offset,
                       exc.strerror)
             return _nbd_error(exc)
-        self.writes += 1
-        self.bytes_written += len(ev.data)
+        self.stats.writes += 1
+        self.stats.bytes_written += len(ev.data)
         if self.sink is not None:
             try:
                 self.sink.write(self.epoch, ev.offset, ev.data)
@@ -250,5 +259,5 @@ class DiskServer:
         except OSError as exc:
             log.error("%s: %s: fdatasync: %s", self.name, what, exc.strerror)
             return _nbd_error(exc)
-        self.syncs += 1
+        self.stats.syncs += 1
         return 0
