@@ -1,18 +1,23 @@
-"""In-memory fakes for the save engine, shared by the unit tests and the benchmark.
+"""In-memory fakes for the save engine and the devices, shared by the unit tests and the
+benchmark.
 
 For the tests: FakeDomain, FakeGuest and RecordingEmitter play a Xen domain, a guest type
-and a record sink, and let a test misbehave at each step. For the benchmark: MemDomain and
-MemGuest cost next to nothing, so what is measured is our code. The product never imports
-this module (nor anything under tests/).
+and a record sink, and let a test misbehave at each step; RecordingDevice and RecordingStub
+log the calls made on a checkpointed device and on any other interface of its kind (a
+disk's control), and fail where told. For the benchmark: MemDomain and MemGuest cost next
+to nothing, so what is measured is our code. The product never imports this module (nor
+anything under tests/).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.devices.base import Device, DeviceError
 from xen_remus.save.hvm import HvmGuest
 from xen_remus.save.ops import Emitter, Normalised
 from xen_remus.save.pages import Pfns, Types
@@ -213,6 +218,64 @@ class RecordingEmitter:
                 self.pages[int(pfn)] = data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
                 n += 1
         assert n * PAGE_SIZE == len(data), "page data count does not match the types"
+
+
+# -- devices -------------------------------------------------------------------------------
+
+class Recorder:
+    """Logs each call into ``log`` as "op(args) label" (one list for several fakes shows the
+    order across them); the op named ``fail`` then raises ``exc``, by default a DeviceError
+    naming the call."""
+
+    def __init__(self, log: list[str], label: str, fail: str = "",
+                 exc: Exception | None = None) -> None:
+        self.log, self.label, self.fail, self.exc = log, label, fail, exc
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def record(self, op: str, *args: int) -> None:
+        call = f"{op}({', '.join(map(str, args))})" if args else op
+        self.log.append(f"{call} {self.label}")
+        if op == self.fail:
+            raise self.exc or DeviceError(f"{self.label}: {call} broke")
+
+
+class RecordingDevice(Recorder, Device):
+    """A checkpointed device of commit ``order`` that records every call."""
+
+    def __init__(self, log: list[str], label: str, order: int, fail: str = "") -> None:
+        super().__init__(log, label, fail)
+        self.order = order
+
+    def setup(self) -> None:
+        self.record("setup")
+
+    def postsuspend(self, epoch: int) -> None:
+        self.record("postsuspend", epoch)
+
+    def preresume(self) -> None:
+        self.record("preresume")
+
+    def commit(self, epoch: int) -> None:
+        self.record("commit", epoch)
+
+    def release_all(self) -> None:
+        self.record("release_all")
+
+    def teardown(self) -> None:
+        self.record("teardown")
+
+
+class RecordingStub(Recorder):
+    """Any interface whose methods take ints and return None (a DiskControl, say): every
+    public method call is recorded under the method's name."""
+
+    def __getattr__(self, op: str) -> Callable[..., None]:
+        if op.startswith("_"):
+            raise AttributeError(op)
+        return functools.partial(self.record, op)
 
 
 # -- for the benchmark ----------------------------------------------------------------------

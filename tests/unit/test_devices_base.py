@@ -4,59 +4,30 @@ from __future__ import annotations
 
 import pytest
 
-from xen_remus.devices.base import Device, DeviceError, DeviceSet
+from tests.fakes import RecordingDevice
+from xen_remus.devices.base import DeviceError, DeviceSet
 from xen_remus.errors import XenRemusError
-
-
-class Rec(Device):
-    def __init__(self, log: list[str], label: str, order: int, fail: str = "") -> None:
-        self.log, self.label, self.order, self.fail = log, label, order, fail
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    def _do(self, op: str) -> None:
-        self.log.append(f"{op} {self.label}")
-        if op.split()[0] == self.fail:
-            raise DeviceError(f"{self.label}: {op} broke")
-
-    def setup(self) -> None:
-        self._do("setup")
-
-    def postsuspend(self, epoch: int) -> None:
-        self._do(f"postsuspend {epoch} ")
-
-    def preresume(self) -> None:
-        self._do("preresume")
-
-    def commit(self, epoch: int) -> None:
-        self._do(f"commit {epoch} ")
-
-    def release_all(self) -> None:
-        self._do("release_all")
-
-    def teardown(self) -> None:
-        self._do("teardown")
 
 
 def test_epoch_order_disks_before_nets() -> None:
     log: list[str] = []
-    devs = [Rec(log, "net0", 10), Rec(log, "disk0", 0), Rec(log, "net1", 10)]
+    devs = [RecordingDevice(log, "net0", 10), RecordingDevice(log, "disk0", 0),
+            RecordingDevice(log, "net1", 10)]
     with DeviceSet(devs) as ds:
         ds.postsuspend(3)
         ds.preresume()
         ds.commit(3)
     assert log == ["setup disk0", "setup net0", "setup net1",
-                   "postsuspend 3  disk0", "postsuspend 3  net0", "postsuspend 3  net1",
+                   "postsuspend(3) disk0", "postsuspend(3) net0", "postsuspend(3) net1",
                    "preresume disk0", "preresume net0", "preresume net1",
-                   "commit 3  disk0", "commit 3  net0", "commit 3  net1",
+                   "commit(3) disk0", "commit(3) net0", "commit(3) net1",
                    "teardown net1", "teardown net0", "teardown disk0"]
 
 
 def test_failed_setup_tears_down_what_was_set_up() -> None:
     log: list[str] = []
-    devs = [Rec(log, "disk0", 0), Rec(log, "net0", 10, fail="setup"), Rec(log, "net1", 10)]
+    devs = [RecordingDevice(log, "disk0", 0), RecordingDevice(log, "net0", 10, fail="setup"),
+            RecordingDevice(log, "net1", 10)]
     with pytest.raises(DeviceError, match="net0: setup broke"):
         with DeviceSet(devs):
             pytest.fail("body must not run")
@@ -66,8 +37,9 @@ def test_failed_setup_tears_down_what_was_set_up() -> None:
 
 def test_teardown_goes_on_past_failures() -> None:
     log: list[str] = []
-    ds = DeviceSet([Rec(log, "a", 0, fail="teardown"), Rec(log, "b", 10, fail="teardown"),
-                    Rec(log, "c", 20)])
+    ds = DeviceSet([RecordingDevice(log, "a", 0, fail="teardown"),
+                    RecordingDevice(log, "b", 10, fail="teardown"),
+                    RecordingDevice(log, "c", 20)])
     ds.setup()
     with pytest.raises(DeviceError, match=r"teardown failed on 2 device\(s\): b: .*; a: "):
         ds.teardown()
@@ -79,14 +51,15 @@ def test_teardown_goes_on_past_failures() -> None:
 def test_error_in_body_still_tears_down_and_keeps_the_error() -> None:
     log: list[str] = []
     with pytest.raises(RuntimeError, match="epoch loop died"):
-        with DeviceSet([Rec(log, "n", 10, fail="teardown")]):
+        with DeviceSet([RecordingDevice(log, "n", 10, fail="teardown")]):
             raise RuntimeError("epoch loop died")
     assert log == ["setup n", "teardown n"]
 
 
 def test_release_all_reaches_every_device() -> None:
     log: list[str] = []
-    ds = DeviceSet([Rec(log, "a", 0, fail="release_all"), Rec(log, "b", 10)])
+    ds = DeviceSet([RecordingDevice(log, "a", 0, fail="release_all"),
+                    RecordingDevice(log, "b", 10)])
     with pytest.raises(XenRemusError, match="a: release_all broke"):
         ds.release_all()
     assert log == ["release_all a", "release_all b"]
@@ -95,7 +68,8 @@ def test_release_all_reaches_every_device() -> None:
 def test_commit_stops_at_the_first_failure() -> None:
     # A disk that cannot commit must not let the network release the epoch's output.
     log: list[str] = []
-    ds = DeviceSet([Rec(log, "net", 10), Rec(log, "disk", 0, fail="commit")])
+    ds = DeviceSet([RecordingDevice(log, "net", 10),
+                    RecordingDevice(log, "disk", 0, fail="commit")])
     with pytest.raises(DeviceError):
         ds.commit(1)
-    assert log == ["commit 1  disk"]
+    assert log == ["commit(1) disk"]

@@ -1,4 +1,4 @@
-"""The replicated disk as a Device: against a fake control, and against a real server and
+"""The replicated disk as a Device: against a recording control, and against a real server and
 backup store through LoopControl (the server in its own loop thread, as in dom0)."""
 
 from __future__ import annotations
@@ -8,91 +8,40 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import RecordingDevice, RecordingStub
 from tests.unit.disk_helpers import Client, Replicated
-from xen_remus.devices.base import Device, DeviceError, DeviceSet
+from xen_remus.devices.base import DeviceError, DeviceSet
 from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.errors import EpochError
 
 SIZE = 256 * 1024
 
 
-class FakeControl:
-    def __init__(self, log: list[str], fail: str = "", exc: Exception | None = None) -> None:
-        self.log, self.fail, self.exc = log, fail, exc
-
-    @property
-    def name(self) -> str:
-        return "disk fake"
-
-    def _do(self, op: str) -> None:
-        self.log.append(op)
-        if op.split("(")[0] == self.fail:
-            raise self.exc or RuntimeError(f"{op} broke")
-
-    def connect(self) -> None:
-        self._do("connect")
-
-    def seal(self, epoch: int) -> None:
-        self._do(f"seal({epoch})")
-
-    def commit(self, epoch: int) -> None:
-        self._do(f"commit({epoch})")
-
-    def release(self) -> None:
-        self._do("release")
-
-    def disconnect(self) -> None:
-        self._do("disconnect")
-
-
-class FakeNet(Device):
-    order = 10
-
-    def __init__(self, log: list[str]) -> None:
-        self.log = log
-
-    @property
-    def name(self) -> str:
-        return "net fake"
-
-    def setup(self) -> None:
-        self.log.append("net setup")
-
-    def postsuspend(self, epoch: int) -> None:
-        self.log.append(f"net postsuspend({epoch})")
-
-    def commit(self, epoch: int) -> None:
-        self.log.append(f"net commit({epoch})")
-
-    def release_all(self) -> None:
-        self.log.append("net release")
-
-    def teardown(self) -> None:
-        self.log.append("net teardown")
-
-
 def test_the_epoch_loop_seals_and_commits_the_disk_before_the_network() -> None:
     log: list[str] = []
-    with DeviceSet([FakeNet(log), ReplicatedDisk(FakeControl(log))]) as ds:
+    net = RecordingDevice(log, "net", 10)
+    with DeviceSet([net, ReplicatedDisk(RecordingStub(log, "disk"))]) as ds:
         ds.postsuspend(0)
         ds.preresume()
         ds.commit(0)
         ds.postsuspend(1)
         ds.release_all()
-    assert log == ["connect", "net setup", "seal(0)", "net postsuspend(0)", "commit(0)",
-                   "net commit(0)", "seal(1)", "net postsuspend(1)", "release",
-                   "net release", "net teardown", "disconnect"]
+    assert log == ["connect disk", "setup net", "seal(0) disk", "postsuspend(0) net",
+                   "preresume net", "commit(0) disk", "commit(0) net", "seal(1) disk",
+                   "postsuspend(1) net", "release disk", "release_all net", "teardown net",
+                   "disconnect disk"]
 
 
 def test_failures_name_the_disk_and_the_step() -> None:
-    disk = ReplicatedDisk(FakeControl([], fail="seal", exc=TimeoutError()))
-    with pytest.raises(DeviceError, match=r"disk fake: seal epoch 4: TimeoutError"):
+    disk = ReplicatedDisk(RecordingStub([], "disk", fail="seal", exc=TimeoutError()))
+    with pytest.raises(DeviceError, match=r"disk: seal epoch 4: TimeoutError"):
         disk.postsuspend(4)
-    disk = ReplicatedDisk(FakeControl([], fail="commit"))
-    with pytest.raises(DeviceError, match=r"disk fake: commit epoch 2: commit\(2\) broke"):
+    disk = ReplicatedDisk(RecordingStub([], "disk", fail="commit",
+                                        exc=RuntimeError("commit(2) broke")))
+    with pytest.raises(DeviceError, match=r"disk: commit epoch 2: commit\(2\) broke"):
         disk.commit(2)
     ours = EpochError("seal(3) but epoch 5 is open")
-    disk = ReplicatedDisk(FakeControl([], fail="seal", exc=ours))
+    disk = ReplicatedDisk(RecordingStub([], "disk", fail="seal", exc=ours))
     with pytest.raises(EpochError) as ei:  # our own errors pass through as they are
         disk.postsuspend(3)
     assert ei.value is ours
