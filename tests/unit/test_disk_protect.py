@@ -10,11 +10,9 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.disk_helpers import short_dir
 from tests.unit.test_devices_netbuf import FakeStore
 from xen_remus.channel import wire
 from xen_remus.channel.errors import ChannelError
@@ -50,13 +48,6 @@ def qemu_io(sock: str, cmd: str) -> None:
     out = subprocess.run([exe, "-f", "raw", "-c", cmd, f"nbd:unix:{sock}"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
-
-
-@pytest.fixture
-def tmp() -> Iterator[str]:
-    d = short_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def image(path: str, data: bytes) -> str:
