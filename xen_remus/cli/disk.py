@@ -18,20 +18,19 @@ from typing import Any
 
 from xen_remus.errors import UsageError
 
+DESCRIPTION = """Replicated guest disks. A disk line such as `disk = ['vdev=xvda,
+access=rw, script=block-remus, target=/srv/guest.img']` makes xl run the block-remus hotplug
+script, which starts `xen-remus disk serve` for the image and attaches it as /dev/nbdN for
+the guest. `xen-remus protect` then replicates every write to the backup, committed with the
+checkpoint it belongs to. The backup host needs the same configuration and an image of the
+same size at the same path."""
 SCRIPT = "block-remus"
 SCRIPTS_DIR = "/etc/xen/scripts"
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "disk", help="serve a replicated guest disk (run by the block-remus script)",
-        description="Replicated guest disks. A disk line such as `disk = ['vdev=xvda, "
-        "access=rw, script=block-remus, target=/srv/guest.img']` makes xl run the "
-        "block-remus hotplug script, which starts `xen-remus disk serve` for the image "
-        "and attaches it as /dev/nbdN for the guest. `xen-remus protect` then "
-        "replicates every write to the backup, committed with the checkpoint it belongs "
-        "to. The backup host needs the same configuration and an image of the same size "
-        "at the same path.")
+    p = sub.add_parser("disk", description=DESCRIPTION,
+                       help="serve a replicated guest disk (run by the block-remus script)")
     cmds = p.add_subparsers(dest="disk_command", metavar="ACTION")
     s = cmds.add_parser("serve", help="serve IMAGE over NBD and replicate it on request",
                         description="Serve IMAGE over NBD on the Unix socket --nbd (for "

@@ -23,14 +23,15 @@ from xen_remus.xlproto import SenderSide
 
 log = logging.getLogger(__name__)
 
+SAVE_DESCRIPTION = """Save DOMAIN to FILE, a standard xl save file: restore it with `xl
+restore FILE`. As with `xl save`, the domain is suspended, saved, then destroyed (-c and -p
+keep it). With --live, memory is first copied while the guest runs, which shortens the time
+it is suspended."""
+
 
 def register(sub: Any) -> None:
-    s = sub.add_parser(
-        "save", help="save a domain to a file that `xl restore` can restore",
-        description="Save DOMAIN to FILE, a standard xl save file: restore it with `xl "
-        "restore FILE`. As with `xl save`, the domain is suspended, saved, then destroyed "
-        "(-c and -p keep it). With --live, memory is first copied while the guest runs, "
-        "which shortens the time it is suspended.")
+    s = sub.add_parser("save", description=SAVE_DESCRIPTION,
+                       help="save a domain to a file that `xl restore` can restore")
     s.add_argument("-c", dest="checkpoint", action="store_true",
                    help="leave the domain running after the save (as xl save -c)")
     s.add_argument("-p", dest="paused", action="store_true",

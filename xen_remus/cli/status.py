@@ -13,18 +13,18 @@ from xen_remus.channel.stats import read_all
 from xen_remus.errors import XenRemusError
 from xen_remus.paths import run_dir
 
+DESCRIPTION = """Show what each `xen-remus protect` (primary) and `xen-remus migrate-receive
+-r` (backup) on this host is doing: its state and the figures of its last checkpoint (pause,
+dirty pages, compression ratio, send time, acknowledgement time), then totals. They keep
+these in status files in {run_dir} (the XEN_REMUS_RUN_DIR environment variable
+overrides)."""
 _COLS = ("DOMAIN", "ROLE", "STATE", "EPOCH", "PAUSE_MS", "DIRTY", "RATIO", "SEND_MS",
          "ACK_MS", "PEER", "UPDATED")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "status", help="show Remus protection on this host (either end)",
-        description="Show what each `xen-remus protect` (primary) and `xen-remus "
-        "migrate-receive -r` (backup) on this host is doing: its state and the figures of "
-        "its last checkpoint (pause, dirty pages, compression ratio, send time, "
-        "acknowledgement time), then totals. They keep these in status files in "
-        f"{run_dir()} (the XEN_REMUS_RUN_DIR environment variable overrides).")
+    p = sub.add_parser("status", help="show Remus protection on this host (either end)",
+                       description=DESCRIPTION.format(run_dir=run_dir()))
     p.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this domain")
     p.add_argument("--json", action="store_true",
                    help="print the whole status documents as JSON")
