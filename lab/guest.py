@@ -61,8 +61,8 @@ def create(host: Host, spec: GuestSpec, timeout: float = 180.0) -> float:
     t0 = time.monotonic()
     host.run(f"xl create {spec.write(host)}", timeout=timeout, check=True)
     wait_console(host, spec.name, r"XRGUEST ready", timeout - (time.monotonic() - t0))
-    # "ready" comes just before the first tick; callers read ticks at once (a test failed
-    # reading the console in between, CI 2026-11-26)
+    # "ready" comes just before the first tick; callers read ticks at once (a test has
+    # failed reading the console in between)
     wait_console(host, spec.name, r"XRGUEST tick \d+", max(30.0, timeout - (time.monotonic() - t0)))
     return time.monotonic() - t0
 

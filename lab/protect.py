@@ -22,8 +22,8 @@ KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
 COUNTER_CLIENT = "/mnt/project/lab/dom0tools/counter_client.py"
 # Heartbeat timeout for our rows. The product default (1 s) is for real hardware; under
 # TCG a dom0 busy with an epoch (suspend, copy, or xl restoring on the backup) stalls its
-# heartbeat thread for over a second, and 1 s failed both ends over at once in lab run
-# 20261126-023013 (epoch 11), leaving the guest running on both hosts.
+# heartbeat thread for over a second, and 1 s has failed both ends over at once,
+# leaving the guest running on both hosts.
 HB_MS = 6000
 # -v: a line per epoch once the backup ACKed it (tests time host kills by it).
 OURS = f"exec python3 -m xen_remus -v protect --heartbeat-timeout {HB_MS}"
@@ -44,7 +44,7 @@ PROTECTORS = {
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
         sender="exec xl remus -F -n -d -i 200 -s '' {name} 'socat - TCP:{bip}:{port}'",
     ),
-    # Stock xl remus into our receiver (issue 6): no heartbeats from a stock sender, so
+    # Stock xl remus into our receiver: no heartbeats from a stock sender, so
     # keepalive and --idle-timeout notice a dead primary.
     "xl-ours": Protector(
         receiver=f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
@@ -117,7 +117,7 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
         time.sleep(2)
     # The incoming domain exists from the first byte; B can only fail over once the first
     # full copy (the guest's memory) has arrived, so wait for that many bytes on B's socket.
-    # Two more signs that need no socket statistics (ss matched nothing in one lab run):
+    # Two more signs that need no socket statistics (ss has matched nothing):
     # ours says when the backup committed the initial copy; for stock xl remus, once
     # STOCK_EPOCHS_AHEAD epochs (~1.8 MB each) were written after the initial copy, more than
     # the socket buffers between A and B can hold has gone by, so B has all of it.

@@ -64,7 +64,7 @@ def kill_at(moment: str, send: Job, b: Host, recv: Job) -> str:
     "before-ack": B's packets to A that carry data (the ACKs and heartbeats) are held
     until B has committed an epoch A has not had the ACK of; returns B's link NIC (to
     unplug). Pure TCP ACKs (IP length < 64) and ARP still flow: holding them too stops
-    A's send after one congestion window (lab run 20261126-081905: 15 KB into epoch 38)."""
+    A's send after one congestion window (15 KB into an epoch)."""
     if moment == "steady":
         return ""
     if moment == "before-ack":
@@ -72,8 +72,8 @@ def kill_at(moment: str, send: Job, b: Host, recv: Job) -> str:
         b.run(hold_data_packets(nic), timeout=60, check=True)
         # Right after an ACK reached A, so that A's heartbeat timeout (6 s, counted from
         # the last word it had from B) does not pass before the kill: if it did, A would
-        # go on unprotected and release the guest's held output (lab run
-        # 20261126-084033, where setting the hold up took seconds).
+        # go on unprotected and release the guest's held output (setting the hold up
+        # has taken seconds).
         nxt = acked(send) + 1
         send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)
         b.run(f"tc qdisc change dev {HOLD_IFB} root plug block", timeout=30, check=True)

@@ -53,7 +53,7 @@ def test_stock_remus_into_our_receiver_kill_host_a(lab_two: Lab) -> None:
     try:
         guest.create(a, spec, timeout=240)
         # Until B holds the whole initial copy (a kill before that has nothing to fail
-        # over to: run 20261126-040206 killed A 10 s after B's domain appeared, at 17 MB).
+        # over to: a kill 10 s after B's domain appeared found 17 MB there).
         recv, send = protect.protect(a, b, spec, "xl-ours", port=8022)
         time.sleep(10)  # some checkpoints
         assert not send.done(), f"xl remus ended: {send.stderr()}\n{recv.stderr()}"

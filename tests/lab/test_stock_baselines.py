@@ -90,7 +90,7 @@ def test_xl_remus_failover_on_host_kill(lab_two: Lab) -> None:
         time.sleep(8)  # some checkpoints
         assert not send.done(), f"xl remus ended early: {send.stderr()}"
         # From A's console, not over TCP: with xl remus checkpointing, a TCG guest is paused
-        # most of the time and a fresh TCP exchange took over 50 s (run 20261126-030523).
+        # most of the time and a fresh TCP exchange took over 50 s.
         before = guest.last_tick(a, spec.name)
         a.kill()
         print(f"killed host A at counter {before.value} (its console)")

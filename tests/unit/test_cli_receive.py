@@ -191,7 +191,7 @@ def test_failover_watchdog_bounds_a_hung_sink(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hang", ["idle", "busy"])
 def test_failover_watchdog_tells_a_stall_from_slow_work(tmp_path: Path, hang: str) -> None:
-    """Failover runs hotplug scripts that take tens of seconds under TCG (lab run 30450):
+    """Failover runs hotplug scripts that take tens of seconds under TCG:
     a tree that uses CPU is given the whole --failover-timeout, an idle one --failover-stall."""
     err, took = _fail_over_into_hung_sink(tmp_path, hang, "--failover-timeout", "4",
                                           "--failover-stall", "1")

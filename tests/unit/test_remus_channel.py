@@ -289,7 +289,7 @@ def test_ack_covers_earlier_epochs_and_latency_is_measured() -> None:
 
 def test_ack_before_epoch_sent_is_kept_for_it() -> None:
     """A fast backup (or the heartbeat thread reading) can see the ACK of epoch N before
-    the engine called epoch_sent(N): lab run 30450 died on that race."""
+    the engine called epoch_sent(N): a protect has died on that race."""
     snd = SenderChannel(Config(), 0)
     snd.feed_back(ReceiverChannel(Config(), 0).offer_line(), 0)
     snd.pending(0)
