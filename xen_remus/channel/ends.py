@@ -110,6 +110,12 @@ class SenderChannel:
         self._stats_out: deque[EpochStats] = deque(maxlen=64)
         self._raw = self._wire = 0
 
+    @property
+    def agreement(self) -> Extensions | None:
+        """What was agreed, as soon as the offer came (``agreed`` only once our accept
+        is sent)."""
+        return self.agreed if self.agreed is not None else self._accept_due
+
     # -- back channel -----------------------------------------------------------
 
     def feed_back(self, data: bytes, now: float) -> list[BackEvent]:

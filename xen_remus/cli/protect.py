@@ -194,7 +194,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         status = StatusFile(name, "primary", peer)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
-            if disks and not (chan.agreed is not None and chan.agreed.disk):
+            if disks and not (chan.agreement is not None and chan.agreement.disk):
                 raise MigrationRefused(f"the backup on {peer} does not take disk "
                                        "replication (an older xen-remus?): add -d -F")
             out = CheckpointEmitter(link, config)
