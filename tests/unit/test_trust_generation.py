@@ -4,10 +4,15 @@ take."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.link import ReceiverLink
+from xen_remus.channel.negotiate import Accept
 from xen_remus.generation import (
     Generation,
     GenerationError,
@@ -16,6 +21,8 @@ from xen_remus.generation import (
     refusal,
 )
 from xen_remus.paths import STATE_DIR, state_dir
+from xen_remus.receive.driver import _GenerationCheck
+from xen_remus.restore_continuous import ReceiveError
 
 
 @pytest.mark.parametrize("offered,recorded,refused", [
@@ -96,3 +103,48 @@ def test_a_stale_primary_is_refused_after_a_failover(tmp_path: Path) -> None:
     assert back == gen + 2
     a.check_sender("g1", back)
     assert a.get("g1") == Generation(back, "received")
+
+
+class NamedSink:
+    def __init__(self) -> None:
+        self.domain_name: str | None = None
+        self.aborted: str | None = None
+
+    def abort(self, why: str) -> None:
+        self.aborted = why
+
+
+@pytest.mark.parametrize("header_first", [True, False])
+def test_the_driver_checks_the_accept_whenever_the_header_is_acted_on(
+        tmp_path: Path, header_first: bool) -> None:
+    """The xl header always precedes the accept on the wire, but when both arrive in one
+    chunk the driver learns the guest's name only after the accept was decoded."""
+    store = GenerationStore(tmp_path)
+    store.put("g1", 4, "failover")
+    sink = NamedSink()
+    r, w = os.pipe()
+    link = ReceiverLink(ReceiverChannel(Config(), 0), w)
+    check = _GenerationCheck(cast(Any, sink), store, link)
+    acc = Accept(Config().extensions(), 4)
+    msg = r"REMUS_ACCEPT at offset 99 \(epoch 0\): the sender's protection of g1 is " \
+          "generation 4, but this host failed over"
+    if header_first:
+        sink.domain_name = "g1"
+        check.header_seen()
+        with pytest.raises(GenerationRefused, match=msg):  # the core aborts
+            check.on_accept(acc, "REMUS_ACCEPT at offset 99 (epoch 0)")
+        assert sink.aborted is None
+    else:
+        check.on_accept(acc, "REMUS_ACCEPT at offset 99 (epoch 0)")
+        sink.domain_name = "g1"
+        with pytest.raises(ReceiveError, match=msg):  # the driver aborts
+            check.header_seen()
+        assert sink.aborted is not None and "generation 4" in sink.aborted
+    assert check.refused and store.get("g1") == Generation(4, "failover")
+    fine = Accept(Config().extensions(), 5)
+    check2 = _GenerationCheck(cast(Any, sink), store, link)
+    check2.on_accept(fine, "x")
+    check2.header_seen()
+    assert store.get("g1") == Generation(5, "received") and not check2.refused
+    os.close(r)
+    os.close(w)
