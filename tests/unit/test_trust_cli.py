@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,7 +12,7 @@ import pytest
 
 from xen_remus.channel.ends import Config, Offered
 from xen_remus.cli import options
-from xen_remus.cli.protect import _warn_unfenced, check_args
+from xen_remus.cli.protect import _warn_unfenced, check_args, receiver_rune
 from xen_remus.errors import UsageError
 from xen_remus.migrate_hook import build_parser, main
 
@@ -96,3 +97,14 @@ def test_protect_warns_unless_the_backup_fences(fence: bool | None, warned: bool
             "fencing this host (no --fence there): if the link between the hosts breaks, "
             "g1 will run on both (split brain)\n") == warned
     assert bool(err) == warned
+
+
+def test_the_receiver_is_given_the_key_file_path() -> None:
+    assert receiver_rune("hb", None, False, False, "/etc/xen-remus/key") == \
+        "exec ssh hb xen-remus migrate-receive -r --key-file /etc/xen-remus/key"
+    # Quoted twice: for the local shell, then for the one ssh starts on HOST.
+    rune = receiver_rune("hb", None, False, True, "/k dir/it's")
+    argv = shlex.split(rune)
+    assert argv[:3] == ["exec", "ssh", "hb"] and shlex.split(" ".join(argv[3:])) == [
+        "xen-remus", "migrate-receive", "-r", "-e", "--key-file", "/k dir/it's"]
+    assert receiver_rune("my command", "", False, False, "/k") == "my command"

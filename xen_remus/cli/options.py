@@ -114,7 +114,8 @@ def authentication(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key-file", metavar="FILE",
                    help=f"use the key in FILE (at least {KEY_MIN} bytes, e.g. from `head -c "
                    "32 /dev/urandom`; surrounding whitespace ignored; readable by its owner "
-                   "only), the same file on both hosts; it is never sent")
+                   "only), the same file at the same path on both hosts (protect passes "
+                   "the path on to the receiver it starts, unless -s ''); it is never sent")
 
 
 def read_key(path: str | None) -> bytes | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -69,13 +70,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_protect)
 
 
-def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> str:
+def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool,
+                  key_file: str | None = None) -> str:
     """xl remus's `exec ssh HOST xl migrate-receive -r [-e]`, our receiver unless
-    --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command."""
+    --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command. The
+    receiver is given the same --key-file path (quoted for the local shell and for the
+    one ssh runs on HOST)."""
     if ssh == "":
         return host
     tool = "xl" if stock else "xen-remus"
-    return f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r{' -e' if no_daemon else ''}"
+    key = f" --key-file {shlex.quote(shlex.quote(key_file))}" if key_file else ""
+    return (f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r"
+            f"{' -e' if no_daemon else ''}{key}")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -194,7 +200,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
             hole = [os.open(os.devnull, os.O_WRONLY), rfd, wfd]
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
-            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon)
+            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon,
+                                 args.key_file)
             recv = ReceiverProcess(rune)
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
             rest = read_banner(recv_fd, args.timeout, rune)
