@@ -6,8 +6,11 @@ another protection is refused by name and never acted on. Stock peers see none o
 from __future__ import annotations
 
 import re
+import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.test_remus_channel import Pair, _feed_records, join, std_stream
 from xen_remus.channel import mac, wire
@@ -15,6 +18,7 @@ from xen_remus.channel.ends import Acked, Closed, Config, ReceiverChannel, Sende
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.mac import MacError
 from xen_remus.channel.negotiate import Accept, Extensions
+from xen_remus.errors import XenRemusError
 from xen_remus.stream import Decoder, Record
 
 MAC = Config(mac=True, generation=7)
@@ -214,3 +218,29 @@ def test_accept_parsing() -> None:
     with pytest.raises(ChannelError) as exc:
         Accept.parse(f"{ext.tokens()} session={'00' * 16} key=secretsecret", "a")
     assert "secret" not in str(exc.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=st.binary(max_size=300), body=st.binary(max_size=120),
+       rtype=st.sampled_from(sorted(wire.NAMES)))
+def test_any_bytes_under_mac_are_named_errors(frames: bytes, body: bytes, rtype: int) -> None:
+    """Whatever arrives once mac is agreed: our errors, naming where, never a crash."""
+    snd, _ = agreed_sender()
+    _epoch0_sent(snd)
+    try:
+        snd.feed_back(frames, 1.0)
+    except XenRemusError as exc:
+        assert "receiver channel" in str(exc)
+    rcv = ReceiverChannel(MAC, 0)
+    snd = SenderChannel(MAC, 0)
+    snd.feed_back(rcv.offer_line(), 0)
+    frame = join(snd.pending(0))
+    (length,) = struct.unpack_from("<I", frame, 4)
+    rcv.on_record(Record(layer="libxc", rtype=wire.REC_REMUS_ACCEPT, length=length,
+                         body=frame[8:8 + length], offset=900, epoch=3))
+    assert rcv.agreed is not None and rcv.agreed.mac == mac.ALGORITHM
+    try:
+        rcv.on_record(Record(layer="libxc", rtype=rtype, length=len(body), body=body,
+                             offset=1000, epoch=3))
+    except XenRemusError as exc:
+        assert "offset 1000" in str(exc) and "epoch 3" in str(exc)
