@@ -15,3 +15,10 @@ def tmp() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="xr-disk-", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dirs(tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No unit test reads or writes the host's /var/lib/xen-remus (generations)."""
+    monkeypatch.setenv("XEN_REMUS_STATE_DIR", str(tmp_path_factory.mktemp("state")))

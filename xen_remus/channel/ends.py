@@ -25,6 +25,10 @@ Receiver (backup):
   ``on_record`` raises ChannelError / CompressionError (XenRemusError, naming record,
   offset, epoch, pfn) for a bad record of ours: treat it as an invalid stream (fail over
   from the last whole epoch), like the decoder's StreamError.
+Authentication (``Config.mac``, mac.py): the receiver offers mac=hmac-sha256 and then
+requires it; the sender requires it of a xen-remus receiver. Once agreed, every control
+frame is sealed on its way out and checked on its way in; a frame that fails is a MacError
+(a ChannelError naming the frame, its offset and epoch) and is never acted on.
 link.py wraps both ends around file descriptors (SenderLink: send, send_pages,
 epoch_sent, wait_ack, idle, a heartbeat thread; ReceiverLink: tick, committed, timeout).
 """
@@ -38,10 +42,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.channel import compress, wire
+from xen_remus.channel import compress, mac, wire
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.heartbeat import FailureDetector, HeartbeatTimer
-from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS, Extensions, OfferReader
+from xen_remus.channel.negotiate import (
+    HEARTBEAT_TIMEOUT_MS,
+    Accept,
+    Extensions,
+    OfferReader,
+    agree,
+    check_accept,
+)
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.channel.stats import EpochStats
 from xen_remus.stream import consts as C
@@ -60,13 +71,25 @@ class Config:
     cache_mib: int = 256
     initial_grace_ms: int = 0  # extra silence allowed before the first ACK (see _accept)
     disk: bool = False  # sender: it has disks to replicate; receiver: it takes them
+    # Authenticated control frames, required of the peer (the commands always ask for
+    # them; off here only so that the protocol tests can speak the older plain frames).
+    mac: bool = False
+    key: bytes | None = None  # pre-shared (--key-file); else the sender makes one
+    generation: int | None = None  # sender: this protection's (generation.py)
+    fence: bool = False  # receiver: it fences the primary before a failover (--fence)
 
     def extensions(self) -> Extensions:
         t = self.heartbeat_timeout_ms
         i = self.heartbeat_interval_ms or max(1, t // 4)
         return Extensions(ack=self.ack, heartbeat=(i, t),
                           lz4_xor_mib=self.cache_mib if self.compression else None,
-                          disk=self.disk)
+                          disk=self.disk, mac=mac.ALGORITHM if self.mac else None,
+                          psk=self.mac and self.key is not None, fence=self.fence)
+
+
+def _sealed(sealer: mac.Sealer | None, rtype: int, body: bytes) -> bytes:
+    """One control frame, with its MAC trailer once mac is agreed."""
+    return wire.frame_bytes(rtype, body if sealer is None else sealer.seal(rtype, body))
 
 
 # Events of the back channel, as the sender sees them.
@@ -109,6 +132,8 @@ class SenderChannel:
         self._early_acked: list[Acked] = []
         self._stats_out: deque[EpochStats] = deque(maxlen=64)
         self._raw = self._wire = 0
+        self._sealer: mac.Sealer | None = None  # forward frames, once mac is agreed
+        self._opener: mac.Opener | None = None  # back frames
 
     @property
     def agreement(self) -> Extensions | None:
@@ -129,24 +154,33 @@ class SenderChannel:
             if self._offer.offer is None:
                 return out
             self._frames.offset = self._offer.length
-            self._accept_due = self.config.extensions().agree(self._offer.offer)
+            self._accept_due = agree(self.config.extensions(), self._offer.offer,
+                                     "the backup's offer line")
             out.append(Offered(self._offer.offer))
         for fr in self._frames.feed(data):
             where = (f"receiver channel (after the banner), {wire.name(fr.rtype)} at offset "
                      f"{fr.offset}")
             if self.agreed is None:
                 raise ChannelError(f"{where}: frame before our accept")
+            body = fr.body
+            if self._opener is not None:
+                body = self._opener.open(fr.rtype, body, f"{where} (epoch {self._epoch()})")
             if fr.rtype == wire.REC_REMUS_ACK:
-                acked = self._ack(*wire.parse_ack(fr.body, where), now, where)
+                acked = self._ack(*wire.parse_ack(body, where), now, where)
                 if acked is not None:
                     out.append(acked)
             elif fr.rtype == wire.REC_REMUS_HEARTBEAT:
-                wire.parse_heartbeat(fr.body, where)
+                wire.parse_heartbeat(body, where)
             elif fr.rtype == wire.REC_REMUS_CLOSE:
-                out.append(Closed(fr.body.decode("utf-8", "replace")))
+                out.append(Closed(body.decode("utf-8", "replace")))
             else:
                 raise ChannelError(f"{where}: not a frame of this direction")
         return out
+
+    def _epoch(self) -> int:
+        """The epoch a back frame arrives in: the oldest awaiting its ACK, else the next."""
+        in_flight = 0 if self.last_sent_epoch is None else self.last_sent_epoch + 1
+        return min(self._unacked, default=in_flight)
 
     def _ack(self, epoch: int, commit_us: int, now: float, where: str) -> Acked | None:
         if not self.agreed or not self.agreed.ack:
@@ -220,10 +254,12 @@ class SenderChannel:
         if self.agreed is None:
             return out
         while self._stats_out:
-            out += wire.frame(wire.REC_REMUS_EPOCH_STATS, [self._stats_out.popleft().pack()])
+            out.append(_sealed(self._sealer, wire.REC_REMUS_EPOCH_STATS,
+                               self._stats_out.popleft().pack()))
         if self._timer is not None and (out or self._timer.due(now)):
             if not out:
-                out += [wire.heartbeat(self._timer.next_seq(now))]
+                out.append(_sealed(self._sealer, wire.REC_REMUS_HEARTBEAT,
+                                   wire.heartbeat_body(self._timer.next_seq(now))))
             self._timer.sent(now)
         return out
 
@@ -242,7 +278,14 @@ class SenderChannel:
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, now)
         if ext.lz4_xor_mib is not None:
             self._compressor = compress.Compressor(PageCache.of_mib(ext.lz4_xor_mib))
-        return wire.frame(wire.REC_REMUS_ACCEPT, [ext.tokens().encode()])
+        acc = Accept(ext, self.config.generation)
+        if ext.mac is not None:
+            key = self.config.key if ext.psk else mac.new_key()
+            assert key is not None  # psk is agreed only with a key (Config.extensions)
+            acc = Accept(ext, acc.generation, mac.new_session(), None if ext.psk else key)
+            assert acc.session is not None
+            self._sealer, self._opener = mac.ends(key, acc.session, acc.generation, True)
+        return wire.frame(wire.REC_REMUS_ACCEPT, [acc.body()])
 
     # -- epochs ---------------------------------------------------------------------
 
@@ -300,6 +343,12 @@ class ReceiverChannel:
         self._timer: HeartbeatTimer | None = None
         self._decompressor: compress.Decompressor | None = None
         self._now = now
+        self.accepted: Accept | None = None  # the sender's accept, with its generation
+        self._sealer: mac.Sealer | None = None  # back frames, once mac is agreed
+        self._opener: mac.Opener | None = None  # forward frames
+        # Sees the sender's accept once it took effect (the receiver's generation check,
+        # receive/driver.py); raises a ChannelError to refuse the sender.
+        self.on_accept: Callable[[Accept, str], None] | None = None
         # REMUS_DISK records go here as they arrive (vdev, frames, where): the receiver's
         # disk replicas (disk/backup.py), which hold them per epoch.
         self.on_disk: Callable[[str, memoryview, str], None] | None = None
@@ -336,37 +385,36 @@ class ReceiverChannel:
             vdev, frames = wire.parse_disk(rec.body, where)
             self.on_disk(vdev, frames, where)
         elif rec.rtype == wire.REC_REMUS_HEARTBEAT:
-            wire.parse_heartbeat(rec.body, where)
+            wire.parse_heartbeat(self._open(rec, where), where)
         elif rec.rtype == wire.REC_REMUS_EPOCH_STATS:
-            self._stats.append(EpochStats.unpack(rec.body, where))
+            self._stats.append(EpochStats.unpack(self._open(rec, where), where))
         else:
             raise ChannelError(f"{where}: not a record of this direction")
         return []
 
+    def _open(self, rec: Record, where: str) -> bytes:
+        body = bytes(rec.body)
+        return body if self._opener is None else self._opener.open(rec.rtype, body, where)
+
     def _accept(self, rec: Record, where: str) -> None:
         if self.agreed is not None:
             raise ChannelError(f"{where}: second REMUS_ACCEPT")
-        ext = Extensions.parse(bytes(rec.body).decode("ascii", "replace"), where)
-        off = self.offered
-        bad = [what for what, ok in (
-            ("version", ext.version <= off.version),
-            ("ack", not ext.ack or off.ack),
-            ("heartbeat", ext.heartbeat is None or (
-                off.heartbeat is not None and ext.heartbeat[0] <= off.heartbeat[0]
-                and ext.heartbeat[1] >= off.heartbeat[1])),
-            ("lz4-xor", ext.lz4_xor_mib is None or (
-                off.lz4_xor_mib is not None and ext.lz4_xor_mib <= off.lz4_xor_mib)),
-            ("disk", not ext.disk or off.disk),
-        ) if not ok]
-        if bad:
-            raise ChannelError(f"{where}: accepts what was not offered ({', '.join(bad)}): "
-                               f"offered {off.tokens()!r}, accepted {ext.tokens()!r}")
+        acc = Accept.parse(bytes(rec.body).decode("ascii", "replace"), where)
+        ext = acc.ext
+        check_accept(self.offered, acc, where)
+        if ext.mac is not None:
+            key = self.config.key if ext.psk else acc.key
+            assert key is not None and acc.session is not None  # check_accept saw to it
+            self._sealer, self._opener = mac.ends(key, acc.session, acc.generation, False)
         self.agreed = ext
+        self.accepted = acc
         if ext.heartbeat is not None:
             self.detector = FailureDetector(ext.heartbeat[1] / 1000, self._now)
             self._timer = HeartbeatTimer(ext.heartbeat[0] / 1000, self._now)
         if ext.lz4_xor_mib is not None:
             self._decompressor = compress.Decompressor(PageCache.of_mib(ext.lz4_xor_mib))
+        if self.on_accept is not None:
+            self.on_accept(acc, where)
 
     def take_stats(self) -> list[EpochStats]:
         """The primary's per-epoch figures received since the last call (for the status
@@ -381,17 +429,21 @@ class ReceiverChannel:
             return b""
         if self._timer is not None:
             self._timer.sent(now)
-        return wire.ack(epoch, int(commit_ms * 1000))
+        return _sealed(self._sealer, wire.REC_REMUS_ACK,
+                       wire.ack_body(epoch, int(commit_ms * 1000)))
 
     def pending(self, now: float) -> bytes:
         """A heartbeat, when one is due."""
         if self._timer is None or not self._timer.due(now):
             return b""
-        return wire.heartbeat(self._timer.next_seq(now))
+        return _sealed(self._sealer, wire.REC_REMUS_HEARTBEAT,
+                       wire.heartbeat_body(self._timer.next_seq(now)))
 
     def close(self, reason: str) -> bytes:
         """A frame telling the primary this backup stops (b"" with a stock sender)."""
-        return wire.close(reason) if self.agreed is not None else b""
+        if self.agreed is None:
+            return b""
+        return _sealed(self._sealer, wire.REC_REMUS_CLOSE, wire.close_body(reason))
 
     def peer_dead(self, now: float) -> bool:
         return self.detector is not None and self.detector.dead(now)

@@ -13,6 +13,10 @@ class at both ends. Every method takes one lock, so the thread only ever writes 
 two whole calls; hence the sender starts it after the libxc headers and sends each
 libxl-layer stretch (CHECKPOINT ... CHECKPOINT_END) in one ``send`` call. A BackupLost
 the sender's thread meets is raised by the engine's next call.
+
+A back frame that fails authentication (MacError) is not a lost backup: it is raised as
+it is, so that the primary says a frame was refused instead of "backup lost", and the
+forged frame is never acted on (an ACK in it commits nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy.typing as npt
 
 from xen_remus.channel.compress import PagesIn
 from xen_remus.channel.ends import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
+from xen_remus.channel.mac import MacError
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
 from xen_remus.fdio import READ_SIZE, Iovecs, readable
@@ -77,7 +82,7 @@ class SenderLink(_Heartbeats):
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._failed: BackupLost | None = None
+        self._failed: XenRemusError | None = None  # met by the heartbeat thread
         os.set_blocking(send_fd, False)
 
     # -- what engines call --------------------------------------------------------------
@@ -112,7 +117,7 @@ class SenderLink(_Heartbeats):
                 try:
                     self.write(self.chan.pending(self.clock()))
                     self._poll()
-                except BackupLost as exc:
+                except (BackupLost, MacError) as exc:
                     self._failed = exc
                     return
                 except XenRemusError as exc:  # e.g. a ChannelError: the backup misbehaves
@@ -146,6 +151,8 @@ class SenderLink(_Heartbeats):
             raise self._lost("it closed its channel")
         try:
             events = self.chan.feed_back(data, self.clock())
+        except MacError:
+            raise  # refused, and said so: not the backup's silence
         except XenRemusError as exc:  # a ChannelError: the backup broke the protocol
             raise self._lost(str(exc)) from None
         for ev in events:
@@ -279,6 +286,11 @@ class ReceiverLink(_Heartbeats):
     def committed(self, epoch: int, commit_ms: float = 0.0) -> None:
         with self._lock:
             self._send(self.chan.committed(epoch, self.clock(), commit_ms))
+
+    def close(self, reason: str) -> None:
+        """Tell the primary this backup stops, and why (nothing to a stock sender)."""
+        with self._lock:
+            self._send(self.chan.close(reason))
 
     def timeout(self) -> float | None:
         with self._lock:

@@ -8,6 +8,8 @@ the sender idles). Our receiver removes them before the sink, so stock libxl nev
 Back (backup -> primary, the receiver's stdout / the socket's other direction): after the
 offer line, frames in the same shape as records (u32 type, u32 length, body, zero padding
 to 8 octets; little-endian like libxc records), so one framing rule serves both ways.
+Once mac is agreed, the control frames' bodies end in a MAC trailer (mac.py); the bodies
+below are what is left once it is checked and stripped.
 """
 
 from __future__ import annotations
@@ -73,16 +75,30 @@ def frame_bytes(rtype: int, body: bytes) -> bytes:
     return b"".join(bytes(p) for p in frame(rtype, [body]))
 
 
+# The bodies of the control frames (with mac agreed, the channel ends seal them first).
+def heartbeat_body(seq: int) -> bytes:
+    return _HEARTBEAT.pack(seq)
+
+
+def ack_body(epoch: int, commit_us: int) -> bytes:
+    return _ACK.pack(epoch, min(max(commit_us, 0), 0xFFFFFFFF))
+
+
+def close_body(reason: str) -> bytes:
+    return reason.encode("utf-8", "replace")[:1024]
+
+
+# The same frames unauthenticated (no mac agreed).
 def heartbeat(seq: int) -> bytes:
-    return frame_bytes(REC_REMUS_HEARTBEAT, _HEARTBEAT.pack(seq))
+    return frame_bytes(REC_REMUS_HEARTBEAT, heartbeat_body(seq))
 
 
 def ack(epoch: int, commit_us: int) -> bytes:
-    return frame_bytes(REC_REMUS_ACK, _ACK.pack(epoch, min(max(commit_us, 0), 0xFFFFFFFF)))
+    return frame_bytes(REC_REMUS_ACK, ack_body(epoch, commit_us))
 
 
 def close(reason: str) -> bytes:
-    return frame_bytes(REC_REMUS_CLOSE, reason.encode("utf-8", "replace")[:1024])
+    return frame_bytes(REC_REMUS_CLOSE, close_body(reason))
 
 
 def disk_bodies(vdev: str, frames: bytes, frame_ends: list[int]) -> list[list[Buffer]]:

@@ -8,13 +8,16 @@ handed to protect as it is. Imports stay light: `xen-remus status` must not load
 from __future__ import annotations
 
 import argparse
+import os
 
+from xen_remus.channel.mac import KEY_MIN
 from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
 from xen_remus.errors import UsageError
 from xen_remus.save.policy import PrecopyPolicy
 
 INTERVAL_RANGE_MS = (1, 60_000)  # protect -i
 HEARTBEAT_RANGE_MS = (10, 600_000)  # what the channel's negotiation accepts
+KEY_FILE_MAX = 4096  # a key file larger than this is not a key
 
 
 def transport(p: argparse.ArgumentParser) -> None:
@@ -98,3 +101,38 @@ def check_heartbeat(args: argparse.Namespace) -> None:
     lo, hi = HEARTBEAT_RANGE_MS
     if not lo <= args.heartbeat_timeout <= hi:
         raise UsageError(f"--heartbeat-timeout must be {lo}..{hi} ms")
+
+
+def authentication(p: argparse.ArgumentParser) -> None:
+    """The key of the MAC on the control frames between two xen-remus ends."""
+    g = p.add_argument_group(
+        "authentication", "Between two xen-remus ends every control frame (ACKs, "
+        "heartbeats) carries a MAC, so a forged ACK cannot release the guest's output. By "
+        "default protect makes a key for each protection and sends it over the transport "
+        "(ssh): over a plain TCP transport (-s) that only stops frames forged by someone "
+        "who cannot read the stream; give both ends --key-file then.")
+    g.add_argument("--key-file", metavar="FILE",
+                   help=f"use the key in FILE (at least {KEY_MIN} bytes, e.g. from `head -c "
+                   "32 /dev/urandom`; surrounding whitespace ignored; readable by its owner "
+                   "only), the same file at the same path on both hosts (protect passes "
+                   "the path on to the receiver it starts, unless -s ''); it is never sent")
+
+
+def read_key(path: str | None) -> bytes | None:
+    """The pre-shared key in ``path`` (None: none given)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(KEY_FILE_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"--key-file {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise UsageError(f"--key-file {path}: readable or writable by others (mode "
+                         f"{mode & 0o777:o}): chmod 600 it")
+    key = data.strip()
+    if len(data) > KEY_FILE_MAX or len(key) < KEY_MIN:
+        raise UsageError(f"--key-file {path}: a key of {len(key)} bytes; it must be "
+                         f"{KEY_MIN}..{KEY_FILE_MAX} bytes")
+    return key

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
+from xen_remus.generation import GenerationStore
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
@@ -47,7 +49,12 @@ EPILOG = (
     "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps "
     "running here unprotected; destroy any copy left on HOST and run protect again), 2 for "
     "bad arguments, 1 for other errors. Stopping protect (Ctrl-C or SIGTERM) closes the "
-    "stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two.")
+    "stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two. "
+    "Unless HOST runs `migrate-receive -r --fence CMD` (a command that makes sure this "
+    "host is down), a broken link between the hosts also makes HOST start its copy while "
+    "this one runs on (split brain): protect warns at start. Each protection has a "
+    "generation number, recorded under /var/lib/xen-remus on both hosts: HOST refuses a "
+    "protection older than the copy it last resumed.")
 
 
 def register(sub: Any) -> None:
@@ -56,19 +63,25 @@ def register(sub: Any) -> None:
     options.remus(p)
     options.heartbeat(p)
     options.transport(p)
+    options.authentication(p)
     options.precopy(p)
     p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
 
 
-def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool) -> str:
+def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool,
+                  key_file: str | None = None) -> str:
     """xl remus's `exec ssh HOST xl migrate-receive -r [-e]`, our receiver unless
-    --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command."""
+    --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command. The
+    receiver is given the same --key-file path (quoted for the local shell and for the
+    one ssh runs on HOST)."""
     if ssh == "":
         return host
     tool = "xl" if stock else "xen-remus"
-    return f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r{' -e' if no_daemon else ''}"
+    key = f" --key-file {shlex.quote(shlex.quote(key_file))}" if key_file else ""
+    return (f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r"
+            f"{' -e' if no_daemon else ''}{key}")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -78,6 +91,8 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.no_netbuf or args.no_disk) and not args.unsafe:
         raise UsageError("-n and -d turn off output commit or disk replication: add -F "
                          "to accept that (as xl remus)")
+    if args.key_file is not None and (args.stock_backup or args.blackhole):
+        raise UsageError("--key-file is for a xen-remus backup (not --stock-backup or -b)")
     options.check_heartbeat(args)
 
 
@@ -161,6 +176,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
                         logging.INFO if args.verbose else logging.WARNING)
     check_args(args)
     policy = options.precopy_policy(args)
+    key = options.read_key(args.key_file)
     # pyroute2 only when protecting
     from xen_remus.devices.discover import device_set, read_disks, unreplicable
 
@@ -173,6 +189,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
             raise UsageError("a stock backup (`xl migrate-receive -r`) cannot replicate "
                              f"disks ({', '.join(d.vdev for d in disks)}): add -d -F")
         config = domain_config_json(domid)
+        # Under the domain's lock: no other protect of it counts at the same time.
+        generation = None if args.blackhole else GenerationStore().start_protection(name)
         guest = s.open_guest()
         assert s.dom is not None
         recv: ReceiverProcess | None = None
@@ -182,18 +200,23 @@ def cmd_protect(args: argparse.Namespace) -> int:
             hole = [os.open(os.devnull, os.O_WRONLY), rfd, wfd]
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
-            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon)
+            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon,
+                                 args.key_file)
             recv = ReceiverProcess(rune)
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
             rest = read_banner(recv_fd, args.timeout, rune)
         chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                     compression=not args.uncompressed,
                                     initial_grace_ms=args.initial_grace,
-                                    disk=bool(disks)), time.monotonic())
+                                    disk=bool(disks), mac=True, key=key,
+                                    generation=generation), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
         status = StatusFile(name, "primary", peer)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
+            if not args.blackhole:
+                _warn_unfenced(link, peer, name)
+            log.info("protection of %s: generation %s", name, generation)
             if disks and not (chan.agreement is not None and chan.agreement.disk):
                 raise MigrationRefused(f"the backup on {peer} does not take disk "
                                        "replication (an older xen-remus?): add -d -F")
@@ -241,6 +264,16 @@ def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:
         if not data:
             raise MigrationRefused("the backup closed its channel right after its banner")
         link.events += chan.feed_back(data, time.monotonic())
+
+
+def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
+    """One line at start unless the backup said (in its offer) that it fences this host
+    before it fails over."""
+    offer = next((ev.offer for ev in link.events if isinstance(ev, Offered)), None)
+    if offer is None or not offer.fence:
+        print(f"xen-remus protect: warning: the backup on {peer} fails over without "
+              "fencing this host (no --fence there): if the link between the hosts breaks, "
+              f"{name} will run on both (split brain)", file=sys.stderr, flush=True)
 
 
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,

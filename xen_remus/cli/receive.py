@@ -19,6 +19,7 @@ from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.cli import options
 from xen_remus.errors import UsageError
 from xen_remus.receive.driver import receive
+from xen_remus.receive.fence import FENCE_TIMEOUT_S, Fence, FenceFailed
 from xen_remus.receive.upstream import Upstream
 from xen_remus.receive.xlsink import SinkConfig, XlSink
 from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES
@@ -33,7 +34,9 @@ def register(sub: Any) -> None:
         "pass it on to stock `xl migrate-receive` on this host, which builds the domain. "
         "With -r the stream is a series of Remus checkpoints: each is held until it is "
         "complete and valid, and when the stream ends or breaks, the domain starts from "
-        "the last complete checkpoint (failover).",
+        "the last complete checkpoint (failover). Without --fence that failover is "
+        "automatic, as with xl: if only the link to the primary broke, the guest then runs "
+        "on both hosts (split brain).",
         epilog="Senders run it as their transport command, e.g. `xl migrate -s '' DOMAIN "
         "'xen-remus migrate-receive'` or `xl remus -F -n -d -s '' DOMAIN 'xen-remus "
         "migrate-receive -r'`; `xen-remus protect` runs it through ssh by itself.")
@@ -59,8 +62,18 @@ def register(sub: Any) -> None:
                    "wait for the connection to close, as stock xl does)")
     p.add_argument("--no-extensions", action="store_true",
                    help="with -r: offer none of the xen-remus additions (acknowledgements, "
-                   "heartbeats, compression): behave exactly as stock xl")
+                   "heartbeats, compression, authentication): behave exactly as stock xl")
     options.heartbeat(p)
+    options.authentication(p)
+    g = p.add_argument_group("fencing", "With -r: make sure the primary is down before "
+                             "this host resumes its copy.")
+    g.add_argument("--fence", metavar="CMD",
+                   help="when the primary is declared dead, run the shell command CMD "
+                   "(e.g. IPMI power off, a PDU, `ssh HOST xl destroy DOMAIN`; environment "
+                   "XEN_REMUS_DOMAIN, XEN_REMUS_EPOCH) and resume the copy only if it exits "
+                   "0; otherwise leave the copy paused, say so and exit 1")
+    g.add_argument("--fence-timeout", type=float, default=FENCE_TIMEOUT_S, metavar="S",
+                   help="kill CMD and count it as failed after S seconds (default %(default)g)")
     p.set_defaults(func=run)
 
 
@@ -70,11 +83,23 @@ def run(args: argparse.Namespace) -> int:
                          "be positive")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         raise UsageError("--idle-timeout must be positive")
+    if args.fence_timeout <= 0:
+        raise UsageError("--fence-timeout must be positive")
+    if args.fence is not None and not args.remus:
+        raise UsageError("--fence needs -r: only a Remus stream fails over")
+    if args.key_file is not None and (not args.remus or args.no_extensions):
+        raise UsageError("--key-file needs -r and the xen-remus extensions "
+                         "(not --no-extensions)")
     options.check_heartbeat(args)
+    key = options.read_key(args.key_file)
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
                         level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Like xl: a vanished sender is an error to handle, not a signal to die of.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if args.remus and args.fence is None:
+        print("xen-remus migrate-receive: warning: no --fence: if the link to the primary "
+              "breaks while it still runs, the guest will run on both hosts (split brain)",
+              file=sys.stderr, flush=True)
     cfg = SinkConfig(xl=args.xl, remus=args.remus, no_daemon=args.no_daemon,
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
@@ -84,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
         chan = None
         if args.remus and not args.no_extensions:
             chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
-                                          disk=True), time.monotonic())
-        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan)
+                                          disk=True, mac=True, key=key,
+                                          fence=args.fence is not None), time.monotonic())
+        fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
+        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence)
+    except FenceFailed:
+        raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:
         if sink.proc.poll() is None:
             sink.abort("receiver failed")

@@ -1,6 +1,12 @@
 """The receive's driver: reads the sender, feeds the continuous restore
 (restore_continuous.py) and carries out its decisions on the sink, in order: forward,
-commit (then ACK), fail over (timed, logged), abort; then the plain stream's handshake."""
+commit (then ACK), fail over (timed, logged), abort; then the plain stream's handshake.
+
+Split brain (README, "Split brain and fencing"): with a xen-remus sender the driver
+checks its generation at the accept (generation.py: a stale primary is refused, told so
+in a CLOSE frame) and records this host's own generation before a failover; with
+``--fence`` nothing of a failover happens before the fence succeeded (receive/fence.py).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,12 @@ from typing import Protocol
 
 from xen_remus.channel.ends import ReceiverChannel
 from xen_remus.channel.link import ReceiverLink
+from xen_remus.channel.negotiate import Accept
 from xen_remus.channel.stats import StatusFile
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError
+from xen_remus.generation import GenerationError, GenerationRefused, GenerationStore
+from xen_remus.receive.fence import Fence, FenceFailed
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
     DEFAULT_MAX_EPOCH_BYTES,
@@ -48,6 +57,14 @@ class GuestSink(Sink, Protocol):
         """Relay the handshake after a plain stream; the restore's status (0: ok)."""
         ...
 
+    def hold(self, epoch: int) -> None:
+        """Stop without resuming: the paused copy of ``epoch`` stays as it is."""
+        ...
+
+    def incoming_name(self) -> str:
+        """The name of the paused copy while it is received."""
+        ...
+
 
 class Relay:
     """The continuous restore with its decisions carried out on ``sink``, in order.
@@ -55,7 +72,8 @@ class Relay:
     ``feed``/``eof`` return None while the stream goes on, or the Outcome once it ended;
     an Abort raises ReceiveError (after ``sink.abort``). ``on_header`` sees the xl header
     (the guest's config) before its bytes go on; ``on_commit`` each epoch the sink has
-    whole, after ``sink.committed``.
+    whole, after ``sink.committed``. At a failover, ``fence`` first (it raises to refuse
+    the resume, leaving the sink as it leaves it), then ``on_failover``, then the sink.
     """
 
     def __init__(self, sink: Sink, checkpointed: bool,
@@ -67,6 +85,7 @@ class Relay:
         self.on_header: Callable[[XlHeader], None] | None = None
         self.on_commit: Callable[[int], None] | None = None
         self.on_failover: Callable[[int], None] | None = None  # before the sink resumes
+        self.fence: Callable[[int], None] | None = None  # before anything of a failover
 
     @property
     def committed(self) -> int | None:
@@ -115,6 +134,12 @@ class Relay:
     def _fail_over(self, d: FailOver) -> Outcome:
         log.warning("failover: %s; resuming from epoch %d", d.reason, d.epoch)
         t0 = time.monotonic()
+        if self.fence is not None:
+            # The fence comes first, before the disks drop their later writes and before
+            # the sink resumes: nothing of a failover may happen for a copy that will not
+            # run. If it fails, the disks stay as they were at the last ACK, with the
+            # paused copy (committing those epochs earlier was harmless: no copy ran).
+            self.fence(d.epoch)
         if self.on_failover is not None:
             self.on_failover(d.epoch)
         self.sink.failover(d.epoch)
@@ -125,11 +150,14 @@ class Relay:
 
 def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
-            chan: ReceiverChannel | None = None) -> Outcome:
+            chan: ReceiverChannel | None = None, fence: Fence | None = None,
+            generations: GenerationStore | None = None) -> Outcome:
     """Run one receive to its end: banner, stream, then the handshake or the failover.
     With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
     sender accepts, each committed epoch is ACKed and a silent primary is failed over
-    from after the agreed heartbeat timeout."""
+    from after the agreed heartbeat timeout. With ``fence`` the failover waits for it
+    and does not happen if it fails (FenceFailed, the copy held). ``generations``: this
+    host's records (default: under STATE_DIR)."""
     proto = ReceiverSide()
     rx = Relay(sink, checkpointed, max_epoch_bytes,
                chan.on_record if chan is not None else None)
@@ -137,9 +165,26 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     bstatus: StatusFile | None = None  # ours: the backup's status file
     images: dict[str, str] = {}  # the guest's disks (vdev -> image), from its config
     disks = DiskReplicas(images.get)
-    if chan is not None and link is not None:
+    store = generations if generations is not None else GenerationStore()
+    check = _GenerationCheck(sink, store, link) if link is not None else None
+    rx.fence = _gate(sink, fence, check.refused if check is not None else [])
+    if chan is not None and link is not None and check is not None:
         chan.on_disk = disks.feed
-        rx.on_failover = disks.failover
+        chan.on_accept = check.on_accept
+
+        def failing_over(epoch: int) -> None:
+            acc, name = chan.accepted, sink.domain_name
+            if acc is not None and acc.generation is not None and name:
+                try:
+                    new = store.failed_over(name, acc.generation)
+                    log.warning("failover: %s is generation %d on this host from now on",
+                                name, new)
+                except GenerationError as exc:  # resume all the same: the guest comes first
+                    log.error("failover: %s; a stale primary of %s will not be refused",
+                              exc, name)
+            disks.failover(epoch)
+
+        rx.on_failover = failing_over
 
         def committed(epoch: int) -> None:
             try:
@@ -166,6 +211,8 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
         if chan is not None and sink.domain_name:
             bstatus = StatusFile(sink.domain_name, "backup")
             bstatus.state("receiving", "initial copy")
+        if check is not None:
+            check.header_seen()
 
     rx.on_header = on_header
     out: Outcome | None = None
@@ -179,6 +226,10 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             chunk = upstream.read() if link is None else upstream.read_beating(
                 link, armed=rx.committed is not None)
             out = rx.feed(chunk) if chunk else rx.eof(upstream.gone)
+    except FenceFailed as exc:
+        if bstatus is not None:
+            bstatus.state("held", str(exc))
+        raise
     finally:
         if link is not None:
             link.stop_heartbeats()
@@ -195,6 +246,76 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             raise ReceiveError(f"xl migrate-receive reported startup failure (status "
                                f"{status}); the sender was given the domain back")
     return out
+
+
+def _gate(sink: GuestSink, fence: Fence | None, refused: list[str]
+          ) -> Callable[[int], None]:
+    """What must hold before a failover goes ahead (Relay.fence): the sender was not
+    refused, and the fence, if any, succeeded."""
+
+    def gate(epoch: int) -> None:
+        if refused:
+            # A refused sender's copy (its accept came after its first epoch) never runs.
+            sink.abort(refused[0])
+            raise ReceiveError(f"no failover from epoch {epoch}: {refused[0]}")
+        if fence is None:
+            return
+        why = fence.run(sink.domain_name, epoch)
+        if why is not None:
+            sink.hold(epoch)
+            raise FenceFailed(
+                f"failover from epoch {epoch} refused: the fence command `{fence.command}` "
+                f"{why}; the primary may still be running, so this host did not resume "
+                f"its copy: it stays paused as {sink.incoming_name()} (epoch {epoch} held)")
+
+    return gate
+
+
+class _GenerationCheck:
+    """The receiver's check of a xen-remus sender's generation: a stale one is refused,
+    and told why in a CLOSE frame. The accept comes after the xl header, but when both
+    are in one chunk the header's decision is acted on (the guest's name known) only
+    after the accept was decoded: the check then waits for ``header_seen``."""
+
+    def __init__(self, sink: GuestSink, store: GenerationStore, link: ReceiverLink) -> None:
+        self.sink, self.store, self.link = sink, store, link
+        self.refused: list[str] = []  # why the sender was refused, if it was
+        self._header = False  # the driver acted on the xl header
+        self._waiting: tuple[Accept, str] | None = None
+
+    def on_accept(self, acc: Accept, where: str) -> None:
+        """ReceiverChannel.on_accept: a refusal is a ChannelError there (the core then
+        aborts, or fails over through the gate, which refuses that too)."""
+        if not self._header:
+            self._waiting = (acc, where)
+        else:
+            self._check(acc, where)
+
+    def header_seen(self) -> None:
+        """The driver has the guest's name: check an accept that came before it."""
+        self._header = True
+        if self._waiting is None:
+            return
+        (acc, where), self._waiting = self._waiting, None
+        try:
+            self._check(acc, where)
+        except GenerationRefused as exc:  # before anything reached the sink: abort
+            self.sink.abort(str(exc))
+            raise ReceiveError(str(exc)) from exc
+
+    def _check(self, acc: Accept, where: str) -> None:
+        name = self.sink.domain_name
+        if not name:
+            log.warning("%s: the stream names no domain: generation %s not checked", where,
+                        acc.generation)
+            return
+        try:
+            self.store.check_sender(name, acc.generation)
+        except GenerationRefused as exc:
+            self.refused.append(f"{where}: {exc}")
+            log.error("refusing the sender: %s", self.refused[0])
+            self.link.close(f"refused by the backup: {exc}")
+            raise GenerationRefused(self.refused[0]) from None
 
 
 def _domain_name(hdr: XlHeader) -> str | None:

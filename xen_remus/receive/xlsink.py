@@ -132,6 +132,14 @@ class XlSink:
             raise ReceiveError(f"failover from epoch {epoch}: {self} exited "
                                f"with status {rc}")
 
+    def hold(self, epoch: int) -> None:
+        """Stop without resuming (a failed fence): kill xl and its helper while they still
+        wait for more of the stream, since the end of it is their signal to resume. The
+        paused copy of ``epoch`` stays as it is, under incoming_name()."""
+        self._kill()
+        log.warning("%s killed before it resumed; its paused copy %s (epoch %d) is left "
+                    "in place", self, self.incoming_name(), epoch)
+
     def _watch(self, timeout: float, stall: float) -> tuple[int | None, str]:
         """Wait for xl to exit: (its status, "") or (None, why it was given up on)."""
         t0 = last_t = time.monotonic()
