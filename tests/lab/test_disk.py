@@ -79,6 +79,8 @@ def test_protect_with_disk_failover_on_host_kill(lab_two: Lab) -> None:
         client.wait_output(r'"counter"', 60)
         time.sleep(10)  # checkpoints with disk writes flow
         assert not send.done(), f"protect ended early: {send.stderr()[-3000:]}"
+        st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=120)
+        assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
         seen = [e["counter"] for e in protect.client_events(client.output()) if "counter" in e]
         assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
         before = guest.last_tick(a, spec.name)
