@@ -12,6 +12,8 @@ anything under tests/).
 from __future__ import annotations
 
 import functools
+import socket
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -354,3 +356,27 @@ class NoDevices:
 
     def commit(self, epoch: int) -> None:
         pass
+
+
+def swallow(sock: socket.socket, stop: threading.Event,
+            on_data: Callable[[], None] | None = None) -> threading.Thread:
+    """A peer that reads (and drops) everything ``sock`` receives until ``stop`` or EOF,
+    calling ``on_data`` after each chunk: a backup that never answers, or one that
+    injects frames of its own."""
+
+    def run() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                if not sock.recv(1 << 20):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if on_data is not None:
+                on_data()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t

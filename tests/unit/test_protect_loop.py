@@ -22,7 +22,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from tests.fakes import FakeDomain, FakeGuest
+from tests.fakes import FakeDomain, FakeGuest, swallow
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
@@ -222,19 +222,7 @@ def test_silent_backup_is_lost_and_the_guest_runs_on() -> None:
     b.sendall(b"xl migration receiver ready, send binary domain data.\n" +
               ReceiverChannel(Config(heartbeat_timeout_ms=200), 0).offer_line())
     drained = threading.Event()
-
-    def drain() -> None:  # swallow the stream so writes do not block; never answer
-        b.settimeout(0.2)
-        while not drained.is_set():
-            try:
-                if not b.recv(1 << 20):
-                    return
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    threading.Thread(target=drain, daemon=True).start()
+    swallow(b, drained)  # the stream goes nowhere, so writes do not block; never answer
     engine, out, link = primary(a, dom, Config(heartbeat_timeout_ms=200), 5.0)
     loop = RemusLoop(engine, out, link, Devices(dom, Sink(), acks=False), 0.01)
     t0 = time.monotonic()

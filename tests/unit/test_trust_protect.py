@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from tests.fakes import FakeDomain
+from tests.fakes import FakeDomain, swallow
 from tests.unit.test_protect_loop import PAGES, Devices, Sink, memory_at_each_epoch, primary
 from xen_remus.channel import wire
 from xen_remus.channel.ends import Config, ReceiverChannel
@@ -99,23 +99,14 @@ def test_a_forged_ack_is_refused_and_releases_nothing() -> None:
     a, b = socket.socketpair()
     b.sendall(BANNER + ReceiverChannel(Config(mac=True), 0).offer_line())
     stop = threading.Event()
+    forged: list[bool] = []
 
-    def forger() -> None:
-        b.settimeout(0.2)
-        forged = False
-        while not stop.is_set():
-            try:
-                if not b.recv(1 << 20):
-                    return
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not forged:  # the stream has begun: the accept is out
-                b.sendall(wire.ack(0, 0))
-                forged = True
+    def forge() -> None:
+        if not forged:  # the stream has begun: the accept is out
+            b.sendall(wire.ack(0, 0))
+            forged.append(True)
 
-    threading.Thread(target=forger, daemon=True).start()
+    swallow(b, stop, forge)
     engine, out, link = primary(a, dom, Config(mac=True, generation=1), 5.0)
     devs = Devices(dom, Sink(), acks=False)
     loop = RemusLoop(engine, out, link, devs, 0.01)

@@ -33,6 +33,7 @@ transport, ssh by default).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xen_remus.channel import mac
@@ -87,11 +88,10 @@ class Extensions:
 
     @classmethod
     def parse(cls, text: str, what: str) -> Extensions:
-        version, ack, hb, lz, disk, other = 0, False, None, None, False, []
         mac_: str | None = None
         psk = fence = False
-        for tok in text.split():
-            key, _, val = tok.partition("=")
+        version, ack, hb, lz, disk, other = 0, False, None, None, False, []
+        for tok, key, val in _tokens(text):
             try:
                 if key == "version":
                     version = int(val)
@@ -162,8 +162,7 @@ class Accept:
         rest: list[str] = []
         generation: int | None = None
         session = key = None
-        for tok in text.split():
-            name, _, val = tok.partition("=")
+        for tok, name, val in _tokens(text):
             try:
                 if name == "generation":
                     generation = int(val)
@@ -197,16 +196,22 @@ def agree(mine: Extensions, offer: Extensions, where: str) -> Extensions:
         wanted = f"mac={offer.mac}" if offer.mac is not None else unknown[0]
         raise ChannelError(f"{where}: the backup requires authenticated control frames "
                            f"({wanted}), which this end does not provide")
-    if ext.mac is None and mine.mac is not None:
-        raise ChannelError(f"{where}: the backup does not authenticate its frames (no "
-                           f"mac={mine.mac}: an older xen-remus?); refused, as its ACKs "
-                           "could be forged")
-    if ext.mac is not None and offer.psk != mine.psk:
-        raise ChannelError(f"{where}: " + (
-            "the backup has a pre-shared key (--key-file) and this end none" if offer.psk
-            else "this end has a pre-shared key (--key-file) and the backup none") +
-            ": give both ends the same --key-file, or neither")
+    _mac_rules(where, "the backup", "this end", mine.mac, ext.mac, mine.psk, offer.psk)
     return ext
+
+
+def _mac_rules(where: str, peer: str, me: str, want: str | None, got: str | None,
+               my_psk: bool, peer_psk: bool) -> None:
+    """Refuse a peer that leaves the control frames unauthenticated when ``me`` wants
+    them authenticated (its ACKs could be forged), or whose pre-shared key setting
+    differs."""
+    if want is not None and got is None:
+        raise ChannelError(f"{where}: {peer} does not authenticate its frames (no "
+                           f"mac={want}: an older xen-remus?); refused, as {me} requires it")
+    if got is not None and my_psk != peer_psk:
+        has, lacks = (me, peer) if my_psk else (peer, me)
+        raise ChannelError(f"{where}: {has} has a pre-shared key (--key-file) and {lacks} "
+                           "none: give both ends the same --key-file, or neither")
 
 
 def check_accept(offered: Extensions, acc: Accept, where: str) -> None:
@@ -226,15 +231,14 @@ def check_accept(offered: Extensions, acc: Accept, where: str) -> None:
     if bad:
         raise ChannelError(f"{where}: accepts what was not offered ({', '.join(bad)}): "
                            f"offered {off.tokens()!r}, accepted {ext.tokens()!r}")
-    if off.mac is not None and ext.mac is None:
-        raise ChannelError(f"{where}: the sender does not authenticate its frames (no "
-                           f"mac={off.mac} in its accept: an older xen-remus?); refused, "
-                           "this receiver requires it")
-    if ext.mac is not None and ext.psk != off.psk:
-        raise ChannelError(f"{where}: " + (
-            "this receiver has a pre-shared key (--key-file) and the sender none" if off.psk
-            else "the sender has a pre-shared key (--key-file) and this receiver none") +
-            ": give both ends the same --key-file, or neither")
+    _mac_rules(where, "the sender", "this receiver", off.mac, ext.mac, off.psk, ext.psk)
+
+
+def _tokens(text: str) -> Iterator[tuple[str, str, str]]:
+    """(token, key, value) of each ``key=value`` or bare ``key`` token of ``text``."""
+    for tok in text.split():
+        key, _, val = tok.partition("=")
+        yield tok, key, val
 
 
 def _hex(val: str, size: int) -> bytes:
