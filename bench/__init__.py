@@ -7,7 +7,7 @@ baseline measured in the same run are figures of their own (named ``*_vs_*``/``*
 so a loaded machine slows both sides alike.
 """
 
-SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save", "compress", "remus")
+SECTIONS: tuple[str, ...] = ("codec", "pagetable", "save", "compress", "remus", "disk")
 # With --lab (``make bench``): sections with ``lab_figures(host)`` and ``LAB_TARGETS``, run
 # on one real-Xen lab host, ours against the stock C tools in the same run.
 LAB_SECTIONS: tuple[str, ...] = ("save", "remus", "failover")
