@@ -69,8 +69,8 @@ def remus(p: argparse.ArgumentParser) -> None:
                    help="do not hold back the guest's network output until the backup has "
                    "the checkpoint: a failover can then lose what clients saw (needs -F)")
     g.add_argument("-d", dest="no_disk", action="store_true",
-                   help="do not replicate disks (needs -F); required for now: disk "
-                   "replication is not implemented, so disks must be shared or read-only")
+                   help="do not replicate disks (needs -F): they must then be shared or "
+                   "read-only. Without -d every disk must use the block-remus script")
     g.add_argument("-F", dest="unsafe", action="store_true",
                    help="accept the unsafe modes -n and -d")
     g.add_argument("-b", dest="blackhole", action="store_true",
