@@ -205,12 +205,16 @@ class NetBuffer(Device):
         self.sealed, self.committed = None, epoch
 
     def release_all(self) -> None:
-        """Open the plug for good; a later postsuspend closes it again (new epochs)."""
+        """Open the plug for good (a later postsuspend closes it again: new epochs) and
+        give what it held a moment to leave, so that a teardown right after drops none."""
         self._plug(RELEASE_ALL)
         self.sealed = None
+        assert self._ifb_index is not None  # _plug checked
+        self._drain(self._ifb_index)
 
     def teardown(self) -> None:
-        """Release what is held (the guest goes on here), unhook the vif, delete the IFB."""
+        """Delete the IFB (what its plug still holds is dropped), then unhook the vif.
+        Releasing is release_all()'s job, called first when the guest goes on here."""
         if self._ip is None:
             return  # never set up
         try:
@@ -220,7 +224,7 @@ class NetBuffer(Device):
                 if record is None and self._ifb_index is not None:
                     record = {"vif": self.vif, "ifb": self.ifb}  # state file lost: ours
                 if record is not None and (owner is None or owner == Owner.me()):
-                    self._remove(record, release=True)
+                    self._remove(record)
                     self._state.remove(self.vif)
         finally:
             self._ifb_index = None
@@ -229,7 +233,7 @@ class NetBuffer(Device):
             ip.close()
 
     # -- removal, also of a crashed run's leftovers --------------------------------------
-    def _remove(self, record: dict[str, Any], release: bool = False) -> None:
+    def _remove(self, record: dict[str, Any]) -> None:
         """Remove what ``record`` names; absent pieces are fine; every piece is tried."""
         vif, ifb = record.get("vif"), record.get("ifb")
         failures: list[NetbufError] = []
@@ -242,10 +246,6 @@ class NetBuffer(Device):
                     failures.append(exc)
 
         ifb_index = self._index(ifb) if isinstance(ifb, str) else None
-        if ifb_index is not None and release:
-            attempt("plug release_indefinite", self._ip.tc, "change", "plug", ifb_index, PLUG,
-                    action=RELEASE_ALL)
-            self._drain(ifb_index)
         vif_index = self._index(vif) if isinstance(vif, str) else None
         if vif_index is not None and self._has_ingress(vif_index):
             attempt(f"delete ingress qdisc of {vif}", self._ip.tc, "del", "ingress",
