@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from xen_remus import xlproto as X
-from xen_remus.stream import Decoder, EpochEnd
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import EpochEnd
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_XL = textwrap.dedent("""\
     import os, sys, time
-    from xen_remus.stream import Decoder
+    from xen_remus.stream.decoder import Decoder
     from xen_remus import xlproto as X
     d = os.environ["FAKE_XL_DIR"]
     argv = sys.argv[1:]

@@ -8,7 +8,6 @@ script's remove step stops it (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shutil
 import sys
@@ -50,6 +49,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The server (asyncio and all) only to serve: not for --help or install-script.
+    import asyncio
+
     from xen_remus.disk.daemon import serve
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -24,9 +24,9 @@ from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError
 from xen_remus.generation import GenerationError, GenerationRefused, GenerationStore
 from xen_remus.receive.fence import Fence, FenceFailed
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
-    DEFAULT_MAX_EPOCH_BYTES,
     Abort,
     Committed,
     Complete,
