@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from xen_remus.channel.ends import Config, ReceiverChannel
     from xen_remus.receive.driver import receive
     from xen_remus.receive.fence import Fence, FenceFailed
+    from xen_remus.receive.timeline import FailoverTimeline
     from xen_remus.receive.upstream import Upstream
     from xen_remus.receive.xlsink import SinkConfig, XlSink
 
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
     upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
-    sink = XlSink(cfg)
+    timeline = FailoverTimeline()  # the driver's and the sink's phases, on one clock
+    sink = XlSink(cfg, timeline)
     try:
         chan = None
         if args.remus and not args.no_extensions:
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                                           disk=True, mac=True, key=key,
                                           fence=args.fence is not None), time.monotonic())
         fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
-        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence)
+        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence,
+                      timeline=timeline)
     except FenceFailed:
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:
