@@ -4,9 +4,9 @@ benchmark.
 For the tests: FakeDomain, FakeGuest and RecordingEmitter play a Xen domain, a guest type
 and a record sink, and let a test misbehave at each step; RecordingDevice and RecordingStub
 log the calls made on a checkpointed device and on any other interface of its kind (a
-disk's control), and fail where told. For the benchmark: MemDomain and MemGuest cost next
-to nothing, so what is measured is our code. The product never imports this module (nor
-anything under tests/).
+disk's control), and fail where told; ManualClock is a clock the test moves. For the
+benchmark: MemDomain and MemGuest cost next to nothing, so what is measured is our code.
+The product never imports this module (nor anything under tests/).
 """
 
 from __future__ import annotations
@@ -388,3 +388,16 @@ def swallow(sock: socket.socket, stop: threading.Event,
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told (for code that takes ``clock``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

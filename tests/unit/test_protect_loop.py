@@ -26,17 +26,18 @@ from tests.fakes import FakeDomain, FakeGuest, swallow
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
-from xen_remus.cli.protect import Summary, _await_offer, read_banner
+from xen_remus.cli.protect_run import Summary, _await_offer, read_banner
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import Outcome, ReceiveError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
-from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.consts import PAGE_SIZE
-from xen_remus.stream.events import Buffer
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, EpochEnd
+from xen_remus.stream.records import Record
 
 CONFIG = '{"c_info": {"name": "g"}}'
 PAGES = 96

@@ -10,8 +10,9 @@ import pytest
 
 from xen_remus.receive.driver import Relay
 from xen_remus.restore_continuous import EpochTooLarge, Outcome, ReceiveError
-from xen_remus.stream import Decoder, EpochEnd, StreamError
-from xen_remus.stream.events import Buffer
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 from xen_remus.xlproto import GO
 
@@ -214,7 +215,7 @@ def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> Non
     """A compressed-pages record of ours that does not decode (the channel's rewrite raises)
     spoils its epoch like an invalid standard record: failover, never an escaping error."""
     from xen_remus.channel.errors import CompressionError
-    from xen_remus.stream import Record
+    from xen_remus.stream.records import Record
 
     data = stream(4, end=False)
     ends = epoch_ends(data)

@@ -22,9 +22,10 @@ from xen_remus.channel.ends import (
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.negotiate import OFFER_PREFIX, Extensions
 from xen_remus.channel.stats import EpochStats
-from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd
 from xen_remus.stream import consts as C
-from xen_remus.stream.events import Buffer, DomainHeader
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, DomainHeader, EpochEnd, StreamEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import Epoch, synthetic_stream
 from xen_remus.xlproto import BANNER, SenderSide
 

@@ -8,7 +8,6 @@ script's remove step stops it (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shutil
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xen_remus.errors import UsageError
+from xen_remus.paths import XEN_SCRIPTS_DIR as SCRIPTS_DIR
 
 DESCRIPTION = """Replicated guest disks. A disk line such as `disk = ['vdev=xvda,
 access=rw, script=block-remus, target=/srv/guest.img']` makes xl run the block-remus hotplug
@@ -25,7 +25,6 @@ the guest. `xen-remus protect` then replicates every write to the backup, commit
 checkpoint it belongs to. The backup host needs the same configuration and an image of the
 same size at the same path."""
 SCRIPT = "block-remus"
-SCRIPTS_DIR = "/etc/xen/scripts"
 
 
 def register(sub: Any) -> None:
@@ -50,6 +49,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The server (asyncio and all) only to serve: not for --help or install-script.
+    import asyncio
+
     from xen_remus.disk.daemon import serve
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -15,14 +15,9 @@ import sys
 import time
 from typing import Any
 
-from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.cli import options
 from xen_remus.errors import UsageError
-from xen_remus.receive.driver import receive
-from xen_remus.receive.fence import FENCE_TIMEOUT_S, Fence, FenceFailed
-from xen_remus.receive.upstream import Upstream
-from xen_remus.receive.xlsink import SinkConfig, XlSink
-from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES, FENCE_TIMEOUT_S
 
 
 def register(sub: Any) -> None:
@@ -92,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
                          "(not --no-extensions)")
     options.check_heartbeat(args)
     key = options.read_key(args.key_file)
+    # The receiver itself (stream decoder, channel: numpy, lz4) only to receive, not for
+    # --help or a usage error.
+    from xen_remus.channel.ends import Config, ReceiverChannel
+    from xen_remus.receive.driver import receive
+    from xen_remus.receive.fence import Fence, FenceFailed
+    from xen_remus.receive.timeline import FailoverTimeline
+    from xen_remus.receive.upstream import Upstream
+    from xen_remus.receive.xlsink import SinkConfig, XlSink
+
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
                         level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Like xl: a vanished sender is an error to handle, not a signal to die of.
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
     upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
-    sink = XlSink(cfg)
+    timeline = FailoverTimeline()  # the driver's and the sink's phases, on one clock
+    sink = XlSink(cfg, timeline)
     try:
         chan = None
         if args.remus and not args.no_extensions:
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                                           disk=True, mac=True, key=key,
                                           fence=args.fence is not None), time.monotonic())
         fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
-        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence)
+        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence,
+                      timeline=timeline)
     except FenceFailed:
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:

@@ -23,10 +23,11 @@ from xen_remus.channel.stats import StatusFile
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError
 from xen_remus.generation import GenerationError, GenerationRefused, GenerationStore
+from xen_remus.receive import timeline as T
 from xen_remus.receive.fence import Fence, FenceFailed
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
-    DEFAULT_MAX_EPOCH_BYTES,
     Abort,
     Committed,
     Complete,
@@ -74,12 +75,16 @@ class Relay:
     (the guest's config) before its bytes go on; ``on_commit`` each epoch the sink has
     whole, after ``sink.committed``. At a failover, ``fence`` first (it raises to refuse
     the resume, leaving the sink as it leaves it), then ``on_failover``, then the sink.
+    ``timeline`` gets the failover's phases (the sink marks its own on it too) and is
+    logged once the guest runs.
     """
 
     def __init__(self, sink: Sink, checkpointed: bool,
                  max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
-                 rewrite: Rewrite | None = None) -> None:
+                 rewrite: Rewrite | None = None,
+                 timeline: T.FailoverTimeline | None = None) -> None:
         self.sink = sink
+        self.timeline = timeline if timeline is not None else T.FailoverTimeline()
         self.core = ContinuousRestore(checkpointed, max_epoch_bytes, rewrite)
         self.outcome: Outcome | None = None
         self.on_header: Callable[[XlHeader], None] | None = None
@@ -117,9 +122,12 @@ class Relay:
                     if self.on_commit is not None:
                         self.on_commit(epoch)
                 case PartialDropped(epoch, nbytes, offset):
+                    self.timeline.mark(T.DECLARED_DEAD)  # unless the driver saw it first
+                    self.timeline.mark(T.DROPPED)
                     log.warning("failover: discarding partial epoch %d (%d bytes from "
                                 "offset %d)", epoch, nbytes, offset)
                 case FailOver():
+                    self.timeline.mark(T.DECLARED_DEAD)
                     self.outcome = self._fail_over(d)
                 case Abort(offset, why, error):
                     self.sink.abort(why)
@@ -143,31 +151,36 @@ class Relay:
         if self.on_failover is not None:
             self.on_failover(d.epoch)
         self.sink.failover(d.epoch)
+        self.timeline.mark(T.RUNNING)  # the sink returns once it runs, if it did not say
         secs = time.monotonic() - t0
         log.warning("failover: guest resumed from epoch %d in %.3f s", d.epoch, secs)
+        log.warning("%s", self.timeline.line())
         return Outcome("failover", d.epoch, d.offset, d.reason, secs, d.error)
 
 
 def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
             chan: ReceiverChannel | None = None, fence: Fence | None = None,
-            generations: GenerationStore | None = None) -> Outcome:
+            generations: GenerationStore | None = None,
+            timeline: T.FailoverTimeline | None = None) -> Outcome:
     """Run one receive to its end: banner, stream, then the handshake or the failover.
     With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
     sender accepts, each committed epoch is ACKed and a silent primary is failed over
     from after the agreed heartbeat timeout. With ``fence`` the failover waits for it
     and does not happen if it fails (FenceFailed, the copy held). ``generations``: this
-    host's records (default: under STATE_DIR)."""
+    host's records (default: under STATE_DIR). ``timeline``: the failover's phases, the
+    sink's among them (default: the driver's own, on time.monotonic)."""
     proto = ReceiverSide()
     rx = Relay(sink, checkpointed, max_epoch_bytes,
-               chan.on_record if chan is not None else None)
+               chan.on_record if chan is not None else None, timeline)
+    tl = rx.timeline
     link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
     bstatus: StatusFile | None = None  # ours: the backup's status file
     images: dict[str, str] = {}  # the guest's disks (vdev -> image), from its config
     disks = DiskReplicas(images.get)
     store = generations if generations is not None else GenerationStore()
     check = _GenerationCheck(sink, store, link) if link is not None else None
-    rx.fence = _gate(sink, fence, check.refused if check is not None else [])
+    rx.fence = _gate(sink, fence, check.refused if check is not None else [], tl)
     if chan is not None and link is not None and check is not None:
         chan.on_disk = disks.feed
         chan.on_accept = check.on_accept
@@ -225,7 +238,12 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
         while out is None:
             chunk = upstream.read() if link is None else upstream.read_beating(
                 link, armed=rx.committed is not None)
-            out = rx.feed(chunk) if chunk else rx.eof(upstream.gone)
+            if chunk:
+                tl.heard()
+                out = rx.feed(chunk)
+            else:
+                tl.mark(T.DECLARED_DEAD)
+                out = rx.eof(upstream.gone)
     except FenceFailed as exc:
         if bstatus is not None:
             bstatus.state("held", str(exc))
@@ -248,8 +266,8 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     return out
 
 
-def _gate(sink: GuestSink, fence: Fence | None, refused: list[str]
-          ) -> Callable[[int], None]:
+def _gate(sink: GuestSink, fence: Fence | None, refused: list[str],
+          timeline: T.FailoverTimeline) -> Callable[[int], None]:
     """What must hold before a failover goes ahead (Relay.fence): the sender was not
     refused, and the fence, if any, succeeded."""
 
@@ -267,6 +285,7 @@ def _gate(sink: GuestSink, fence: Fence | None, refused: list[str]
                 f"failover from epoch {epoch} refused: the fence command `{fence.command}` "
                 f"{why}; the primary may still be running, so this host did not resume "
                 f"its copy: it stays paused as {sink.incoming_name()} (epoch {epoch} held)")
+        timeline.mark(T.FENCED)
 
     return gate
 

@@ -18,11 +18,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+from xen_remus.receive.limits import FENCE_TIMEOUT_S
 from xen_remus.restore_continuous import ReceiveError
 
 log = logging.getLogger("xen_remus.receive")
-
-FENCE_TIMEOUT_S = 60.0
 
 
 class FenceFailed(ReceiveError):

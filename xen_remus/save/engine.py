@@ -24,6 +24,7 @@ from xen_remus.save.pages import DeferredPages, Pfns, batches, merge
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
+from xen_remus.stream.records import carries_data, valid_types
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class SaveEngine:
             self.defer(pfns[~ok], r)
         if ok.any():
             types[ok] = self.guest_types(pfns[ok], frames[ok])
-        data = C.carries_data(types)
+        data = carries_data(types)
         if not data.any():
             self.out.page_data(pfns, types, ())
             r.pfns += len(pfns)
@@ -192,7 +193,7 @@ class SaveEngine:
 
     def guest_types(self, pfns: Pfns, frames: Pfns) -> np.ndarray:
         types = self.dom.frame_types(frames)
-        bad = ~C.valid_types(types)
+        bad = ~valid_types(types)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise SaveError(f"domain {self.dom.domid}: pfn {int(pfns[i]):#x} has page type "
