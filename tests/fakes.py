@@ -5,9 +5,9 @@ For the tests: FakeDomain, FakeGuest and RecordingEmitter play a Xen domain, a g
 and a record sink, and let a test misbehave at each step; RecordingDevice and RecordingStub
 log the calls made on a checkpointed device and on any other interface of its kind (a
 disk's control), and fail where told. LaggingBackup is the epoch loop's link to a backup
-that ACKs each epoch a given time after it was sent, on a virtual clock. For the benchmark: MemDomain and MemGuest cost next
-to nothing, so what is measured is our code. The product never imports this module (nor
-anything under tests/).
+that ACKs each epoch a given time after it was sent, on a virtual clock. For the
+benchmark: MemDomain and MemGuest cost next to nothing, so what is measured is our code.
+The product never imports this module (nor anything under tests/).
 """
 
 from __future__ import annotations
