@@ -22,6 +22,7 @@ from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
+from xen_remus.devices.netbuf import DEPTH_RANGE
 from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
@@ -88,6 +89,9 @@ def check_args(args: argparse.Namespace) -> None:
     lo, hi = options.INTERVAL_RANGE_MS
     if not lo <= args.interval_ms <= hi:
         raise UsageError(f"-i {args.interval_ms}: the interval must be {lo}..{hi} ms")
+    lo, hi = DEPTH_RANGE
+    if not lo <= args.pipeline <= hi:
+        raise UsageError(f"--pipeline {args.pipeline}: the depth must be {lo}..{hi}")
     if (args.no_netbuf or args.no_disk) and not args.unsafe:
         raise UsageError("-n and -d turn off output commit or disk replication: add -F "
                          "to accept that (as xl remus)")
@@ -224,7 +228,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             engine = SaveEngine(s.dom, guest, out, policy)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
-            devs = device_set(domid, net=not args.no_netbuf,
+            devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
                               disks=[replicated_disk(d.vdev, d.replica, out)
                                      for d in disks if d.replica])
             rc = _protect(engine, out, link, devs, args, summary, status, name)
@@ -290,9 +294,10 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     try:
         with devs:
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=summary.epoch)
+                             on_epoch=summary.epoch, depth=args.pipeline)
             try:
-                status.state("protecting", f"interval {args.interval_ms} ms")
+                depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
+                status.state("protecting", f"interval {args.interval_ms} ms{depth}")
                 loop.run()
             except BackupLost as exc:
                 devs.release_all()  # the guest goes on here: its output too
