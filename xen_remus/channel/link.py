@@ -138,7 +138,7 @@ class SenderLink(_Heartbeats):
     def _lost(self, why: str) -> BackupLost:
         waiting = self.chan.awaiting
         epochs = ("" if len(waiting) < 2 else
-                  f"; epochs {waiting[0]}..{waiting[-1]} await their ACK, none released")
+                  f"; epochs {waiting[0]}..{waiting[-1]} await their ACK")
         return BackupLost(f"backup lost at stream offset {self.offset} (epoch "
                           f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}{epochs}): "
                           f"{why}")
