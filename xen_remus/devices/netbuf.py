@@ -131,6 +131,7 @@ class NetBuffer(Device):
         self._clock, self._sleep = clock, sleep
         self._ip: Any = None
         self._ifb_index: list[int] | None = None  # by ring slot, once set up
+        self._vif_index: int | None = None
         # Epochs sealed, not yet committed, oldest first: [epoch, slot, drain mark]; the
         # mark (packets the slot's plug will have dequeued once that epoch left) is read
         # before the slot can take packets of a later epoch.
@@ -228,6 +229,7 @@ class NetBuffer(Device):
 
     def _create(self, vif_index: int) -> None:
         ip = self._ip
+        self._vif_index = vif_index
         indexes = []
         for name in self.ifbs:
             self._call("add ifb", ip.link, "add", ifname=name, kind="ifb")
@@ -279,10 +281,8 @@ class NetBuffer(Device):
     def _switch(self, slot: int) -> None:
         """Point the vif's redirect at ring slot ``slot``: the new filter first, then the
         old one goes (packets never pass unredirected)."""
-        assert self._ifb_index is not None
-        vif_index = self._index(self.vif)
-        if vif_index is None:
-            raise NetbufError(f"{self.name}: {self.vif} vanished")
+        assert self._ifb_index is not None and self._vif_index is not None
+        vif_index = self._vif_index  # looked up at setup: no extra call in the pause
         old, new = self._prio, FILTER_PRIOS[1] if self._prio == FILTER_PRIOS[0] \
             else FILTER_PRIOS[0]
         self._redirect(f"redirect to {self.ifbs[slot]}", vif_index, self._ifb_index[slot], new)
