@@ -60,6 +60,7 @@ class FakeDomain:
         self.logdirty = False
         self.suspended = False
         self.resumed = 0
+        self.paused = False
         self.cleans = 0
         self.on_clean: Callable[[int], None] | None = None
         self.map_errors: dict[int, int] = {}  # pfn -> errno
@@ -121,6 +122,10 @@ class FakeDomain:
         self.calls.append("resume")
         self.suspended = False
         self.resumed += 1
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self.paused = True
 
 
 class FakeGuest:
@@ -405,6 +410,9 @@ class MemDomain:
         pass
 
     def resume(self) -> None:
+        pass
+
+    def pause(self) -> None:
         pass
 
     def logdirty_enable(self) -> None:

@@ -13,7 +13,8 @@
 
 What the guest says to the world during an epoch leaves only once the backup holds the
 state that said it. A backup that stops answering ends the loop with the guest running
-here, unprotected.
+here, unprotected; a failure of this side once the backup holds a checkpoint leaves the
+guest paused here, its unacknowledged output dropped, for the backup to take over.
 
 Pipelined epochs (``depth`` > 1, the Remus paper's design): checkpoint N+1 may be taken
 while up to ``depth`` - 1 earlier epochs still await their ACK. Each epoch's output stays
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xen_remus.channel.ends import Acked
-from xen_remus.channel.link import SenderLink
+from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
 from xen_remus.save.engine import SaveEngine
@@ -103,7 +104,9 @@ class RemusLoop:
     Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
     returns when ``stop()`` was called (between epochs; the epochs then awaiting their ACK
     are committed first) and raises BackupLost (guest running here, unprotected; no epoch
-    without its ACK committed) when the backup stops answering. ``on_epoch`` gets each
+    without its ACK committed) when the backup stops answering. Any other failure once
+    the backup holds a checkpoint leaves the guest paused here (``halted``): the backup
+    resumes its copy when the stream ends. ``on_epoch`` gets each
     epoch's figures once known (at its ACK, or at once with a stock backup).
     """
 
@@ -121,6 +124,7 @@ class RemusLoop:
         self.epoch = -1  # the last epoch committed by the backup
         self.sent = -1  # the last epoch transmitted
         self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
+        self.halted = False  # a failure after a commit left the guest paused here
         self._stop = False
 
     def stop(self) -> None:
@@ -145,8 +149,22 @@ class RemusLoop:
                 self.checkpoint(self.sent + 1, None)
             while self.awaiting:  # stopping: what the backup holds goes out here too
                 self._commit(self.link.next_ack(None))
+        except BackupLost:
+            e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
+            raise
         except BaseException:
-            e.undo()  # log-dirty off; the guest resumed if we had it suspended
+            if self.epoch < 0:
+                e.undo()  # the backup holds nothing: the guest goes on here
+                raise
+            # The backup resumes from epoch self.epoch (or a later one whose ACK was still
+            # on its way, when pipelined) when the stream ends: this copy must not run on
+            # beside it (and what it said since is never released: devices'
+            # teardown drops it).
+            try:
+                e.halt()
+                self.halted = True
+            except XenRemusError as exc:
+                log.error("pausing domain %d after the failure: %s", e.dom.domid, exc)
             raise
         finally:
             self.link.stop_heartbeats()

@@ -384,21 +384,34 @@ def test_release_all_then_protect_again(kernel: FakeKernel, state: StateDir) -> 
     assert kernel.wire == e1 + e2 + free + e6
 
 
-def test_teardown_releases_and_removes_everything(kernel: FakeKernel, state: StateDir) -> None:
+def test_teardown_drops_what_is_held_and_removes_everything(kernel: FakeKernel,
+                                                            state: StateDir) -> None:
     nb = make(kernel, state)
     nb.setup()
-    e1 = send(kernel, "e1", 2)
+    nb.postsuspend(1)
+    send(kernel, "e2", 2)  # epoch 1 sealed, never committed; epoch 2 open
     nb.teardown()
-    assert kernel.wire == e1  # held output goes out: the guest goes on here
+    assert kernel.wire == []  # never released without a commit: the backup lacks it
     assert "xrifb5.0" not in kernel.links
     assert kernel.qdiscs[kernel.links["vif5.0"]] == []
     assert not state.path("vif5.0").exists()
     assert kernel.opened == kernel.closed == 1
     after = send(kernel, "after", 2)
-    assert kernel.wire == e1 + after
+    assert kernel.wire == after
     ops = [c[1:3] for c in kernel.calls if c[0] in ("tc", "link") and c[1] in ("change", "del")]
-    assert ops == [("change", "plug"), ("del", "ingress"), ("del", "xrifb5.0")]
+    assert ops == [("change", "plug"), ("del", "ingress"), ("del", "xrifb5.0")]  # BUFFER only
     nb.teardown()  # twice is fine
+
+
+def test_release_all_then_teardown_lets_everything_out(kernel: FakeKernel,
+                                                       state: StateDir) -> None:
+    nb = make(kernel, state)
+    nb.setup()
+    e1 = send(kernel, "e1", 2)
+    nb.release_all()  # protection stops, the guest goes on here
+    nb.teardown()
+    assert kernel.wire == e1
+    assert "xrifb5.0" not in kernel.links
 
 
 def test_setup_twice_replaces_cleanly(kernel: FakeKernel, state: StateDir) -> None:
@@ -708,8 +721,8 @@ def test_pipelined_release_all_then_protect_again(kernel: FakeKernel,
     e1 = send(kernel, "e1", 2)
     nb.postsuspend(1)
     e2 = send(kernel, "e2", 2)
-    nb.release_all()  # backup lost: everything out, every IFB unbuffered
-    assert sorted(kernel.wire) == sorted(e1 + e2) and nb.awaiting == []
+    nb.release_all()  # backup lost: everything out, oldest epoch first, every IFB open
+    assert kernel.wire == e1 + e2 and nb.awaiting == []
     free = send(kernel, "free", 1)
     assert kernel.wire[-1:] == free
     seen = list(kernel.wire)
@@ -729,11 +742,11 @@ def test_pipelined_release_all_then_protect_again(kernel: FakeKernel,
 def test_ring_teardown_and_crash_recovery(kernel: FakeKernel, state: StateDir) -> None:
     nb = make(kernel, state, depth=3)
     nb.setup()
-    e1 = send(kernel, "e1", 2)
+    send(kernel, "e1", 2)
     nb.postsuspend(1)
-    e2 = send(kernel, "e2", 2)
+    send(kernel, "e2", 2)
     nb.teardown()
-    assert kernel.wire == e1 + e2  # the oldest epoch's IFB is released first
+    assert kernel.wire == []  # held output is dropped: releasing is release_all's job
     assert not set(RING) & set(kernel.links) and state.keys() == []
     # A crashed pipelined run: its record names the whole ring.
     make(kernel, state, depth=3).setup()

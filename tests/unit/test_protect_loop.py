@@ -29,7 +29,7 @@ from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect import Summary, _await_offer, read_banner
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
-from xen_remus.restore_continuous import Outcome
+from xen_remus.restore_continuous import Outcome, ReceiveError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
@@ -255,6 +255,67 @@ def test_a_stalled_sink_is_not_a_lost_backup() -> None:
     assert result[0].epoch == 2
 
 
+def test_a_failure_after_a_commit_leaves_the_guest_paused_for_the_backup() -> None:
+    """The primary fails (here: the guest does not suspend) once the backup holds epoch 2:
+    the guest is paused, never resumed, nothing more is committed, and the backup resumes
+    from epoch 2 when the stream ends."""
+    from xen_remus.xen.errors import SuspendError
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+
+    def on_epoch(st: EpochStats) -> None:
+        dom.fail_suspend = st.epoch == 2
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    with pytest.raises(SuspendError):
+        loop.run()
+    assert loop.halted and loop.epoch == 2
+    assert dom.paused and dom.calls[-1] == "pause" and not dom.logdirty
+    assert [c for c in devs.calls if c[0] == "commit"][-1] == ("commit", 2)
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 2 and sink.failed_over == 2
+
+
+def test_a_failure_before_the_first_commit_leaves_the_guest_running() -> None:
+    """Nothing on the backup to resume: the guest goes on here, not paused."""
+    from xen_remus.xen.errors import SuspendError
+
+    dom = FakeDomain(PAGES)
+    dom.fail_suspend = True
+    a, b = socket.socketpair()
+    aborted: list[str] = []
+
+    class Aborting(Sink):
+        def abort(self, why: str) -> None:
+            aborted.append(why)
+
+    sink = Aborting()
+    up = Upstream(b.fileno(), b.fileno(), idle_timeout=20.0, io_timeout=20.0)
+
+    def backup() -> None:
+        with pytest.raises(ReceiveError, match="before any complete epoch"):
+            receive(up, cast(Any, sink), True, chan=ReceiverChannel(Config(), 0.0))
+
+    th = threading.Thread(target=backup, daemon=True)
+    th.start()
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    loop = RemusLoop(engine, out, link, Devices(dom, sink), 0.005)
+    with pytest.raises(SuspendError):
+        loop.run()
+    assert not loop.halted and loop.epoch == -1
+    assert not dom.paused and not dom.suspended and not dom.logdirty
+    a.close()
+    th.join(20)
+    assert "before any complete epoch" in aborted[0]  # the backup has nothing to resume
+
+
+
 class SlowSink(Sink):
     """A backup whose every commit takes ``commit_s`` (xl writing a big epoch): with a
     short interval, later epochs are sent while earlier ones are being committed."""
@@ -298,3 +359,4 @@ def test_pipelined_epochs_reach_the_backup_whole_and_in_order(run_dir: Path) -> 
     seen = memory_at_each_epoch(bytes(sink.data))
     assert sorted(seen) == commits
     assert all(seen[e] == devs.snapshots[e] for e in commits)
+

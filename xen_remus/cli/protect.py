@@ -32,6 +32,7 @@ from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
+from xen_remus.supervisor import Supervisor
 from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")
@@ -49,7 +50,9 @@ DESCRIPTION = (
 EPILOG = (
     "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps "
     "running here unprotected; destroy any copy left on HOST and run protect again), 2 for "
-    "bad arguments, 1 for other errors. Stopping protect (Ctrl-C or SIGTERM) closes the "
+    "bad arguments, 1 for other errors: after the first checkpoint these leave the domain "
+    "PAUSED here with its unacknowledged output dropped, for HOST to resume its copy (a "
+    "supervisor process does the same if protect is killed). Stopping protect (Ctrl-C or SIGTERM) closes the "
     "stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two. "
     "Unless HOST runs `migrate-receive -r --fence CMD` (a command that makes sure this "
     "host is down), a broken link between the hosts also makes HOST start its copy while "
@@ -216,6 +219,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
                                     generation=generation), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
         status = StatusFile(name, "primary", peer)
+        sup = None if args.blackhole else Supervisor.start(status.path)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
             if not args.blackhole:
@@ -231,10 +235,12 @@ def cmd_protect(args: argparse.Namespace) -> int:
             devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
                               disks=[replicated_disk(d.vdev, d.replica, out)
                                      for d in disks if d.replica])
-            rc = _protect(engine, out, link, devs, args, summary, status, name)
+            rc = _protect(engine, out, link, devs, args, summary, status, name, sup)
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
+            if sup is not None:
+                sup.close()  # still armed only if the guest could not be paused here
             if recv is not None:
                 recv.close(timeout=5)
             for fd in hole:
@@ -282,34 +288,48 @@ def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
 
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
              args: argparse.Namespace, summary: Summary, status: StatusFile,
-             name: str) -> int:
+             name: str, sup: Supervisor | None) -> int:
+    """The loop and what becomes of the guest when it ends: stopped or backup lost, it
+    goes on here with its output released; any other failure once the backup holds a
+    checkpoint leaves it paused here, its unacknowledged output dropped (devices'
+    teardown), for the backup to take over; if protect dies outright, the supervisor
+    pauses it."""
     loop: RemusLoop | None = None
+    domid = engine.dom.domid
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if loop is not None:
             loop.stop()
+
+    def on_epoch(st: EpochStats) -> None:
+        if sup is not None:
+            sup.arm(domid)  # the backup holds epoch st.epoch from now on
+        summary.epoch(st)
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         with devs:
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=summary.epoch, depth=args.pipeline)
+                             on_epoch=on_epoch, depth=args.pipeline)
             try:
                 depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
                 status.state("protecting", f"interval {args.interval_ms} ms{depth}")
                 loop.run()
             except BackupLost as exc:
                 devs.release_all()  # the guest goes on here: its output too
+                _disarm(sup)
                 status.state("unprotected", str(exc))
                 print(f"xen-remus protect: {exc}\nxen-remus protect: domain {name} keeps "
                       f"running here UNPROTECTED after epoch {loop.epoch}; to protect it "
                       "again, destroy any copy on the backup and run protect again",
                       file=sys.stderr)
                 return EXIT_UNPROTECTED
-            except XenRemusError as exc:
-                status.state("failed", str(exc))
+            except BaseException as exc:
+                _failed(loop, devs, sup, status, name, exc)
                 raise
+            devs.release_all()  # stopped: the guest goes on here, its output too
+            _disarm(sup)
         status.state("stopped", f"after epoch {loop.epoch}")
         print(f"xen-remus protect: stopped after epoch {loop.epoch}; the backup resumes "
               "its copy when the stream closes (as with xl remus)", file=sys.stderr)
@@ -317,3 +337,31 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+def _disarm(sup: Supervisor | None) -> None:
+    if sup is not None:
+        sup.disarm()
+
+
+def _failed(loop: RemusLoop, devs: Any, sup: Supervisor | None, status: StatusFile,
+            name: str, exc: BaseException) -> None:
+    """What a failure of this side does to the guest, said once (the error follows)."""
+    if loop.epoch < 0:  # the backup has nothing to resume: the guest goes on here
+        try:
+            devs.release_all()
+        except XenRemusError as rel:  # the first failure is the one to raise
+            log.error("releasing the guest's held output: %s", rel)
+        _disarm(sup)
+        status.state("failed", str(exc))
+        return
+    if loop.halted:
+        _disarm(sup)  # paused already: a second pause would need a second unpause
+        what = (f"domain {name} is PAUSED here: the backup resumes its copy from epoch "
+                f"{loop.epoch}; the output it produced since was dropped. Destroy this "
+                "copy (xl destroy) once the backup runs its own")
+    else:
+        what = (f"domain {name} could not be paused here; the supervisor tries again as "
+                f"protect exits (the backup resumes its copy from epoch {loop.epoch})")
+    status.state("halted" if loop.halted else "failed", f"{exc}; {what}")
+    print(f"xen-remus protect: {what}", file=sys.stderr)

@@ -338,14 +338,21 @@ class NetBuffer(Device):
             self._sleep(0.0005)
 
     def release_all(self) -> None:
-        """Open the plugs for good; a later postsuspend closes them again (new epochs)."""
-        for slot in range(self.depth):
+        """Open the plugs for good (a later postsuspend closes them again: new epochs) and
+        give what they held a moment to leave, so that a teardown right after drops none.
+        The oldest epoch's IFB goes first, each drained before the next: epochs stay in
+        order on the wire."""
+        first = [slot for _, slot, _ in self._sealed]
+        for slot in first + [s for s in range(self.depth) if s not in first]:
             self._plug(RELEASE_ALL, slot)
+            assert self._ifb_index is not None  # _plug checked
+            self._drain(self._ifb_index[slot])
         self._unplugged = set(range(self.depth))
         self._sealed, self._released = [], None
 
     def teardown(self) -> None:
-        """Release what is held (the guest goes on here), unhook the vif, delete the IFB."""
+        """Delete the IFB (what its plug still holds is dropped), then unhook the vif.
+        Releasing is release_all()'s job, called first when the guest goes on here."""
         if self._ip is None:
             return  # never set up
         try:
@@ -355,7 +362,7 @@ class NetBuffer(Device):
                 if record is None and self._ifb_index is not None:
                     record = self._record()  # state file lost: ours
                 if record is not None and (owner is None or owner == Owner.me()):
-                    self._remove(record, release=True)
+                    self._remove(record)
                     self._state.remove(self.vif)
         finally:
             self._ifb_index = None
@@ -364,7 +371,7 @@ class NetBuffer(Device):
             ip.close()
 
     # -- removal, also of a crashed run's leftovers --------------------------------------
-    def _remove(self, record: dict[str, Any], release: bool = False) -> None:
+    def _remove(self, record: dict[str, Any]) -> None:
         """Remove what ``record`` names; absent pieces are fine; every piece is tried."""
         vif = record.get("vif")
         failures: list[NetbufError] = []
@@ -378,11 +385,6 @@ class NetBuffer(Device):
 
         ifb_indexes = [(ifb, i) for ifb in _recorded_ifbs(record)
                        if (i := self._index(ifb)) is not None]
-        if release:  # in ring order: the oldest epochs' IFB first
-            for _, ifb_index in ifb_indexes:
-                attempt("plug release_indefinite", self._ip.tc, "change", "plug", ifb_index,
-                        PLUG, action=RELEASE_ALL)
-                self._drain(ifb_index)
         vif_index = self._index(vif) if isinstance(vif, str) else None
         if vif_index is not None and self._has_ingress(vif_index):
             attempt(f"delete ingress qdisc of {vif}", self._ip.tc, "del", "ingress",

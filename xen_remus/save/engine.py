@@ -223,6 +223,16 @@ class SaveEngine:
             except XenRemusError as exc:
                 log.error("resuming domain %d after the failure: %s", self.dom.domid, exc)
 
+    def halt(self) -> None:
+        """After a failure once the backup holds a checkpoint: the guest is paused (and
+        stays suspended if it was), never resumed: the backup's copy takes over, and this
+        one must not run on beside it. Raises if the pause fails."""
+        try:
+            self.logdirty_off()
+        except XenRemusError as exc:
+            log.warning("turning log-dirty off after the failure: %s", exc)
+        self.dom.pause()
+
     def resume(self) -> None:
         """Let a guest saved with the checkpoint flag (-c) run on."""
         if self._suspended:
