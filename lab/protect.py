@@ -82,6 +82,14 @@ PROTECTORS = {
         sender=OURS + " -u -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # Pipelined epochs (--pipeline DEPTH): a checkpoint is taken while up to DEPTH-1
+    # earlier ones await B's ACK (under TCG an ACK takes longer than the interval), each
+    # epoch's output held on its own IFB of a ring on A.
+    **{f"xen-remus-p{depth}": Protector(
+        receiver=OURS_RECEIVER,
+        sender=OURS + f" --pipeline {depth} -F -d -s '' {{name}} "
+               "'socat - TCP:{bip}:{port}'",
+    ) for depth in (2, 3)},
     # Disks replicated (block-remus), output commit on: no -d, so no -F.
     "xen-remus-disk": Protector(
         receiver=OURS_RECEIVER,

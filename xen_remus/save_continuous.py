@@ -16,6 +16,15 @@ state that said it. A backup that stops answering ends the loop with the guest r
 here, unprotected; a failure of this side once the backup holds a checkpoint leaves the
 guest paused here, its unacknowledged output dropped, for the backup to take over.
 
+Pipelined epochs (``depth`` > 1, the Remus paper's design): checkpoint N+1 may be taken
+while up to ``depth`` - 1 earlier epochs still await their ACK. Each epoch's output stays
+in its own buffer (devices/netbuf.py); ACKs come in epoch order and each commits exactly
+its epoch, in order, as soon as the loop sees it (between two checkpoints, or while it
+waits for the interval); with ``depth`` epochs awaiting, the next checkpoint waits for the
+oldest ACK. Depth 1 is the plain loop: the ACK of N before checkpoint N+1. Nothing of an
+epoch without its ACK is ever committed, so the backup, resuming from its last committed
+epoch, never lags what a client saw.
+
 RemusLoop drives the one-shot engine's steps (save/engine.py) once per epoch;
 CheckpointEmitter is the Emitter that holds an epoch while the guest is suspended and
 sends it, after the resume, through the channel to the backup (channel/link.py).
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,7 +64,7 @@ class EpochLink(Protocol):
     def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
                    send_ms: float) -> EpochStats | None: ...
 
-    def wait_ack(self, epoch: int) -> Acked | None: ...
+    def next_ack(self, until: float | None) -> Acked | None: ...
 
 
 class EpochDevices(Protocol):
@@ -77,6 +87,10 @@ class EpochBuffer(Protocol):
     def transmit(self) -> int: ...
 
 
+class PipelineError(XenRemusError):
+    """The backup acknowledged an epoch out of order."""
+
+
 class RemusLoop:
     """Continuous checkpoints of ``engine``'s domain (the Remus figure), one per interval:
 
@@ -84,9 +98,13 @@ class RemusLoop:
         -> devices preresume -> resume (fast) -> transmit -> wait for the backup's ACK of
         epoch N -> devices commit(N) -> wait for the interval
 
+    With ``depth`` D > 1 (pipelined epochs) up to D epochs await their ACK at once; the
+    ACK wait of N overlaps the checkpoints after it, and commits stay in epoch order.
+
     Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
-    returns when ``stop()`` was called (between epochs) and raises BackupLost (guest
-    running here, unprotected) when the backup stops answering. Any other failure once
+    returns when ``stop()`` was called (between epochs; the epochs then awaiting their ACK
+    are committed first) and raises BackupLost (guest running here, unprotected; no epoch
+    without its ACK committed) when the backup stops answering. Any other failure once
     the backup holds a checkpoint leaves the guest paused here (``halted``): the backup
     resumes its copy when the stream ends. ``on_epoch`` gets each
     epoch's figures once known (at its ACK, or at once with a stock backup).
@@ -95,12 +113,17 @@ class RemusLoop:
     def __init__(self, engine: SaveEngine, out: EpochBuffer, link: EpochLink,
                  devices: EpochDevices, interval_s: float,
                  on_epoch: Callable[[EpochStats], None] = lambda st: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, depth: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"pipeline depth {depth}: at least 1")
         self.engine, self.out, self.link, self.devices = engine, out, link, devices
         self.interval_s = interval_s
         self.on_epoch = on_epoch
         self.clock = clock
+        self.depth = depth
         self.epoch = -1  # the last epoch committed by the backup
+        self.sent = -1  # the last epoch transmitted
+        self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
         self.halted = False  # a failure after a commit left the guest paused here
         self._stop = False
 
@@ -117,11 +140,15 @@ class RemusLoop:
             next_at = self.clock()
             self.checkpoint(0, pending)
             while not self._stop:
+                while len(self.awaiting) >= self.depth:  # the bound: the oldest ACK first
+                    self._commit(self.link.next_ack(None))
                 next_at = max(next_at + self.interval_s, self.clock())
-                self.link.idle(next_at)
+                self._commit_until(next_at)
                 if self._stop:
                     break
-                self.checkpoint(self.epoch + 1, None)
+                self.checkpoint(self.sent + 1, None)
+            while self.awaiting:  # stopping: what the backup holds goes out here too
+                self._commit(self.link.next_ack(None))
         except BackupLost:
             e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
             raise
@@ -129,8 +156,9 @@ class RemusLoop:
             if self.epoch < 0:
                 e.undo()  # the backup holds nothing: the guest goes on here
                 raise
-            # The backup resumes from epoch self.epoch when the stream ends: this copy must
-            # not run on beside it (and what it said since is never released: devices'
+            # The backup resumes from epoch self.epoch (or a later one whose ACK was still
+            # on its way, when pipelined) when the stream ends: this copy must not run on
+            # beside it (and what it said since is never released: devices'
             # teardown drops it).
             try:
                 e.halt()
@@ -143,6 +171,8 @@ class RemusLoop:
         e.logdirty_off()
 
     def checkpoint(self, epoch: int, pending: Pfns | None) -> None:
+        """Take and transmit epoch ``epoch``; its commit comes with its ACK (at once if no
+        ACK will come: a stock backup)."""
         e = self.engine
         self.out.buffering = True
         t0 = self.clock()
@@ -171,13 +201,37 @@ class RemusLoop:
         self.out.transmit()
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
-        ack = self.link.wait_ack(epoch)
-        self.devices.commit(epoch)  # exactly epoch N's packets go out
-        self.epoch = epoch
-        if ack is not None:
-            self.on_epoch(ack.stats)
-        elif st is not None:
+        self.sent = epoch
+        if st is not None:  # no ACK will come: released once sent, all a stock backup allows
+            self.devices.commit(epoch)
+            self.epoch = epoch
             self.on_epoch(st)
+        else:
+            self.awaiting.append(epoch)
+
+    def _commit_until(self, until: float) -> None:
+        """Wait until ``until`` (the next checkpoint), committing each epoch as its ACK
+        comes."""
+        while self.awaiting:
+            ack = self.link.next_ack(until)
+            if ack is None:
+                return  # the interval is over; the ACKs still due are waited for later
+            self._commit(ack)
+        self.link.idle(until)
+
+    def _commit(self, ack: Acked | None) -> None:
+        """The ACK of the oldest epoch awaiting one: commit exactly that epoch."""
+        if not self.awaiting:
+            raise PipelineError("ACK with no epoch awaiting one")
+        oldest = self.awaiting[0]
+        if ack is None or ack.epoch != oldest:
+            got = "none" if ack is None else f"epoch {ack.epoch}"
+            raise PipelineError(f"expected the ACK of epoch {oldest} (epochs awaiting one: "
+                                f"{', '.join(map(str, self.awaiting))}), got {got}")
+        self.awaiting.popleft()
+        self.devices.commit(oldest)  # exactly epoch N's packets go out
+        self.epoch = oldest
+        self.on_epoch(ack.stats)
 
 
 class CheckpointStreamError(XenRemusError):

@@ -47,3 +47,14 @@ def test_receiver_rune() -> None:
     assert receiver_rune("hb", "rsh -p 2", False, False).startswith("exec rsh -p 2 hb ")
     assert receiver_rune("socat - TCP:b:1", "", False, False) == "socat - TCP:b:1"
 
+
+
+def test_pipeline_depth_is_parsed_and_checked() -> None:
+    args = parse("protect", "--pipeline", "3", "-d", "-F", "g1", "hostb")
+    check_args(args)
+    assert args.pipeline == 3
+    assert parse("protect", "-d", "-F", "g1", "hostb").pipeline == 1  # today's loop
+    for bad in ("0", "9"):
+        with pytest.raises(UsageError, match=f"--pipeline {bad}: the depth must be 1..8"):
+            check_args(parse("protect", "--pipeline", bad, "-d", "-F", "g1", "hostb"))
+    assert parse("migrate", "--remus", "--pipeline", "2", "g1", "hostb").pipeline == 2

@@ -314,3 +314,50 @@ def test_a_failure_before_the_first_commit_leaves_the_guest_running() -> None:
     a.close()
     th.join(20)
     assert "before any complete epoch" in aborted[0]  # the backup has nothing to resume
+
+
+
+class SlowSink(Sink):
+    """A backup whose every commit takes ``commit_s`` (xl writing a big epoch): with a
+    short interval, later epochs are sent while earlier ones are being committed."""
+
+    def __init__(self, commit_s: float) -> None:
+        super().__init__()
+        self.commit_s = commit_s
+
+    def committed(self, epoch: int) -> None:
+        time.sleep(self.commit_s)
+        super().committed(epoch)
+
+
+def test_pipelined_epochs_reach_the_backup_whole_and_in_order(run_dir: Path) -> None:
+    """Depth 3 against the real receiver: it reads epoch N+1 while it commits N, ACKs in
+    order, and each epoch is committed here only after the backup had it whole."""
+    dom = FakeDomain(PAGES)
+    sink, result = SlowSink(0.03), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+    awaiting: list[int] = []
+
+    def on_epoch(st: EpochStats) -> None:
+        awaiting.append(len(loop.awaiting))
+        if st.epoch == 12:
+            loop.stop()
+        dom.write(st.epoch % PAGES, 0x40 + st.epoch)
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch, depth=3)
+    loop.run()
+    a.close()
+    th.join(20)
+    commits = [e for op, e in devs.calls if op == "commit"]
+    sealed = [e for op, e in devs.calls if op == "postsuspend"]
+    assert commits == sealed == list(range(len(commits))) and commits[-1] >= 12
+    assert max(awaiting) == 2  # at an ACK: it, and up to two more awaiting theirs
+    assert devs.calls.index(("postsuspend", 6)) < devs.calls.index(("commit", 5))
+    assert result[0].kind == "failover" and result[0].epoch == commits[-1]
+    seen = memory_at_each_epoch(bytes(sink.data))
+    assert sorted(seen) == commits
+    assert all(seen[e] == devs.snapshots[e] for e in commits)
+

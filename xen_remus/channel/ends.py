@@ -14,7 +14,8 @@ Sender (primary), in order:
      Acked(N) from ``feed_back`` (if ``agreed.ack``), ``peer_dead(now)`` meaning the
      backup is lost; ``wake_at()`` bounds each wait. The ACK of N may come back before
      ``epoch_sent(N)`` (a fast backup, or a reader thread): ``epoch_sent`` then returns
-     None and the Acked waits in ``take_early()``.
+     None and the Acked waits in ``take_early()``. Later epochs may be sent before N's
+     ACK came (pipelined epochs, ``awaiting``); their ACKs must come in epoch order.
 Receiver (backup):
   1. With -r, write ``offer_line()`` right after the banner (one write with it).
   2. ``seen(now)`` for every chunk from the sender; pass every decoded Record to
@@ -186,15 +187,19 @@ class SenderChannel:
         if not self.agreed or not self.agreed.ack:
             raise ChannelError(f"{where}: ACK was not agreed")
         in_flight = 0 if self.last_sent_epoch is None else self.last_sent_epoch + 1
-        if epoch == in_flight and self._early is None:
+        if epoch == in_flight and self._early is None and not self._unacked:
             # Its last bytes are out but epoch_sent() has not been called yet.
             self._early = (epoch, commit_us)
             return None
+        # Several epochs may await their ACK (pipelined epochs); the backup commits and
+        # ACKs them one by one, in order: any other ACK is refused, naming it.
         if epoch not in self._unacked:
             raise ChannelError(f"{where}: ACK of epoch {epoch}, but the epochs awaiting one "
                                f"are {sorted(self._unacked) or 'none'}")
-        for e in [e for e in self._unacked if e < epoch]:  # a later ACK covers them
-            del self._unacked[e]
+        if epoch != min(self._unacked):
+            raise ChannelError(f"{where}: ACK of epoch {epoch} before that of epoch "
+                               f"{min(self._unacked)} (the epochs awaiting one are "
+                               f"{sorted(self._unacked)}; ACKs come in epoch order)")
         if self.detector is not None and self.agreed.heartbeat is not None:
             self.detector.timeout = self.agreed.heartbeat[1] / 1000  # the grace is over
         t_end, st = self._unacked.pop(epoch)
@@ -310,6 +315,11 @@ class SenderChannel:
         if self.agreed is not None:
             self._stats_out.append(st)
         return st
+
+    @property
+    def awaiting(self) -> list[int]:
+        """The epochs sent and not yet ACKed, oldest first."""
+        return sorted(self._unacked)
 
     def take_early(self) -> list[Acked]:
         """The ACKs that arrived before their epoch_sent() (see step 4)."""

@@ -136,8 +136,12 @@ class SenderLink(_Heartbeats):
         self._wait(False, self.clock())
 
     def _lost(self, why: str) -> BackupLost:
+        waiting = self.chan.awaiting
+        epochs = ("" if len(waiting) < 2 else
+                  f"; epochs {waiting[0]}..{waiting[-1]} await their ACK")
         return BackupLost(f"backup lost at stream offset {self.offset} (epoch "
-                          f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}): {why}")
+                          f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}{epochs}): "
+                          f"{why}")
 
     def _read(self) -> None:
         try:
@@ -219,6 +223,25 @@ class SenderLink(_Heartbeats):
                 self.write(self.chan.pending(self.clock()))
                 if self.clock() >= until:
                     return
+                self._wait(False, until)
+
+    def next_ack(self, until: float | None) -> Acked | None:
+        """The next ACK, in epoch order (that of the oldest epoch awaiting one), waiting at
+        most until ``until`` (None: as long as the backup answers) while sending
+        heartbeats; None if none came by then, or at once if the backup does not ACK.
+        Raises BackupLost if it stops answering, whatever the number of epochs awaiting."""
+        if not self.chan.acks:
+            return None
+        while True:
+            with self._lock:
+                self._check()
+                for i, ev in enumerate(self.events):
+                    if isinstance(ev, Acked):
+                        del self.events[:i + 1]
+                        return ev
+                self.write(self.chan.pending(self.clock()))
+                if until is not None and self.clock() >= until:
+                    return None
                 self._wait(False, until)
 
     def wait_ack(self, epoch: int) -> Acked | None:

@@ -12,6 +12,7 @@ import os
 
 from xen_remus.channel.mac import KEY_MIN
 from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
+from xen_remus.devices.netbuf import DEPTH_RANGE
 from xen_remus.errors import UsageError
 from xen_remus.save.policy import PrecopyPolicy
 
@@ -79,6 +80,13 @@ def remus(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stock-backup", action="store_true",
                    help="the backup runs stock `xl migrate-receive -r`: send the plain "
                    "standard stream (no acknowledgements, heartbeats or compression)")
+    g.add_argument("--pipeline", dest="pipeline", type=int, default=1, metavar="DEPTH",
+                   help="let up to DEPTH checkpoints, {}..{}, wait for the backup's "
+                   "acknowledgement at once (default 1: each is acknowledged before the "
+                   "next is taken); with DEPTH > 1 a checkpoint is taken while earlier ones "
+                   "are still on their way, each holds its own network output (one IFB "
+                   "per checkpoint), released in order as the acknowledgements come"
+                   .format(*DEPTH_RANGE))
     g.add_argument("--initial-grace", type=int, default=30_000, metavar="MS",
                    help="until the backup has taken the first full copy, allow it MS more "
                    "milliseconds of silence, as building the domain there can stall it "

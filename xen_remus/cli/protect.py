@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from xen_remus.cli import options
+from xen_remus.devices.netbuf import DEPTH_RANGE
 from xen_remus.errors import UsageError
 
 EXIT_UNPROTECTED = 3  # the backup was lost; the guest runs here unprotected
@@ -72,6 +73,9 @@ def check_args(args: argparse.Namespace) -> None:
     lo, hi = options.INTERVAL_RANGE_MS
     if not lo <= args.interval_ms <= hi:
         raise UsageError(f"-i {args.interval_ms}: the interval must be {lo}..{hi} ms")
+    lo, hi = DEPTH_RANGE
+    if not lo <= args.pipeline <= hi:
+        raise UsageError(f"--pipeline {args.pipeline}: the depth must be {lo}..{hi}")
     if (args.no_netbuf or args.no_disk) and not args.unsafe:
         raise UsageError("-n and -d turn off output commit or disk replication: add -F "
                          "to accept that (as xl remus)")

@@ -157,7 +157,7 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             engine = SaveEngine(s.dom, guest, out, policy)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
-            devs = device_set(domid, net=not args.no_netbuf,
+            devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
                               disks=[replicated_disk(d.vdev, d.replica, out)
                                      for d in disks if d.replica])
             rc = _protect(engine, out, link, devs, args, summary, status, name, sup)
@@ -236,9 +236,10 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     try:
         with devs:
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=on_epoch)
+                             on_epoch=on_epoch, depth=args.pipeline)
             try:
-                status.state("protecting", f"interval {args.interval_ms} ms")
+                depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
+                status.state("protecting", f"interval {args.interval_ms} ms{depth}")
                 loop.run()
             except BackupLost as exc:
                 devs.release_all()  # the guest goes on here: its output too
