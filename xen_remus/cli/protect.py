@@ -15,19 +15,20 @@ import sys
 import time
 from collections import deque
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from xen_remus.channel import wire
 from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
+from xen_remus.cli.progress import CopyReport
 from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.generation import GenerationStore
-from xen_remus.save.engine import SaveEngine
+from xen_remus.save.engine import CopyProgress, SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
@@ -68,6 +69,7 @@ def register(sub: Any) -> None:
     options.transport(p)
     options.authentication(p)
     options.precopy(p)
+    options.monitoring(p, progress=True)
     p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
@@ -97,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.key_file is not None and (args.stock_backup or args.blackhole):
         raise UsageError("--key-file is for a xen-remus backup (not --stock-backup or -b)")
     options.check_heartbeat(args)
+    if args.metrics_file is not None:
+        from xen_remus.metrics import check_path
+
+        check_path(args.metrics_file)
 
 
 def read_banner(fd: int, timeout: float, what: str) -> bytes:
@@ -197,6 +203,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         guest = s.open_guest()
         assert s.dom is not None
         recv: ReceiverProcess | None = None
+        report: CopyReport | None = None
         hole: list[int] = []
         if args.blackhole:
             rfd, wfd = os.pipe()  # a back channel that stays silent
@@ -214,7 +221,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
                                     disk=bool(disks), mac=True, key=key,
                                     generation=generation), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
-        status = StatusFile(name, "primary", peer)
+        status = StatusFile(name, "primary", peer, metrics=args.metrics_file)
+        status.doc["generation"] = generation
         sup = None if args.blackhole else Supervisor.start(status.path)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
@@ -226,6 +234,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
                                        "replication (an older xen-remus?): add -d -F")
             out = CheckpointEmitter(link, config)
             engine = SaveEngine(s.dom, guest, out, policy)
+            if not args.no_progress:
+                report = watch_copy(engine)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
             devs = device_set(domid, net=not args.no_netbuf,
@@ -235,12 +245,28 @@ def cmd_protect(args: argparse.Namespace) -> int:
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
+            if report is not None:
+                report.close()
             if sup is not None:
                 sup.close()  # still armed only if the guest could not be paused here
             if recv is not None:
                 recv.close(timeout=5)
             for fd in hole:
                 os.close(fd)
+
+
+def watch_copy(engine: SaveEngine, out: TextIO | None = None) -> CopyReport:
+    """Report the initial copy's progress (CopyReport) until its final round; the
+    engine's later rounds are checkpoints and go unreported."""
+    report = CopyReport(out)
+
+    def copied(p: CopyProgress) -> None:
+        report.update(p)
+        if report.done:
+            engine.progress = None
+
+    engine.progress = copied
+    return report
 
 
 def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter) -> ReplicatedDisk:
