@@ -135,8 +135,10 @@ def render(docs: Iterable[dict[str, Any]]) -> str:
         state = str(doc.get("state"))
         for s in dict.fromkeys((*STATES.get(role, ()), state)):
             fams["state"].add({**lb, "state": s}, 1 if s == state else 0)
-        if doc.get("epoch") is not None:
-            fams["last_epoch"].add(lb, int(doc["epoch"]))
+        # The backup knows its commits before the primary's figures of them arrive.
+        epoch = doc.get("committed", doc.get("epoch"))
+        if epoch is not None:
+            fams["last_epoch"].add(lb, int(epoch))
         fams["checkpoints_total"].add(lb, int(tot.get("epochs", 0)))
         if last:
             fams["last_pause_seconds"].add(lb, float(last["pause_ms"]) / 1000)
