@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 PREFIX = "xen_remus_"
 METRICS_INTERVAL_S = 1.0  # the metrics file is rewritten at most this often
 # The states each role goes through (channel/stats.py writers), one series each.
-STATES = {"primary": ("starting", "protecting", "unprotected", "stopped", "failed"),
+STATES = {"primary": ("starting", "protecting", "unprotected", "stopped", "failed",
+                      "halted"),
           "backup": ("receiving", "complete", "failover", "held", "aborted")}
 
 

@@ -121,6 +121,23 @@ def test_render_parses_with_every_figure(tmp_path: Path) -> None:
                     "xen_remus_last_epoch", "xen_remus_last_pause_seconds")]
 
 
+def test_a_guest_halted_by_the_supervisor_is_final_not_stale(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """protect died; its supervisor paused the guest and marked the status: `status`
+    and the metrics say halted (the writer is gone, as expected), not stale."""
+    a_status(tmp_path, epochs=2)
+    doc = json.loads((tmp_path / "guest1.json").read_text())
+    doc.update(pid=2**22 + 12345, state="halted", detail="paused domain 3")  # no such pid
+    (tmp_path / "guest1.json").write_text(json.dumps(doc))
+    assert main(["status", "--dir", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert " halted " in row and "stale" not in row
+    fams = families(render(read_all(tmp_path)))
+    assert one(fams, "xen_remus_state", state="halted") == 1
+    assert one(fams, "xen_remus_state", state="protecting") == 0
+    assert one(fams, "xen_remus_up") == 0
+
+
 def test_label_values_and_help_are_escaped(tmp_path: Path) -> None:
     name = 'we"ird\\dom\nain'
     a_status(tmp_path, domain="x", epochs=1)

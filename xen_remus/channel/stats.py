@@ -42,8 +42,8 @@ FORMAT = 1
 RECENT = 20
 # The states after which the writer is gone (its own last word); any other state with
 # its writer gone is stale.
-FINAL_STATES = frozenset({"stopped", "failed", "unprotected", "complete", "failover",
-                          "aborted", "held"})
+FINAL_STATES = frozenset({"stopped", "failed", "halted", "unprotected", "complete",
+                          "failover", "aborted", "held"})
 # Histogram buckets (ms) of the pause and of the ACK time: a checkpoint pause is a few ms
 # on a quiet guest, hundreds on a busy one; an ACK over a LAN is below a ms.
 BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
