@@ -48,17 +48,17 @@ DESCRIPTION = (
     "or stock `xl migrate-receive -r` with --stock-backup. `xen-remus status` shows the "
     "figures of the last checkpoint; -v prints them for each one.")
 EPILOG = (
-    "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps "
-    "running here unprotected; destroy any copy left on HOST and run protect again), 2 for "
-    "bad arguments, 1 for other errors: after the first checkpoint these leave the domain "
-    "PAUSED here with its unacknowledged output dropped, for HOST to resume its copy (a "
-    "supervisor process does the same if protect is killed). Stopping protect (Ctrl-C or SIGTERM) closes the "
-    "stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two. "
-    "Unless HOST runs `migrate-receive -r --fence CMD` (a command that makes sure this "
-    "host is down), a broken link between the hosts also makes HOST start its copy while "
-    "this one runs on (split brain): protect warns at start. Each protection has a "
-    "generation number, recorded under /var/lib/xen-remus on both hosts: HOST refuses a "
-    "protection older than the copy it last resumed.")
+    "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps running "
+    "here unprotected; destroy any copy left on HOST and run protect again), 2 for bad "
+    "arguments, 1 for other errors: after the first checkpoint these leave the domain PAUSED "
+    "here with its unacknowledged output dropped, for HOST to resume its copy (a supervisor "
+    "process does the same if protect is killed). Stopping protect (Ctrl-C or SIGTERM) closes "
+    "the stream and, as with `xl remus`, HOST then starts its copy: destroy one of the two. "
+    "Unless HOST runs `migrate-receive -r --fence CMD` (a command that makes sure this host "
+    "is down), a broken link between the hosts also makes HOST start its copy while this one "
+    "runs on (split brain): protect warns at start. Each protection has a generation number, "
+    "recorded under /var/lib/xen-remus on both hosts: HOST refuses a protection older than "
+    "the copy it last resumed.")
 
 
 def register(sub: Any) -> None:
