@@ -16,10 +16,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_migrate_remus_is_protect() -> None:
-    args = parse("migrate", "--remus", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
-    p = parse("protect", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
+    more = ("--key-file", "/k", "--metrics-file", "/m.prom", "--no-progress")
+    args = parse("migrate", "--remus", "-i", "25", "-u", "-n", "-d", "-F", *more, "g1",
+                 "hostb")
+    p = parse("protect", "-i", "25", "-u", "-n", "-d", "-F", *more, "g1", "hostb")
+    assert set(vars(p)) - set(vars(args)) == set()  # protect reads none migrate lacks
     for key in ("interval_ms", "uncompressed", "no_netbuf", "no_disk", "unsafe", "domain",
-                "host", "ssh", "no_daemon", "blackhole", "stock_backup"):
+                "host", "ssh", "no_daemon", "blackhole", "stock_backup", "key_file",
+                "metrics_file", "no_progress"):
         assert getattr(args, key) == getattr(p, key), key
     assert p.func is cmd_protect and args.remus
     assert command_func(p) is cmd_protect and command_func(args) is cmd_protect

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -61,12 +60,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_install_script(args: argparse.Namespace) -> int:
-    dest = Path(args.dir)
+    print(f"installed {install_script(Path(args.dir))}")
+    return 0
+
+
+def packaged_script() -> bytes:
+    """The block-remus script this version ships."""
+    return (resources.files("xen_remus.hotplug") / SCRIPT).read_bytes()
+
+
+def install_script(dest: Path) -> Path:
+    """Put block-remus into ``dest`` (xl's scripts directory), executable."""
     if not dest.is_dir():
         raise UsageError(f"{dest}: no such directory (is Xen's toolstack installed?)")
-    src = resources.files("xen_remus.hotplug") / SCRIPT
-    with resources.as_file(src) as path:
-        shutil.copyfile(path, dest / SCRIPT)
-    (dest / SCRIPT).chmod(0o755)
-    print(f"installed {dest / SCRIPT}")
-    return 0
+    tmp = dest / f".{SCRIPT}.new"
+    tmp.write_bytes(packaged_script())
+    tmp.chmod(0o755)
+    tmp.replace(dest / SCRIPT)  # a hotplug run meanwhile sees the old or the new one
+    return dest / SCRIPT

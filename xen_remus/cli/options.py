@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from xen_remus.channel.mac import KEY_MIN
 from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
@@ -124,6 +125,22 @@ def authentication(p: argparse.ArgumentParser) -> None:
                    "32 /dev/urandom`; surrounding whitespace ignored; readable by its owner "
                    "only), the same file at the same path on both hosts (protect passes "
                    "the path on to the receiver it starts, unless -s ''); it is never sent")
+
+
+def monitoring(p: argparse.ArgumentParser, progress: bool = False) -> None:
+    """The status in Prometheus' format, for node_exporter's textfile collector; with
+    ``progress`` (protect), the initial copy's progress report."""
+    g = p.add_argument_group("monitoring", "`xen-remus status` shows the figures of every "
+                             "protection on this host; they can also go to a file.")
+    g.add_argument("--metrics-file", type=Path, default=None, metavar="PATH",
+                   help="keep this domain's figures in PATH in Prometheus' text format "
+                   "(e.g. /var/lib/prometheus/node-exporter/NAME.prom), replaced "
+                   "atomically at most once a second and at each change of state")
+    if progress:
+        g.add_argument("--no-progress", action="store_true",
+                       help="do not report the initial copy's progress on stderr (by "
+                       "default: in place on a terminal, else a line at most every "
+                       "few seconds)")
 
 
 def read_key(path: str | None) -> bytes | None:

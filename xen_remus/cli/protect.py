@@ -50,6 +50,7 @@ def register(sub: Any) -> None:
     options.transport(p)
     options.authentication(p)
     options.precopy(p)
+    options.monitoring(p, progress=True)
     p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
@@ -73,6 +74,10 @@ def check_args(args: argparse.Namespace) -> None:
     lo, hi = options.INTERVAL_RANGE_MS
     if not lo <= args.interval_ms <= hi:
         raise UsageError(f"-i {args.interval_ms}: the interval must be {lo}..{hi} ms")
+    if args.metrics_file is not None:
+        from xen_remus.metrics import check_path
+
+        check_path(args.metrics_file)
     lo, hi = DEPTH_RANGE
     if not lo <= args.pipeline <= hi:
         raise UsageError(f"--pipeline {args.pipeline}: the depth must be {lo}..{hi}")

@@ -12,12 +12,13 @@ import sys
 import time
 from collections import deque
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from xen_remus.channel import wire
 from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
+from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune
 from xen_remus.devices.discover import device_set, read_disks, unreplicable
 from xen_remus.disk.device import ReplicatedDisk
@@ -25,7 +26,7 @@ from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.generation import GenerationStore
-from xen_remus.save.engine import SaveEngine
+from xen_remus.save.engine import CopyProgress, SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
@@ -126,6 +127,7 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
         guest = s.open_guest()
         assert s.dom is not None
         recv: ReceiverProcess | None = None
+        report: CopyReport | None = None
         hole: list[int] = []
         if args.blackhole:
             rfd, wfd = os.pipe()  # a back channel that stays silent
@@ -143,7 +145,8 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
                                     disk=bool(disks), mac=True, key=key,
                                     generation=generation), time.monotonic())
         link = SenderLink(chan, send_fd, recv_fd)
-        status = StatusFile(name, "primary", peer)
+        status = StatusFile(name, "primary", peer, metrics=args.metrics_file)
+        status.doc["generation"] = generation
         sup = None if args.blackhole else Supervisor.start(status.path)
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
@@ -155,6 +158,8 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
                                        "replication (an older xen-remus?): add -d -F")
             out = CheckpointEmitter(link, config)
             engine = SaveEngine(s.dom, guest, out, policy)
+            if not args.no_progress:
+                report = watch_copy(engine)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
             devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
@@ -164,12 +169,28 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
+            if report is not None:
+                report.close()
             if sup is not None:
                 sup.close()  # still armed only if the guest could not be paused here
             if recv is not None:
                 recv.close(timeout=5)
             for fd in hole:
                 os.close(fd)
+
+
+def watch_copy(engine: SaveEngine, out: TextIO | None = None) -> CopyReport:
+    """Report the initial copy's progress (CopyReport) until its final round; the
+    engine's later rounds are checkpoints and go unreported."""
+    report = CopyReport(out)
+
+    def copied(p: CopyProgress) -> None:
+        report.update(p)
+        if report.done:
+            engine.progress = None
+
+    engine.progress = copied
+    return report
 
 
 def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter) -> ReplicatedDisk:

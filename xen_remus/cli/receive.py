@@ -60,6 +60,7 @@ def register(sub: Any) -> None:
                    "heartbeats, compression, authentication): behave exactly as stock xl")
     options.heartbeat(p)
     options.authentication(p)
+    options.monitoring(p)
     g = p.add_argument_group("fencing", "With -r: make sure the primary is down before "
                              "this host resumes its copy.")
     g.add_argument("--fence", metavar="CMD",
@@ -85,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if args.key_file is not None and (not args.remus or args.no_extensions):
         raise UsageError("--key-file needs -r and the xen-remus extensions "
                          "(not --no-extensions)")
+    if args.metrics_file is not None:
+        if not args.remus or args.no_extensions:
+            raise UsageError("--metrics-file needs -r and the xen-remus extensions (not "
+                             "--no-extensions)")
+        from xen_remus.metrics import check_path
+
+        check_path(args.metrics_file)
     options.check_heartbeat(args)
     key = options.read_key(args.key_file)
     # The receiver itself (stream decoder, channel: numpy, lz4) only to receive, not for
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                                           fence=args.fence is not None), time.monotonic())
         fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence,
-                      timeline=timeline)
+                      timeline=timeline, metrics_file=args.metrics_file)
     except FenceFailed:
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:

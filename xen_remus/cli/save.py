@@ -60,6 +60,8 @@ def register(sub: Any) -> None:
     options.precopy(m)
     options.remus(m)
     options.heartbeat(m)
+    options.authentication(m)
+    options.monitoring(m, progress=True)
     m.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     m.add_argument("host", metavar="HOST", help="the host to move it to")
     m.set_defaults(func=cmd_migrate)

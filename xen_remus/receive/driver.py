@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from xen_remus.channel.ends import ReceiverChannel
@@ -162,14 +163,17 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
             chan: ReceiverChannel | None = None, fence: Fence | None = None,
             generations: GenerationStore | None = None,
-            timeline: T.FailoverTimeline | None = None) -> Outcome:
+            timeline: T.FailoverTimeline | None = None,
+            metrics_file: Path | None = None) -> Outcome:
     """Run one receive to its end: banner, stream, then the handshake or the failover.
     With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
     sender accepts, each committed epoch is ACKed and a silent primary is failed over
     from after the agreed heartbeat timeout. With ``fence`` the failover waits for it
     and does not happen if it fails (FenceFailed, the copy held). ``generations``: this
     host's records (default: under STATE_DIR). ``timeline``: the failover's phases, the
-    sink's among them (default: the driver's own, on time.monotonic)."""
+    sink's among them (default: the driver's own, on time.monotonic).
+    ``metrics_file``: the status also kept there in Prometheus' format
+    (`--metrics-file`)."""
     proto = ReceiverSide()
     rx = Relay(sink, checkpointed, max_epoch_bytes,
                chan.on_record if chan is not None else None, timeline)
@@ -192,10 +196,14 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                     new = store.failed_over(name, acc.generation)
                     log.warning("failover: %s is generation %d on this host from now on",
                                 name, new)
+                    if bstatus is not None:
+                        bstatus.doc["generation"] = new
                 except GenerationError as exc:  # resume all the same: the guest comes first
                     log.error("failover: %s; a stale primary of %s will not be refused",
                               exc, name)
             disks.failover(epoch)
+            if bstatus is not None:
+                bstatus.doc["failovers"] += 1
 
         rx.on_failover = failing_over
 
@@ -209,6 +217,8 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                 for st in chan.take_stats():
                     bstatus.epoch(st)
                 bstatus.doc["committed"] = epoch
+                if bstatus.doc["generation"] is None and chan.accepted is not None:
+                    bstatus.doc["generation"] = chan.accepted.generation
                 bstatus.write()
 
         rx.on_commit = committed
@@ -222,7 +232,7 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
         with contextlib.suppress(TypeError, ValueError):
             images.update(disk_images(hdr.config_json()))
         if chan is not None and sink.domain_name:
-            bstatus = StatusFile(sink.domain_name, "backup")
+            bstatus = StatusFile(sink.domain_name, "backup", metrics=metrics_file)
             bstatus.state("receiving", "initial copy")
         if check is not None:
             check.header_seen()

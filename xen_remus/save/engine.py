@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,20 @@ class SaveStats:
                 f"total {self.total_s:.2f} s")
 
 
+@dataclass(frozen=True)
+class CopyProgress:
+    """Where a copy round is, for a progress report: after each PAGE_DATA record of a
+    round and once at its end (``round_done``). Pages count those whose data went out."""
+
+    round: int  # 0: the first, full copy
+    live: bool  # False: the guest is suspended (the final round of a save)
+    pfns_done: int  # of this round
+    pfns_todo: int  # this round's pfns
+    pages_sent: int  # every round so far, this one included
+    nr_pfns: int  # the guest's
+    round_done: bool = False
+
+
 class SaveEngine:
     """Saves one domain into ``out``. One-shot: ``run()``; the guest is left suspended on
     success (the caller destroys or resumes it) and running as it was on failure."""
@@ -77,6 +91,10 @@ class SaveEngine:
         self.stats = SaveStats()
         self._logdirty = False
         self._suspended = False
+        # Told where each round is (a progress report); set to None once not wanted: the
+        # engine itself never prints.
+        self.progress: Callable[[CopyProgress], None] | None = None
+        self._pages_sent = 0
 
     # -- the figure ---------------------------------------------------------------------
     def run(self) -> SaveStats:
@@ -140,10 +158,18 @@ class SaveEngine:
     def send_pages(self, pfns: Pfns, live: bool) -> None:
         r = RoundStats(live=live)
         t = time.monotonic()
+        n = len(self.stats.rounds)
         for batch in batches(pfns):
             self.write_batch(batch, live, r)
+            if self.progress is not None:
+                self.progress(CopyProgress(n, live, r.pfns, len(pfns),
+                                           self._pages_sent + r.pages, self.nr_pfns))
         r.seconds = time.monotonic() - t
+        self._pages_sent += r.pages
         self.stats.rounds.append(r)
+        if self.progress is not None:
+            self.progress(CopyProgress(n, live, r.pfns, len(pfns), self._pages_sent,
+                                       self.nr_pfns, round_done=True))
         log.debug("round %d (%s): %d pfns, %d pages, %d deferred, %.3f s",
                   len(self.stats.rounds) - 1, "live" if live else "final", r.pfns, r.pages,
                   r.deferred, r.seconds)
