@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -24,6 +25,7 @@ from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
 from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.remote import SocketControl
+from xen_remus.disk.sync import SyncProgress
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.generation import GenerationStore
@@ -36,6 +38,7 @@ from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")
 EXIT_UNPROTECTED = 3  # the backup was lost; the guest runs here unprotected
+MIB = 1 << 20
 DESCRIPTION = (
     "Keep DOMAIN running here with an up-to-date copy on HOST that takes over if this "
     "host fails (Remus). After a first live copy, protect takes a checkpoint every -i "
@@ -228,10 +231,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
             engine = SaveEngine(s.dom, guest, out, policy)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
-            devs = device_set(domid, net=not args.no_netbuf,
-                              disks=[replicated_disk(d.vdev, d.replica, out)
-                                     for d in disks if d.replica])
-            rc = _protect(engine, out, link, devs, args, summary, status, name, sup)
+            rdisks = [replicated_disk(d.vdev, d.replica, out, generation or 0)
+                      for d in disks if d.replica]
+            devs = device_set(domid, net=not args.no_netbuf, disks=rdisks)
+            rc = _protect(engine, out, link, devs, args, summary, status, name, sup,
+                          lambda: sync_disks(rdisks, link, out, status))
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
@@ -243,15 +247,54 @@ def cmd_protect(args: argparse.Namespace) -> int:
                 os.close(fd)
 
 
-def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter) -> ReplicatedDisk:
+def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter,
+                    generation: int = 0) -> ReplicatedDisk:
     """The Device of one block-remus disk: at each seal its frames go into the
-    checkpoint being buffered, as REMUS_DISK records."""
+    checkpoint being buffered, as REMUS_DISK records (during the initial
+    synchronisation, into the stream as they come)."""
 
     def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
         for body in wire.disk_bodies(vdev, frames, ends):
             out.libxc_record(wire.REC_REMUS_DISK, body)
 
-    return ReplicatedDisk(SocketControl(vdev, replica, into_checkpoint))
+    return ReplicatedDisk(SocketControl(vdev, replica, into_checkpoint, generation))
+
+
+PROGRESS_EVERY = 1.0  # s between progress lines of the initial synchronisation
+
+
+def sync_disks(disks: list[ReplicatedDisk], link: SenderLink, out: CheckpointEmitter,
+               status: StatusFile | None = None) -> None:
+    """Each disk's initial synchronisation, relayed while the guest runs (before epoch
+    0's pre-copy), with its progress on stderr; a failure is ReplicaLost."""
+    for disk in disks:
+        if isinstance(disk.control, SocketControl):
+            _sync_disk(disk, disk.control, link, out, status)
+
+
+def _sync_disk(disk: ReplicatedDisk, ctl: SocketControl, link: SenderLink,
+               out: CheckpointEmitter, status: StatusFile | None) -> None:
+    t0 = said = time.monotonic()
+    vdev = ctl.vdev
+
+    def show(p: SyncProgress) -> None:
+        nonlocal said
+        now = time.monotonic()
+        if now - said < PROGRESS_EVERY or p.finished:
+            return
+        said = now
+        line = (f"disk {vdev}: initial synchronisation {p.done / MIB:.1f}/"
+                f"{p.total / MIB:.1f} MiB ({100 * p.done // p.total if p.total else 100}%)")
+        print(f"xen-remus protect: {line}", file=sys.stderr, flush=True)
+        if status is not None:
+            status.state("starting", line)
+
+    p = disk.guarded("initial synchronisation",
+                     lambda: ctl.sync(lambda: link.disk_back(vdev), out.flush, show))
+    print(f"xen-remus protect: disk {vdev}: synchronised "
+          f"({p.mode if p.mode == 'dirty blocks' else 'by chunk hashes'}):"
+          f" {p.sent / MIB:.1f} MiB sent of {p.total / MIB:.1f} MiB in "
+          f"{time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:
@@ -284,7 +327,8 @@ def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
 
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
              args: argparse.Namespace, summary: Summary, status: StatusFile,
-             name: str, sup: Supervisor | None) -> int:
+             name: str, sup: Supervisor | None,
+             before_precopy: Callable[[], None] | None = None) -> int:
     """The loop and what becomes of the guest when it ends: stopped or backup lost, it
     goes on here with its output released; any other failure once the backup holds a
     checkpoint leaves it paused here, its unacknowledged output dropped (devices'
@@ -307,7 +351,7 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     try:
         with devs:
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=on_epoch)
+                             on_epoch=on_epoch, before_precopy=before_precopy)
             try:
                 status.state("protecting", f"interval {args.interval_ms} ms")
                 loop.run()
