@@ -10,8 +10,8 @@ import pytest
 
 from tests.fakes import RecordingDevice, RecordingStub
 from tests.unit.disk_helpers import Client, Replicated
-from xen_remus.devices.base import DeviceError, DeviceSet
 from xen_remus.channel.link import BackupLost
+from xen_remus.devices.base import DeviceError, DeviceSet
 from xen_remus.disk.device import ReplicaLost, ReplicatedDisk
 from xen_remus.disk.errors import EpochError
 
