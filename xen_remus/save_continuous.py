@@ -1,7 +1,8 @@
 """The continuous save: the Remus epoch loop on the primary, one checkpoint per interval.
 
-    epoch 0   pre-copy rounds while the guest runs (the one-shot engine's live phase),
-              then the first checkpoint, as every later epoch:
+    epoch 0   the disks' initial synchronisation (``before_precopy``), then pre-copy
+              rounds while the guest runs (the one-shot engine's live phase), then the
+              first checkpoint, as every later epoch:
     epoch N   suspend -> dirty pages into a local buffer
               -> devices postsuspend (net: a new output buffer starts; disks: the
                  epoch's writes and its seal join the buffer)
@@ -108,12 +109,15 @@ class RemusLoop:
     the backup holds a checkpoint leaves the guest paused here (``halted``): the backup
     resumes its copy when the stream ends. ``on_epoch`` gets each
     epoch's figures once known (at its ACK, or at once with a stock backup).
+    ``before_precopy`` runs once the stream has begun, before the first pre-copy round
+    (the disks' initial synchronisation, relayed while the guest runs).
     """
 
     def __init__(self, engine: SaveEngine, out: EpochBuffer, link: EpochLink,
                  devices: EpochDevices, interval_s: float,
                  on_epoch: Callable[[EpochStats], None] = lambda st: None,
-                 clock: Callable[[], float] = time.monotonic, depth: int = 1) -> None:
+                 clock: Callable[[], float] = time.monotonic, depth: int = 1,
+                 before_precopy: Callable[[], None] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"pipeline depth {depth}: at least 1")
         self.engine, self.out, self.link, self.devices = engine, out, link, devices
@@ -121,6 +125,7 @@ class RemusLoop:
         self.on_epoch = on_epoch
         self.clock = clock
         self.depth = depth
+        self.before_precopy = before_precopy
         self.epoch = -1  # the last epoch committed by the backup
         self.sent = -1  # the last epoch transmitted
         self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
@@ -136,6 +141,8 @@ class RemusLoop:
             e.start_of_stream()
             self.out.flush()
             self.link.start_heartbeats()
+            if self.before_precopy is not None:
+                self.before_precopy()
             pending = e.precopy()
             next_at = self.clock()
             self.checkpoint(0, pending)

@@ -361,3 +361,50 @@ def test_pipelined_epochs_reach_the_backup_whole_and_in_order(run_dir: Path) -> 
     assert sorted(seen) == commits
     assert all(seen[e] == devs.snapshots[e] for e in commits)
 
+
+def test_a_failed_disk_replica_leaves_the_guest_running_unprotected(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk's replication fails at the seal of epoch 2 (its server gone): protect says
+    which disk, lets the guest and its output go on here and exits 3, not 1."""
+    import argparse
+
+    from xen_remus.channel.stats import StatusFile
+    from xen_remus.cli.protect import EXIT_UNPROTECTED
+    from xen_remus.cli.protect_run import _protect
+    from xen_remus.disk.device import ReplicaLost
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+
+    class FailingDisk(Devices):
+        def postsuspend(self, epoch: int) -> None:
+            super().postsuspend(epoch)
+            if epoch == 2:
+                raise ReplicaLost("replication of disk xvda (/run/r.sock) failed (seal epoch"
+                                  " 2): the server closed the replication socket")
+
+        def release_all(self) -> None:
+            self.calls.append(("release_all", -1))
+
+        def __enter__(self) -> FailingDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.calls.append(("teardown", -1))
+
+    devs = FailingDisk(dom, sink)
+    args = argparse.Namespace(interval_ms=5, pipeline=1)
+    status = StatusFile("g", "primary", "backup")
+    rc = _protect(engine, out, link, devs, args, Summary(status, False), status, "g", None)
+    assert rc == EXIT_UNPROTECTED
+    assert not dom.paused and not dom.suspended, "the guest runs on here"
+    assert devs.calls[-2:] == [("release_all", -1), ("teardown", -1)]
+    err = capsys.readouterr().err
+    assert "disk xvda" in err and "UNPROTECTED after epoch 1" in err
+    assert json.loads(status.path.read_text())["state"] == "unprotected"
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 1

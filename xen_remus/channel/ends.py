@@ -111,7 +111,17 @@ class Closed:
     reason: str
 
 
-BackEvent = Offered | Acked | Closed
+@dataclass(frozen=True)
+class DiskBack:
+    """A replica's answer to its disk's server (disk/sync.py), to relay as it is."""
+
+    vdev: str
+    frames: bytes
+
+
+BackEvent = Offered | Acked | Closed | DiskBack
+# Room for the frames of one REMUS_DISK_BACK, under BACK_FRAME_MAX with name and MAC.
+DISK_BACK_MAX = wire.BACK_FRAME_MAX - wire.DISK_NAME_SIZE - 256
 
 
 class SenderChannel:
@@ -174,6 +184,11 @@ class SenderChannel:
                 wire.parse_heartbeat(body, where)
             elif fr.rtype == wire.REC_REMUS_CLOSE:
                 out.append(Closed(body.decode("utf-8", "replace")))
+            elif fr.rtype == wire.REC_REMUS_DISK_BACK:
+                if not self.agreed.disk:
+                    raise ChannelError(f"{where}: disk replication was not agreed")
+                vdev, frames = wire.parse_disk(body, where)
+                out.append(DiskBack(vdev, bytes(frames)))
             else:
                 raise ChannelError(f"{where}: not a frame of this direction")
         return out
@@ -360,7 +375,8 @@ class ReceiverChannel:
         # receive/driver.py); raises a ChannelError to refuse the sender.
         self.on_accept: Callable[[Accept, str], None] | None = None
         # REMUS_DISK records go here as they arrive (vdev, frames, where): the receiver's
-        # disk replicas (disk/backup.py), which hold them per epoch.
+        # disk replicas (disk/backup.py), which hold them per epoch. What it returns goes
+        # back to the primary (disk_back).
         self.on_disk: Callable[[str, memoryview, str], None] | None = None
 
     def offer_line(self) -> bytes:
@@ -448,6 +464,29 @@ class ReceiverChannel:
             return b""
         return _sealed(self._sealer, wire.REC_REMUS_HEARTBEAT,
                        wire.heartbeat_body(self._timer.next_seq(now)))
+
+    def disk_back(self, vdev: str, frames: list[bytes]) -> bytes:
+        """REMUS_DISK_BACK frames carrying a replica's answers (replica frames, each whole
+        in one back frame) to the primary's server of ``vdev``."""
+        if self.agreed is None or not self.agreed.disk:
+            raise ChannelError(f"disk {vdev}: answers for a disk, but disk replication was"
+                               " not agreed")
+        out: list[bytes] = []
+        part: list[bytes] = []
+        size = 0
+        for f in [*frames, None]:
+            if f is None or (part and size + len(f) > DISK_BACK_MAX):
+                if part:
+                    out.append(_sealed(self._sealer, wire.REC_REMUS_DISK_BACK,
+                                       wire.disk_body(vdev, b"".join(part))))
+                part, size = [], 0
+            if f is not None:
+                if len(f) > DISK_BACK_MAX:
+                    raise ChannelError(f"disk {vdev}: an answer of {len(f)} bytes exceeds"
+                                       f" a back frame ({DISK_BACK_MAX})")
+                part.append(f)
+                size += len(f)
+        return b"".join(out)
 
     def close(self, reason: str) -> bytes:
         """A frame telling the primary this backup stops (b"" with a stock sender)."""

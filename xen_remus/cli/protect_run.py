@@ -11,18 +11,17 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, TextIO
 
-from xen_remus.channel import wire
 from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune
+from xen_remus.cli.protect_disks import replicated_disk, sync_disks
 from xen_remus.devices.discover import device_set, read_disks, unreplicable
-from xen_remus.disk.device import ReplicatedDisk
-from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
 from xen_remus.generation import GenerationStore
@@ -162,10 +161,12 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
                 report = watch_copy(engine)
             summary = Summary(status, args.verbose > 0, chan)
             status.state("starting", f"initial copy of domain {domid} to {peer}")
+            rdisks = [replicated_disk(d.vdev, d.replica, out, generation or 0)
+                      for d in disks if d.replica]
             devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
-                              disks=[replicated_disk(d.vdev, d.replica, out)
-                                     for d in disks if d.replica])
-            rc = _protect(engine, out, link, devs, args, summary, status, name, sup)
+                              disks=rdisks)
+            rc = _protect(engine, out, link, devs, args, summary, status, name, sup,
+                          lambda: sync_disks(rdisks, link, out, status))
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
@@ -191,17 +192,6 @@ def watch_copy(engine: SaveEngine, out: TextIO | None = None) -> CopyReport:
 
     engine.progress = copied
     return report
-
-
-def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter) -> ReplicatedDisk:
-    """The Device of one block-remus disk: at each seal its frames go into the
-    checkpoint being buffered, as REMUS_DISK records."""
-
-    def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
-        for body in wire.disk_bodies(vdev, frames, ends):
-            out.libxc_record(wire.REC_REMUS_DISK, body)
-
-    return ReplicatedDisk(SocketControl(vdev, replica, into_checkpoint))
 
 
 def _await_offer(link: SenderLink, rest: bytes, wait: float) -> None:
@@ -234,7 +224,8 @@ def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
 
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
              args: argparse.Namespace, summary: Summary, status: StatusFile,
-             name: str, sup: Supervisor | None) -> int:
+             name: str, sup: Supervisor | None,
+             before_precopy: Callable[[], None] | None = None) -> int:
     """The loop and what becomes of the guest when it ends: stopped or backup lost, it
     goes on here with its output released; any other failure once the backup holds a
     checkpoint leaves it paused here, its unacknowledged output dropped (devices'
@@ -257,7 +248,8 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     try:
         with devs:
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=on_epoch, depth=args.pipeline)
+                             on_epoch=on_epoch, depth=args.pipeline,
+                             before_precopy=before_precopy)
             try:
                 depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
                 status.state("protecting", f"interval {args.interval_ms} ms{depth}")

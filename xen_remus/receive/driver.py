@@ -186,7 +186,10 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     check = _GenerationCheck(sink, store, link) if link is not None else None
     rx.fence = _gate(sink, fence, check.refused if check is not None else [], tl)
     if chan is not None and link is not None and check is not None:
-        chan.on_disk = disks.feed
+        def on_disk(vdev: str, frames: memoryview, where: str) -> None:
+            link.disk_back(vdev, disks.feed(vdev, frames, where))
+
+        chan.on_disk = on_disk
         chan.on_accept = check.on_accept
 
         def failing_over(epoch: int) -> None:
