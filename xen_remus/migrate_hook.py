@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "status": "xen_remus.cli.status",
     "protect": "xen_remus.cli.protect",
     "disk": "xen_remus.cli.disk",
+    "witness": "xen_remus.cli.witness",
 }
 
 

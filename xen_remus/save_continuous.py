@@ -92,8 +92,12 @@ class RemusLoop:
     def __init__(self, engine: SaveEngine, out: EpochBuffer, link: EpochLink,
                  devices: EpochDevices, interval_s: float,
                  on_epoch: Callable[[EpochStats], None] = lambda st: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 before_commit: Callable[[int], None] | None = None) -> None:
         self.engine, self.out, self.link, self.devices = engine, out, link, devices
+        # The witness's lease (witness/lease.py OutputGate): returns once epoch N's
+        # output may go out (it pauses the guest while it may not), or raises.
+        self.before_commit = before_commit
         self.interval_s = interval_s
         self.on_epoch = on_epoch
         self.clock = clock
@@ -155,6 +159,8 @@ class RemusLoop:
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
         ack = self.link.wait_ack(epoch)
+        if self.before_commit is not None:
+            self.before_commit(epoch)
         self.devices.commit(epoch)  # exactly epoch N's packets go out
         self.epoch = epoch
         if ack is not None:

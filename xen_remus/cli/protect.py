@@ -22,6 +22,7 @@ from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli import options
+from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.disk.device import ReplicatedDisk
 from xen_remus.disk.remote import SocketControl
 from xen_remus.errors import UsageError, XenRemusError
@@ -31,6 +32,7 @@ from xen_remus.save.engine import SaveEngine
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
+from xen_remus.witness.lease import GATE_TIMEOUT_S, LeaseKeeper, LeaseLost, OutputGate
 from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")
@@ -65,23 +67,43 @@ def register(sub: Any) -> None:
     options.transport(p)
     options.authentication(p)
     options.precopy(p)
+    options.witness(p, "Against split brain without a fence: this host releases the "
+                    "guest's output only while the witness gives it a lease, and the "
+                    "backup (given the same options, passed on to it unless -s '') resumes "
+                    "its copy only once that lease ran out. When the backup is lost or "
+                    "protect is stopped, this host first takes the guest's next generation "
+                    "from the witness, so the backup's copy stays paused.")
+    p.add_argument("--witness-timeout", type=float, default=GATE_TIMEOUT_S, metavar="S",
+                   help="with --witness: wait at most S seconds for the first lease, and "
+                   "for the next generation when protection ends (default %(default)g)")
     p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
 
 
 def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool,
-                  key_file: str | None = None) -> str:
+                  key_file: str | None = None, extra: str = "") -> str:
     """xl remus's `exec ssh HOST xl migrate-receive -r [-e]`, our receiver unless
     --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command. The
     receiver is given the same --key-file path (quoted for the local shell and for the
-    one ssh runs on HOST)."""
+    one ssh runs on HOST), and ``extra`` (the witness options, quoted for both shells)."""
     if ssh == "":
         return host
     tool = "xl" if stock else "xen-remus"
     key = f" --key-file {shlex.quote(shlex.quote(key_file))}" if key_file else ""
     return (f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r"
-            f"{' -e' if no_daemon else ''}{key}")
+            f"{' -e' if no_daemon else ''}{key}{extra}")
+
+
+def witness_rune(args: argparse.Namespace) -> str:
+    """The witness options to pass on to the receiver (not --witness-id: its own)."""
+    out = ""
+    for opt, val in (("--witness", args.witness), ("--witness-via", args.witness_via),
+                     ("--witness-key-file", args.witness_key_file),
+                     ("--witness-timeout", str(args.witness_timeout))):
+        if val is not None:
+            out += f" {opt} {shlex.quote(shlex.quote(val))}"
+    return out if args.witness is not None or args.witness_via is not None else ""
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -93,6 +115,11 @@ def check_args(args: argparse.Namespace) -> None:
                          "to accept that (as xl remus)")
     if args.key_file is not None and (args.stock_backup or args.blackhole):
         raise UsageError("--key-file is for a xen-remus backup (not --stock-backup or -b)")
+    if (args.witness is not None or args.witness_via is not None) and (
+            args.stock_backup or args.blackhole):
+        raise UsageError("--witness is for a xen-remus backup (not --stock-backup or -b)")
+    if args.witness_timeout <= 0:
+        raise UsageError("--witness-timeout must be positive")
     options.check_heartbeat(args)
 
 
@@ -177,6 +204,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
     check_args(args)
     policy = options.precopy_policy(args)
     key = options.read_key(args.key_file)
+    witness = client_of(args)
+    holder = holder_of(args) if witness is not None else ""
     # pyroute2 only when protecting
     from xen_remus.devices.discover import device_set, read_disks, unreplicable
 
@@ -193,6 +222,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
         generation = None if args.blackhole else GenerationStore().start_protection(name)
         guest = s.open_guest()
         assert s.dom is not None
+        gate = None
+        if witness is not None and generation is not None:
+            gate = _lease(witness, name, generation, holder, args.witness_timeout,
+                          s.dom.xc, domid)
         recv: ReceiverProcess | None = None
         hole: list[int] = []
         if args.blackhole:
@@ -201,7 +234,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
             rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon,
-                                 args.key_file)
+                                 args.key_file, witness_rune(args))
             recv = ReceiverProcess(rune)
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
             rest = read_banner(recv_fd, args.timeout, rune)
@@ -227,10 +260,12 @@ def cmd_protect(args: argparse.Namespace) -> int:
             devs = device_set(domid, net=not args.no_netbuf,
                               disks=[replicated_disk(d.vdev, d.replica, out)
                                      for d in disks if d.replica])
-            rc = _protect(engine, out, link, devs, args, summary, status, name)
+            rc = _protect(engine, out, link, devs, args, summary, status, name, gate)
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
+            if gate is not None:
+                gate.keeper.stop()
             if recv is not None:
                 recv.close(timeout=5)
             for fd in hole:
@@ -276,9 +311,39 @@ def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
               f"{name} will run on both (split brain)", file=sys.stderr, flush=True)
 
 
+def _lease(witness: Any, name: str, generation: int, holder: str, timeout: float,
+           xc: Any, domid: int) -> OutputGate:
+    """The witness's lease on ``name``, taken before anything else (a witness that gave the
+    guest to another host refuses it: this copy is stale), renewed from now on."""
+    keeper = LeaseKeeper(witness, name, generation, holder)
+    try:
+        keeper.acquire(timeout)
+    except LeaseLost as exc:
+        raise MigrationRefused(f"{exc}: the copy of {name} here is not the current one; "
+                               "not protecting it") from None
+    keeper.start()
+    return OutputGate(keeper, lambda: xc.pause(domid), lambda: xc.unpause(domid))
+
+
+def _claimed(gate: OutputGate | None, args: argparse.Namespace, name: str,
+             status: StatusFile, when: str) -> bool:
+    """Protection ends with the guest running on here: with a witness, only once it gave
+    this host the next generation (else the guest stays paused here; False)."""
+    if gate is None:
+        return True
+    why = gate.claim(args.witness_timeout)
+    if why is None:
+        return True
+    status.state("held", why)
+    print(f"xen-remus protect: {why}\nxen-remus protect: domain {name} stays PAUSED here "
+          f"{when}: the backup's copy may be the one running; unpause it (`xl unpause "
+          f"{name}`) only if it is not", file=sys.stderr)
+    return False
+
+
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
              args: argparse.Namespace, summary: Summary, status: StatusFile,
-             name: str) -> int:
+             name: str, gate: OutputGate | None = None) -> int:
     loop: RemusLoop | None = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -289,12 +354,16 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         with devs:
+            if gate is not None:
+                gate.on_state = status.state
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=summary.epoch)
+                             on_epoch=summary.epoch, before_commit=gate)
             try:
                 status.state("protecting", f"interval {args.interval_ms} ms")
                 loop.run()
             except BackupLost as exc:
+                if not _claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
+                    return 1
                 devs.release_all()  # the guest goes on here: its output too
                 status.state("unprotected", str(exc))
                 print(f"xen-remus protect: {exc}\nxen-remus protect: domain {name} keeps "
@@ -302,12 +371,21 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
                       "again, destroy any copy on the backup and run protect again",
                       file=sys.stderr)
                 return EXIT_UNPROTECTED
+            except LeaseLost as exc:
+                status.state("held", str(exc))
+                print(f"xen-remus protect: {exc}\nxen-remus protect: domain {name} stays "
+                      "PAUSED here: the witness gave it to the backup", file=sys.stderr)
+                return 1
             except XenRemusError as exc:
                 status.state("failed", str(exc))
                 raise
+            if not _claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
+                return 1
         status.state("stopped", f"after epoch {loop.epoch}")
-        print(f"xen-remus protect: stopped after epoch {loop.epoch}; the backup resumes "
-              "its copy when the stream closes (as with xl remus)", file=sys.stderr)
+        print(f"xen-remus protect: stopped after epoch {loop.epoch}; " + (
+              "the backup resumes its copy when the stream closes (as with xl remus)"
+              if gate is None else "the witness keeps the backup's copy paused"),
+              file=sys.stderr)
         return 0
     finally:
         for sig, h in old.items():
