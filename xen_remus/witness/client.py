@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from xen_remus.errors import XenRemusError
 from xen_remus.fdio import IoTimeout, read_some, write_all
@@ -34,10 +35,15 @@ class WitnessClient:
     """One host's connection to the witness; ``call`` is thread-safe (one at a time)."""
 
     def __init__(self, key: bytes, address: Address | None = None, via: str | None = None,
-                 timeout: float = CALL_TIMEOUT_S) -> None:
-        assert (address is None) != (via is None), "an address or a command"
+                 timeout: float = CALL_TIMEOUT_S,
+                 opener: Callable[[float], socket.socket] | None = None) -> None:
+        """``address`` (TCP, Unix), ``via`` (a command), or ``opener`` (given the
+        deadline, a connected socket: a socketpair in tests)."""
+        assert [address, via, opener].count(None) == 2, "one way to reach the witness"
         self.key, self.address, self.via, self.timeout = key, address, via, timeout
-        self.what = f"`{via}`" if via is not None else str(address)
+        self.opener = opener if opener is not None else self._connect
+        self.what = (f"`{via}`" if via is not None else str(address) if address is not None
+                     else "(socket)")
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -77,22 +83,29 @@ class WitnessClient:
             assert self._proc.stdin is not None and self._proc.stdout is not None
             self._fds = (self._proc.stdout.fileno(), self._proc.stdin.fileno())
         else:
-            assert self.address is not None
-            a = self.address
-            sock = (socket.socket(socket.AF_UNIX) if a.unix is not None
-                    else socket.socket(_family(a.host)))
-            self._sock = sock
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                sock.connect(a.unix if a.unix is not None else (a.host, a.port))
-            except TimeoutError:
-                raise IoTimeout("the connection") from None
+            self._sock = sock = self.opener(deadline)
             sock.setblocking(False)
             self._fds = (sock.fileno(), sock.fileno())
         self._session = P.ClientSession(self.key)
         self._write(self._session.hello(), deadline)
         while not self._session.ready:
             self._session.receive(self._read(deadline, "its WELCOME"))
+
+    def _connect(self, deadline: float) -> socket.socket:
+        assert self.address is not None
+        a = self.address
+        sock = (socket.socket(socket.AF_UNIX) if a.unix is not None
+                else socket.socket(_family(a.host)))
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            sock.connect(a.unix if a.unix is not None else (a.host, a.port))
+        except TimeoutError:
+            sock.close()
+            raise IoTimeout("the connection") from None
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _write(self, data: bytes, deadline: float) -> None:
         assert self._fds is not None

@@ -197,6 +197,8 @@ def decode_response(body: bytes) -> Response:
 class Frame:
     ftype: int
     body: bytes  # sealed: the trailer still on
+    raw: bytes  # the whole frame as it came, head included
+    end: int  # the stream offset just after it
 
 
 def _rtype(ftype: int) -> int:
@@ -211,8 +213,12 @@ def frame(ftype: int, sealed: bytes) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, whole frames out. Bytes before a magic are skipped (``skipped`` counts
-    them); a frame of another version or too long is an error."""
+    """Bytes in (``feed``), whole frames out (``next``). Bytes before a magic are skipped
+    (``skipped`` counts them), and so is a magic whose head makes no sense (a partial
+    frame's left by an earlier client); a frame the caller rejects can be given back
+    (``unread``): the search for the next magic goes on inside it, where a frame cut
+    short by a killed client may hide the start of the next client's. A frame of another
+    version is an error."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -220,36 +226,43 @@ class FrameReader:
         self.offset = 0  # of buf[0] in the stream
         self.skipped = 0
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> None:
         self.buf += data
-        out: list[Frame] = []
+
+    def next(self) -> Frame | None:
         while True:
             at = self.buf.find(MAGIC)
             drop = at if at >= 0 else max(0, len(self.buf) - len(MAGIC) + 1)
             if drop:
-                self.skipped += drop
-                self._consume(drop)
+                self._skip(drop)
             if len(self.buf) < _HEAD.size:
-                return out
+                return None
             _, version, ftype, length = _HEAD.unpack_from(self.buf)
-            if version != VERSION:
-                raise WitnessProtocolError(f"{self.what}: frame of version {version} at "
-                                           f"offset {self.offset}; this end speaks "
-                                           f"version {VERSION}")
             if ftype not in FRAME_NAMES or length > FRAME_MAX:
-                raise WitnessProtocolError(f"{self.what}: frame of type {ftype}, length "
-                                           f"{length} at offset {self.offset}: not a frame")
-            if len(self.buf) < _HEAD.size + length:
-                return out
-            out.append(Frame(ftype, self.buf[_HEAD.size:_HEAD.size + length]))
-            self._consume(_HEAD.size + length)
+                self._skip(1)
+                continue
+            if version != VERSION:
+                at = self.offset
+                self._skip(1)  # the caller may go on after the error
+                raise WitnessProtocolError(f"{self.what}: frame of version {version} at "
+                                           f"offset {at}; this end speaks version "
+                                           f"{VERSION}")
+            size = _HEAD.size + length
+            if len(self.buf) < size:
+                return None
+            raw = self.buf[:size]
+            self.buf = self.buf[size:]
+            self.offset += size
+            return Frame(ftype, raw[_HEAD.size:], raw, self.offset)
 
-    def reset(self) -> None:
-        """Forget a partial frame (after an error: the next magic starts afresh)."""
-        self.skipped += len(self.buf)
-        self._consume(len(self.buf))
+    def unread(self, f: Frame) -> None:
+        """Give back all of ``f`` but its first byte (counted as skipped)."""
+        self.buf = f.raw[1:] + self.buf
+        self.offset = f.end - len(f.raw) + 1
+        self.skipped += 1
 
-    def _consume(self, n: int) -> None:
+    def _skip(self, n: int) -> None:
+        self.skipped += n
         self.buf = self.buf[n:]
         self.offset += n
 
@@ -288,12 +301,14 @@ class ClientSession:
 
     def receive(self, data: bytes) -> list[Response]:
         out: list[Response] = []
-        for f in self.reader.feed(data):
-            where = f"{FRAME_NAMES[f.ftype]} ending at offset {self.reader.offset}"
+        self.reader.feed(data)
+        while (f := self.reader.next()) is not None:
+            where = f"{FRAME_NAMES[f.ftype]} ending at offset {f.end}"
             if self._open is None:
                 if f.ftype == WELCOME and self._welcome(f):
                     continue
                 self.ignored += 1
+                self.reader.unread(f)
                 continue
             if f.ftype != RESPONSE:
                 raise WitnessProtocolError(f"{where}: expected a RESPONSE")
@@ -315,7 +330,8 @@ class ClientSession:
 class ServerSession:
     """The witness's end of one stream: ``receive`` gives the authentic requests, and
     puts a WELCOME for each HELLO into ``output``; ``respond`` answers the last request.
-    A WitnessProtocolError leaves it waiting for a new HELLO."""
+    A WitnessProtocolError leaves it waiting for a new HELLO (call ``receive(b"")`` to go
+    on with what is buffered: the rejected frame is searched for one)."""
 
     def __init__(self, key: bytes, what: str,
                  nonces: Callable[[int], bytes] = secrets.token_bytes) -> None:
@@ -327,10 +343,10 @@ class ServerSession:
 
     def receive(self, data: bytes) -> list[Request]:
         out: list[Request] = []
-        try:
-            for f in self.reader.feed(data):
-                where = (f"{self.what}: {FRAME_NAMES[f.ftype]} ending at offset "
-                         f"{self.reader.offset}")
+        self.reader.feed(data)
+        while (f := self.reader.next()) is not None:
+            where = f"{self.what}: {FRAME_NAMES[f.ftype]} ending at offset {f.end}"
+            try:
                 if f.ftype == HELLO:
                     self._hello(f, where)
                 elif f.ftype != REQUEST:
@@ -340,10 +356,10 @@ class ServerSession:
                     raise WitnessProtocolError(f"{where}: a REQUEST before any HELLO")
                 else:
                     out.append(decode_request(_open(self._open, f, where)))
-        except WitnessProtocolError:
-            self.reader.reset()
-            self._seal = self._open = None
-            raise
+            except WitnessProtocolError:
+                self.reader.unread(f)
+                self._seal = self._open = None
+                raise
         return out
 
     def respond(self, resp: Response) -> None:

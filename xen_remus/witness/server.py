@@ -68,11 +68,14 @@ class Witness:
         log.debug("%s connected", peer)
         try:
             while data := await reader.read(READ_SIZE):
-                try:
-                    for req in session.receive(data):
-                        session.respond(self.decide(req, peer))
-                except P.WitnessProtocolError as exc:
-                    log.warning("%s", exc)
+                while True:  # after an error, on with the rest of what came
+                    try:
+                        for req in session.receive(data):
+                            session.respond(self.decide(req, peer))
+                        break
+                    except P.WitnessProtocolError as exc:
+                        log.warning("%s", exc)
+                        data = b""
                 out = session.take_output()
                 if out:
                     writer.write(out)
