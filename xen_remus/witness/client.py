@@ -55,18 +55,28 @@ class WitnessClient:
         ``timeout`` (default: the client's) for whatever reason."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            try:
-                if self._session is None or not self._session.ready:
-                    self._open(deadline)
-                assert self._session is not None
-                self._write(self._session.request(req), deadline)
-                while True:
-                    answers = self._session.receive(self._read(deadline, "its answer"))
-                    if answers:
-                        return answers[0]
-            except (OSError, IoTimeout, P.WitnessProtocolError, WitnessUnreachable) as exc:
-                self._close()
-                raise WitnessUnreachable(f"witness {self.what}: {req}: {exc}") from None
+            while True:
+                # A kept connection may have died since (the command, the witness
+                # restarted): one more try on a new one. Every request may come twice.
+                reused = self._session is not None and self._session.ready
+                try:
+                    return self._call(req, deadline)
+                except (OSError, IoTimeout, P.WitnessProtocolError,
+                        WitnessUnreachable) as exc:
+                    self._close()
+                    if not reused or isinstance(exc, IoTimeout):
+                        raise WitnessUnreachable(f"witness {self.what}: {req}: {exc}"
+                                                 ) from None
+
+    def _call(self, req: P.Request, deadline: float) -> P.Response:
+        if self._session is None or not self._session.ready:
+            self._open(deadline)
+        assert self._session is not None
+        self._write(self._session.request(req), deadline)
+        while True:
+            answers = self._session.receive(self._read(deadline, "its answer"))
+            if answers:
+                return answers[0]
 
     def close(self) -> None:
         with self._lock:

@@ -33,6 +33,7 @@ class Witness:
     def __init__(self, key: bytes, core: WitnessCore, store: WitnessStore,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.key, self.core, self.store, self.clock = key, core, store, clock
+        self.connections: set[asyncio.Task[None]] = set()
         core.restore(store.load(), clock())
         for guest, lease in core.leases.items():
             log.info("restored %r: %s (its lease counts from now)", guest,
@@ -66,6 +67,9 @@ class Witness:
         peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "unix client"
         session = P.ServerSession(self.key, peer)
         log.debug("%s connected", peer)
+        task = asyncio.current_task()
+        if task is not None:
+            self.connections.add(task)
         try:
             while data := await reader.read(READ_SIZE):
                 while True:  # after an error, on with the rest of what came
@@ -83,6 +87,8 @@ class Witness:
         except (ConnectionError, OSError) as exc:
             log.debug("%s: %s", peer, exc)
         finally:
+            if task is not None:
+                self.connections.discard(task)
             log.debug("%s disconnected", peer)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
@@ -125,3 +131,7 @@ async def serve(witness: Witness, addrs: list[Address],
             s.close()
         for s in servers:
             await s.wait_closed()
+        conns = list(witness.connections)
+        for t in conns:
+            t.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)
