@@ -42,7 +42,7 @@ class WitnessThread:
             async def main() -> None:
                 self._stop = asyncio.Event()
 
-                def up(servers: list[asyncio.AbstractServer]) -> None:
+                def up(servers: list[asyncio.Server]) -> None:
                     for s in servers:
                         for sock in s.sockets:
                             name = sock.getsockname()

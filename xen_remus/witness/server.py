@@ -94,7 +94,7 @@ class Witness:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def listen(self, addr: Address) -> asyncio.AbstractServer:
+    async def listen(self, addr: Address) -> asyncio.Server:
         if addr.unix is not None:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(addr.unix).st_mode):
@@ -115,7 +115,7 @@ def _sockname(sock: object) -> str:
 
 
 async def serve(witness: Witness, addrs: list[Address],
-                ready: Callable[[list[asyncio.AbstractServer]], None] | None = None,
+                ready: Callable[[list[asyncio.Server]], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Serve ``addrs`` until ``stop`` is set (for ever without one)."""
     servers = [await witness.listen(a) for a in addrs]
