@@ -15,7 +15,7 @@ from typing import Any
 from lab import failover, guest
 from lab.errors import LabError
 from lab.guest import GuestSpec
-from lab.host import Host, Job
+from lab.host import WITNESS_DEV, Host, Job
 
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
 # One TCP connection to a guest's counter service, held across a failover (JSON per event).
@@ -29,6 +29,13 @@ HB_MS = 6000
 OURS = f"exec python3 -m xen_remus -v protect --heartbeat-timeout {HB_MS}"
 OURS_RECEIVER = (f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
                  f"--heartbeat-timeout {HB_MS}")
+
+
+# Both ends reach the witness through their virtio-serial port (Lab(witness=...)), with
+# the key tests/lab/test_witness.py puts at WITNESS_KEY in each dom0.
+WITNESS_KEY = "/root/witness.key"
+WITNESS_OPTS = (f"--witness-via 'exec socat - {WITNESS_DEV}' "
+                f"--witness-key-file {WITNESS_KEY}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,12 @@ PROTECTORS = {
     "xen-remus-disk": Protector(
         receiver=OURS_RECEIVER,
         sender=OURS + " -s '' {name} 'socat - TCP:{bip}:{port}'",
+    ),
+    # Output commit and a witness on both ends (-s '': the receiver gets its own options).
+    "xen-remus-witness": Protector(
+        receiver=OURS_RECEIVER + f" {WITNESS_OPTS} --witness-id B",
+        sender=OURS + f" -F -d {WITNESS_OPTS} --witness-id A -s '' {{name}} "
+               "'socat - TCP:{bip}:{port}'",
     ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "disk": "xen_remus.cli.disk",
     "service": "xen_remus.cli.service",
     "check": "xen_remus.cli.check",
+    "witness": "xen_remus.cli.witness",
 }
 
 

@@ -43,7 +43,7 @@ from typing import Protocol
 from xen_remus.channel.ends import Acked
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
-from xen_remus.errors import XenRemusError
+from xen_remus.errors import GuestHeld, XenRemusError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.pages import Pfns, Types
 from xen_remus.stream import consts as C
@@ -105,9 +105,10 @@ class RemusLoop:
     Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
     returns when ``stop()`` was called (between epochs; the epochs then awaiting their ACK
     are committed first) and raises BackupLost (guest running here, unprotected; no epoch
-    without its ACK committed) when the backup stops answering. Any other failure once
-    the backup holds a checkpoint leaves the guest paused here (``halted``): the backup
-    resumes its copy when the stream ends. ``on_epoch`` gets each
+    without its ACK committed) when the backup stops answering. Any other failure once an
+    epoch was sent whole (the backup may hold it) leaves the guest paused here
+    (``halted``): the backup resumes its copy when the stream ends. ``on_sent`` hears of
+    each epoch sent whole. ``on_epoch`` gets each
     epoch's figures once known (at its ACK, or at once with a stock backup).
     ``before_precopy`` runs once the stream has begun, before the first pre-copy round
     (the disks' initial synchronisation, relayed while the guest runs).
@@ -117,10 +118,16 @@ class RemusLoop:
                  devices: EpochDevices, interval_s: float,
                  on_epoch: Callable[[EpochStats], None] = lambda st: None,
                  clock: Callable[[], float] = time.monotonic, depth: int = 1,
-                 before_precopy: Callable[[], None] | None = None) -> None:
+                 before_precopy: Callable[[], None] | None = None,
+                 before_commit: Callable[[int], None] | None = None,
+                 on_sent: Callable[[int], None] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"pipeline depth {depth}: at least 1")
         self.engine, self.out, self.link, self.devices = engine, out, link, devices
+        # The witness's lease (witness/lease.py OutputGate): returns once epoch N's
+        # output may go out (it pauses the guest while it may not), or raises.
+        self.before_commit = before_commit
+        self.on_sent = on_sent  # epoch N is on its way whole: the backup may resume it
         self.interval_s = interval_s
         self.on_epoch = on_epoch
         self.clock = clock
@@ -129,7 +136,7 @@ class RemusLoop:
         self.epoch = -1  # the last epoch committed by the backup
         self.sent = -1  # the last epoch transmitted
         self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
-        self.halted = False  # a failure after a commit left the guest paused here
+        self.halted = False  # a failure once an epoch was sent left the guest paused here
         self._stop = False
 
     def stop(self) -> None:
@@ -159,14 +166,17 @@ class RemusLoop:
         except BackupLost:
             e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
             raise
-        except BaseException:
-            if self.epoch < 0:
-                e.undo()  # the backup holds nothing: the guest goes on here
+        except BaseException as failure:
+            if self.sent < 0:
+                e.undo()  # the backup holds no whole epoch: the guest goes on here
                 raise
-            # The backup resumes from epoch self.epoch (or a later one whose ACK was still
-            # on its way, when pipelined) when the stream ends: this copy must not run on
-            # beside it (and what it said since is never released: devices'
-            # teardown drops it).
+            # The backup may resume from any epoch sent whole (its ACK may still be on its
+            # way) when the stream ends: this copy must not run on beside it (and what it
+            # said since is never released: devices' teardown drops it).
+            if isinstance(failure, GuestHeld):
+                e.undo()  # paused already by whoever raised it: log-dirty off only
+                self.halted = True
+                raise
             try:
                 e.halt()
                 self.halted = True
@@ -209,8 +219,10 @@ class RemusLoop:
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
         self.sent = epoch
+        if self.on_sent is not None:
+            self.on_sent(epoch)
         if st is not None:  # no ACK will come: released once sent, all a stock backup allows
-            self.devices.commit(epoch)
+            self._release(epoch)
             self.epoch = epoch
             self.on_epoch(st)
         else:
@@ -236,9 +248,14 @@ class RemusLoop:
             raise PipelineError(f"expected the ACK of epoch {oldest} (epochs awaiting one: "
                                 f"{', '.join(map(str, self.awaiting))}), got {got}")
         self.awaiting.popleft()
-        self.devices.commit(oldest)  # exactly epoch N's packets go out
+        self._release(oldest)
         self.epoch = oldest
         self.on_epoch(ack.stats)
+
+    def _release(self, epoch: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit(epoch)  # the witness's lease: may pause the guest, or raise
+        self.devices.commit(epoch)  # exactly epoch N's packets go out
 
 
 class CheckpointStreamError(XenRemusError):

@@ -161,3 +161,37 @@ def read_key(path: str | None) -> bytes | None:
         raise UsageError(f"--key-file {path}: a key of {len(key)} bytes; it must be "
                          f"{KEY_MIN}..{KEY_FILE_MAX} bytes")
     return key
+
+
+def witness(p: argparse.ArgumentParser, role: str) -> None:
+    """How this host reaches the witness (protect, migrate-receive -r; `witness --query`).
+    ``role`` says what it is used for, in the group's help."""
+    g = p.add_argument_group("witness", role)
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--witness", metavar="ADDR",
+                   help="the witness's address: HOST:PORT (TCP) or unix:/path")
+    w.add_argument("--witness-via", metavar="CMD",
+                   help="reach the witness through the shell command CMD, whose stdin and "
+                   "stdout are the stream (e.g. `socat - /dev/virtio-ports/NAME`, `ssh W "
+                   "socat - TCP:localhost:PORT`)")
+    g.add_argument("--witness-key-file", metavar="FILE",
+                   help="the witness's pre-shared key (as --key-file; default: the "
+                   "--key-file key)")
+    g.add_argument("--witness-id", metavar="NAME",
+                   help="this host's name at the witness (default: its host name); the "
+                   "two hosts of a protection must differ")
+
+
+def primary_witness(p: argparse.ArgumentParser) -> None:
+    """The witness as the primary uses it (protect, migrate --remus)."""
+    from xen_remus.witness.lease import GATE_TIMEOUT_S
+
+    witness(p, "Against split brain without a fence: this host releases the guest's output "
+            "only while the witness gives it a lease, and the backup (given the same "
+            "options, passed on to it unless -s '') resumes its copy only once that lease "
+            "ran out. When the backup is lost or protect is stopped, this host first takes "
+            "the guest's next generation from the witness, so the backup's copy stays "
+            "paused.")
+    p.add_argument("--witness-timeout", type=float, default=GATE_TIMEOUT_S, metavar="S",
+                   help="with --witness: wait at most S seconds for the first lease, and "
+                   "for the next generation when protection ends (default %(default)g)")

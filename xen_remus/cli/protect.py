@@ -51,23 +51,35 @@ def register(sub: Any) -> None:
     options.authentication(p)
     options.precopy(p)
     options.monitoring(p, progress=True)
+    options.primary_witness(p)
     p.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     p.add_argument("host", metavar="HOST", help="the host that keeps the backup copy")
     p.set_defaults(func=cmd_protect)
 
 
 def receiver_rune(host: str, ssh: str | None, stock: bool, no_daemon: bool,
-                  key_file: str | None = None) -> str:
+                  key_file: str | None = None, extra: str = "") -> str:
     """xl remus's `exec ssh HOST xl migrate-receive -r [-e]`, our receiver unless
     --stock-backup; -s CMD replaces ssh; -s '' means HOST is itself the command. The
     receiver is given the same --key-file path (quoted for the local shell and for the
-    one ssh runs on HOST)."""
+    one ssh runs on HOST), and ``extra`` (the witness options, quoted for both shells)."""
     if ssh == "":
         return host
     tool = "xl" if stock else "xen-remus"
     key = f" --key-file {shlex.quote(shlex.quote(key_file))}" if key_file else ""
     return (f"exec {ssh or 'ssh'} {host} {tool} migrate-receive -r"
-            f"{' -e' if no_daemon else ''}{key}")
+            f"{' -e' if no_daemon else ''}{key}{extra}")
+
+
+def witness_rune(args: argparse.Namespace) -> str:
+    """The witness options to pass on to the receiver (not --witness-id: its own)."""
+    out = ""
+    for opt, val in (("--witness", args.witness), ("--witness-via", args.witness_via),
+                     ("--witness-key-file", args.witness_key_file),
+                     ("--witness-timeout", str(args.witness_timeout))):
+        if val is not None:
+            out += f" {opt} {shlex.quote(shlex.quote(val))}"
+    return out if args.witness is not None or args.witness_via is not None else ""
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -78,6 +90,11 @@ def check_args(args: argparse.Namespace) -> None:
         from xen_remus.metrics import check_path
 
         check_path(args.metrics_file)
+    if (args.witness is not None or args.witness_via is not None) and (
+            args.stock_backup or args.blackhole):
+        raise UsageError("--witness is for a xen-remus backup (not --stock-backup or -b)")
+    if args.witness_timeout <= 0:
+        raise UsageError("--witness-timeout must be positive")
     lo, hi = DEPTH_RANGE
     if not lo <= args.pipeline <= hi:
         raise UsageError(f"--pipeline {args.pipeline}: the depth must be {lo}..{hi}")

@@ -19,8 +19,10 @@ from xen_remus.channel.ends import Config, Offered, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli.progress import CopyReport
-from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune
+from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune, witness_rune
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
+from xen_remus.cli.protect_witness import claimed, take_lease
+from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.devices.discover import device_set, read_disks, unreplicable
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.fdio import IoTimeout, read_some
@@ -31,6 +33,7 @@ from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.supervisor import Supervisor
+from xen_remus.witness.lease import OutputGate
 from xen_remus.xlproto import BANNER
 
 log = logging.getLogger("xen_remus.protect")
@@ -125,6 +128,13 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
         generation = None if args.blackhole else GenerationStore().start_protection(name)
         guest = s.open_guest()
         assert s.dom is not None
+        gate: OutputGate | None = None
+        witness = client_of(args)
+        if witness is not None and generation is not None:
+            xc = s.dom.xc
+            gate = take_lease(witness, name, generation, holder_of(args),
+                              args.witness_timeout, lambda: xc.pause(domid),
+                              lambda: xc.unpause(domid))
         recv: ReceiverProcess | None = None
         report: CopyReport | None = None
         hole: list[int] = []
@@ -134,7 +144,7 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
             rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon,
-                                 args.key_file)
+                                 args.key_file, witness_rune(args))
             recv = ReceiverProcess(rune)
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
             rest = read_banner(recv_fd, args.timeout, rune)
@@ -166,10 +176,12 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
                               disks=rdisks)
             rc = _protect(engine, out, link, devs, args, summary, status, name, sup,
-                          lambda: sync_disks(rdisks, link, out, status))
+                          lambda: sync_disks(rdisks, link, out, status), gate)
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
+            if gate is not None:
+                gate.keeper.stop()
             if report is not None:
                 report.close()
             if sup is not None:
@@ -225,7 +237,8 @@ def _warn_unfenced(link: SenderLink, peer: str, name: str) -> None:
 def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs: Any,
              args: argparse.Namespace, summary: Summary, status: StatusFile,
              name: str, sup: Supervisor | None,
-             before_precopy: Callable[[], None] | None = None) -> int:
+             before_precopy: Callable[[], None] | None = None,
+             gate: OutputGate | None = None) -> int:
     """The loop and what becomes of the guest when it ends: stopped or backup lost, it
     goes on here with its output released; any other failure once the backup holds a
     checkpoint leaves it paused here, its unacknowledged output dropped (devices'
@@ -238,23 +251,28 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
         if loop is not None:
             loop.stop()
 
-    def on_epoch(st: EpochStats) -> None:
+    def on_sent(epoch: int) -> None:
         if sup is not None:
-            sup.arm(domid)  # the backup holds epoch st.epoch from now on
-        summary.epoch(st)
+            sup.arm(domid)  # the backup may resume epoch `epoch` from now on
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         with devs:
+            if gate is not None:
+                gate.on_state = status.state
             loop = RemusLoop(engine, out, link, devs, args.interval_ms / 1000,
-                             on_epoch=on_epoch, depth=args.pipeline,
-                             before_precopy=before_precopy)
+                             on_epoch=summary.epoch, depth=args.pipeline,
+                             before_precopy=before_precopy, before_commit=gate,
+                             on_sent=on_sent)
             try:
                 depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
                 status.state("protecting", f"interval {args.interval_ms} ms{depth}")
                 loop.run()
             except BackupLost as exc:
+                if not claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
+                    _disarm(sup)  # the gate holds it paused; teardown drops its output
+                    return 1
                 devs.release_all()  # the guest goes on here: its output too
                 _disarm(sup)
                 status.state("unprotected", str(exc))
@@ -266,11 +284,16 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
             except BaseException as exc:
                 _failed(loop, devs, sup, status, name, exc)
                 raise
+            if not claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
+                _disarm(sup)
+                return 1
             devs.release_all()  # stopped: the guest goes on here, its output too
             _disarm(sup)
         status.state("stopped", f"after epoch {loop.epoch}")
-        print(f"xen-remus protect: stopped after epoch {loop.epoch}; the backup resumes "
-              "its copy when the stream closes (as with xl remus)", file=sys.stderr)
+        print(f"xen-remus protect: stopped after epoch {loop.epoch}; " + (
+              "the backup resumes its copy when the stream closes (as with xl remus)"
+              if gate is None else "the witness keeps the backup's copy paused"),
+              file=sys.stderr)
         return 0
     finally:
         for sig, h in old.items():
@@ -285,7 +308,7 @@ def _disarm(sup: Supervisor | None) -> None:
 def _failed(loop: RemusLoop, devs: Any, sup: Supervisor | None, status: StatusFile,
             name: str, exc: BaseException) -> None:
     """What a failure of this side does to the guest, said once (the error follows)."""
-    if loop.epoch < 0:  # the backup has nothing to resume: the guest goes on here
+    if loop.sent < 0:  # the backup has nothing to resume: the guest goes on here
         try:
             devs.release_all()
         except XenRemusError as rel:  # the first failure is the one to raise
@@ -295,11 +318,12 @@ def _failed(loop: RemusLoop, devs: Any, sup: Supervisor | None, status: StatusFi
         return
     if loop.halted:
         _disarm(sup)  # paused already: a second pause would need a second unpause
-        what = (f"domain {name} is PAUSED here: the backup resumes its copy from epoch "
-                f"{loop.epoch}; the output it produced since was dropped. Destroy this "
-                "copy (xl destroy) once the backup runs its own")
+        what = (f"domain {name} is PAUSED here: the backup resumes its copy from its last "
+                f"whole epoch ({loop.epoch} acknowledged, {loop.sent} sent); the output "
+                "not acknowledged was dropped. Destroy this copy (xl destroy) once the "
+                "backup runs its own")
     else:
         what = (f"domain {name} could not be paused here; the supervisor tries again as "
-                f"protect exits (the backup resumes its copy from epoch {loop.epoch})")
+                f"protect exits (the backup resumes its copy from its last whole epoch)")
     status.state("halted" if loop.halted else "failed", f"{exc}; {what}")
     print(f"xen-remus protect: {what}", file=sys.stderr)

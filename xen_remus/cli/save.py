@@ -62,6 +62,7 @@ def register(sub: Any) -> None:
     options.heartbeat(m)
     options.authentication(m)
     options.monitoring(m, progress=True)
+    options.primary_witness(m)
     m.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     m.add_argument("host", metavar="HOST", help="the host to move it to")
     m.set_defaults(func=cmd_migrate)

@@ -25,7 +25,7 @@ from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError
 from xen_remus.generation import GenerationError, GenerationRefused, GenerationStore
 from xen_remus.receive import timeline as T
-from xen_remus.receive.fence import Fence, FenceFailed
+from xen_remus.receive.fence import FailoverGate, FenceFailed
 from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
@@ -161,19 +161,19 @@ class Relay:
 
 def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
-            chan: ReceiverChannel | None = None, fence: Fence | None = None,
+            chan: ReceiverChannel | None = None, fence: FailoverGate | None = None,
             generations: GenerationStore | None = None,
             timeline: T.FailoverTimeline | None = None,
             metrics_file: Path | None = None) -> Outcome:
     """Run one receive to its end: banner, stream, then the handshake or the failover.
     With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
     sender accepts, each committed epoch is ACKed and a silent primary is failed over
-    from after the agreed heartbeat timeout. With ``fence`` the failover waits for it
-    and does not happen if it fails (FenceFailed, the copy held). ``generations``: this
-    host's records (default: under STATE_DIR). ``timeline``: the failover's phases, the
-    sink's among them (default: the driver's own, on time.monotonic).
-    ``metrics_file``: the status also kept there in Prometheus' format
-    (`--metrics-file`)."""
+    from after the agreed heartbeat timeout. With ``fence`` (a failover gate: the fence
+    command or the witness) the failover waits for it and does not happen if it fails
+    (FenceFailed, the copy held). ``generations``: this host's records (default: under
+    STATE_DIR). ``timeline``: the failover's phases, the sink's among them (default: the
+    driver's own, on time.monotonic). ``metrics_file``: the status also kept there in
+    Prometheus' format (`--metrics-file`)."""
     proto = ReceiverSide()
     rx = Relay(sink, checkpointed, max_epoch_bytes,
                chan.on_record if chan is not None else None, timeline)
@@ -184,7 +184,9 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     disks = DiskReplicas(images.get)
     store = generations if generations is not None else GenerationStore()
     check = _GenerationCheck(sink, store, link) if link is not None else None
-    rx.fence = _gate(sink, fence, check.refused if check is not None else [], tl)
+    rx.fence = _gate(sink, fence, check.refused if check is not None else [], tl,
+                     lambda: chan.accepted.generation
+                     if chan is not None and chan.accepted is not None else None)
     if chan is not None and link is not None and check is not None:
         def on_disk(vdev: str, frames: memoryview, where: str) -> None:
             link.disk_back(vdev, disks.feed(vdev, frames, where))
@@ -279,10 +281,12 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     return out
 
 
-def _gate(sink: GuestSink, fence: Fence | None, refused: list[str],
-          timeline: T.FailoverTimeline) -> Callable[[int], None]:
+def _gate(sink: GuestSink, fence: FailoverGate | None, refused: list[str],
+          timeline: T.FailoverTimeline,
+          generation: Callable[[], int | None]) -> Callable[[int], None]:
     """What must hold before a failover goes ahead (Relay.fence): the sender was not
-    refused, and the fence, if any, succeeded."""
+    refused, and the failover gate, if any, let it (asked with the sender's
+    ``generation``)."""
 
     def gate(epoch: int) -> None:
         if refused:
@@ -291,11 +295,11 @@ def _gate(sink: GuestSink, fence: Fence | None, refused: list[str],
             raise ReceiveError(f"no failover from epoch {epoch}: {refused[0]}")
         if fence is None:
             return
-        why = fence.run(sink.domain_name, epoch)
+        why = fence.run(sink.domain_name, epoch, generation())
         if why is not None:
             sink.hold(epoch)
             raise FenceFailed(
-                f"failover from epoch {epoch} refused: the fence command `{fence.command}` "
+                f"failover from epoch {epoch} refused: {fence.what} "
                 f"{why}; the primary may still be running, so this host did not resume "
                 f"its copy: it stays paused as {sink.incoming_name()} (epoch {epoch} held)")
         timeline.mark(T.FENCED)
