@@ -133,8 +133,8 @@ def test_the_driver_asks_the_gate_for_the_senders_generation_plus_one(
         assert sink.held is None
         sink2 = GateSink()
         with pytest.raises(FenceFailed, match="refused generation 7: stale"):
-            _gate(sink2, WitnessGate(client, "A", timeout=5), [], FailoverTimeline(),
-                  lambda: 6)(4)  # type: ignore[arg-type]
+            _gate(sink2, WitnessGate(client, "A", timeout=5), [],  # type: ignore[arg-type]
+                  FailoverTimeline(), lambda: 6)(4)
         assert sink2.held == 4
     finally:
         w.stop()
