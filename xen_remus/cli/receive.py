@@ -22,7 +22,7 @@ from xen_remus.receive.driver import receive
 from xen_remus.receive.fence import FENCE_TIMEOUT_S, Fence, FenceFailed
 from xen_remus.receive.upstream import Upstream
 from xen_remus.receive.xlsink import SinkConfig, XlSink
-from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES
+from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES, EpochRefused
 
 
 def register(sub: Any) -> None:
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                                           fence=args.fence is not None), time.monotonic())
         fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence)
-    except FenceFailed:
+    except (FenceFailed, EpochRefused):
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:
         if sink.proc.poll() is None:
