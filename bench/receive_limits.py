@@ -19,27 +19,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lz4.block
 import numpy as np
 
 from xen_remus.channel import compress, wire
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
-from xen_remus.restore_continuous import ContinuousRestore, FailOver
+from xen_remus.restore_continuous import ContinuousRestore, FailOver, Refused
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
 from xen_remus.stream import records as R
 from xen_remus.stream.decoder import Decoder
-from xen_remus.stream.events import EpochEnd
+from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 CHUNK = 64 << 10
 
 
-def _join(bufs: list[object]) -> bytes:
-    return b"".join(bytes(b) for b in bufs)  # type: ignore[call-overload]
+def _join(bufs: Sequence[Buffer]) -> bytes:
+    return b"".join(bytes(b) for b in bufs)
 
 
 def _prefix(chan: ReceiverChannel) -> tuple[bytes, bytes]:
@@ -152,9 +152,9 @@ def child(name: str, ceiling_mib: int) -> dict[str, object]:
                 break
         if not core.finished:
             last = core.eof()[-1]
-        end = (f"failover from {last.epoch}: {last.reason}" if isinstance(last, FailOver)
-               else type(last).__name__)
-    except Exception as exc:  # noqa: BLE001 - the point is to see which
+        end = (f"{type(last).__name__} (epoch {last.epoch} kept): {last.reason}"
+               if isinstance(last, FailOver | Refused) else type(last).__name__)
+    except Exception as exc:
         end = f"EXCEPTION {type(exc).__name__}: {exc}"
     del last
     cpu = time.thread_time() - t0

@@ -13,8 +13,8 @@ blocks and touches no fd, process or clock. The driver (xen_remus/receive/driver
 carries them out on a Sink: Forward is ``send``, Committed is ``committed`` (then the ACK),
 FailOver is the (blocking, watched) ``failover``, Refused is ``hold`` (the primary, alive
 since it is still sending, is told why and runs on; the copy is neither resumed nor
-destroyed), Abort is ``abort``; it also logs and times them. The sink that builds the guest is stock `xl migrate-receive`
-(xen_remus/receive/xlsink.py says why).
+destroyed), Abort is ``abort``; it also logs and times them. The sink that builds the
+guest is stock `xl migrate-receive` (xen_remus/receive/xlsink.py says why).
 
 Memory: the initial full copy (epoch 0) streams through, as it comes: there is nothing to
 fail over to before it completes. Every later epoch is held whole (one in flight), and only
@@ -187,6 +187,7 @@ class ContinuousRestore:
         self.max_epoch_bytes = max_epoch_bytes
         self.rewrite = rewrite
         self.dec = Decoder(fmt=None, checkpointed=checkpointed, relay=True)
+        self.dec.max_item = max_epoch_bytes
         self.committed: int | None = None  # last epoch the sink has whole
         self.offset = 0  # bytes received
         self.trailing = b""
@@ -293,7 +294,7 @@ class ContinuousRestore:
         self.committed, self._committed_end = epoch, end
         self._out.append(Committed(epoch))
 
-    def _end(self, last: FailOver | Abort | Complete) -> None:
+    def _end(self, last: FailOver | Refused | Abort | Complete) -> None:
         self._out.append(last)
         self.finished = True
 

@@ -20,7 +20,7 @@ def backing_size(buf: Buffer) -> tuple[object, int]:
     """The object whose memory ``buf`` keeps alive, and that memory's size."""
     view = memoryview(buf)
     obj = view.obj if view.obj is not None else buf
-    return obj, memoryview(obj).nbytes  # type: ignore[arg-type]
+    return obj, memoryview(obj).nbytes
 
 
 class Held:

@@ -235,7 +235,12 @@ def test_undecodable_channel_record_is_refused_keeping_the_last_good_epoch() -> 
 
     rx = Relay(sink, True, rewrite=rewrite)
     told: list[str] = []
-    rx.on_stop = lambda why: told.append(why) is None
+
+    def stop(why: str) -> bool:
+        told.append(why)
+        return True
+
+    rx.on_stop = stop
     with pytest.raises(EpochRefused, match="epoch 2 refused.*checksum.*was told why") as exc:
         rx.feed(data)
     out = rx.outcome

@@ -75,6 +75,9 @@ class Decoder:
         self.fmt = fmt
         self.expect_checkpointed = checkpointed
         self.relay = relay
+        # Largest item collected (a caller's memory ceiling): refused at its header,
+        # before its buffer is allocated.
+        self.max_item = C.REC_HDR_SIZE + C.REC_LENGTH_MAX
         self.guest: str | None = None  # "pv", "hvm", "pvh" as libxl knows it, if known
         self.checkpointed = False
         self.epoch = 0
@@ -120,7 +123,7 @@ class Decoder:
     def buffers(self, partial: bool = True) -> list[npt.NDArray[np.uint8]]:
         """The reassembly buffers the decoder holds: kept for reuse, and (``partial``)
         the one the item at ``offset`` is being collected in."""
-        part = self._partial.obj if self._partial is not None else None
+        part: object = self._partial.obj if self._partial is not None else None
         out = [a for a in self._spares if a is not part]
         if partial and isinstance(part, np.ndarray):
             out.append(part)
@@ -231,17 +234,28 @@ class Decoder:
         phase = self._phase
         if phase == XL_HDR:
             try:
-                return events.XlHeader.total_size(head)
+                total = events.XlHeader.total_size(head)
             except FieldError as exc:
                 raise self._field_error("xl header", exc, 0) from None
+            if total > self.max_item:
+                raise StreamError(f"{total} bytes exceed the receiver's ceiling of "
+                                  f"{self.max_item} bytes (--max-epoch-mib)", self.offset + 44,
+                                  "xl header", "optional_data_len", self.epoch)
+            return total
         if phase in (LIBXL_REC, LIBXC_REC):
             rtype, length = _RH.unpack_from(head)
+            layer = LIBXL if phase == LIBXL_REC else LIBXC
             if length > C.REC_LENGTH_MAX:
-                layer = LIBXL if phase == LIBXL_REC else LIBXC
                 raise StreamError(f"{length} exceeds REC_LENGTH_MAX ({C.REC_LENGTH_MAX})",
                                   self.offset + 4, record_name(layer, rtype), "length",
                                   self.epoch)
-            return int(C.REC_HDR_SIZE + C.pad8(length))
+            total = int(C.REC_HDR_SIZE + C.pad8(length))
+            if total > self.max_item:
+                raise StreamError(f"{length}: the record alone exceeds the receiver's ceiling "
+                                  f"of {self.max_item} bytes (--max-epoch-mib)",
+                                  self.offset + 4, record_name(layer, rtype), "length",
+                                  self.epoch)
+            return total
         return _HEAD[phase]
 
     def _field_error(self, record: str, exc: FieldError, base: int) -> StreamError:
