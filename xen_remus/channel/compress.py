@@ -104,6 +104,18 @@ def _bases(cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> U8:
     return out
 
 
+def _undo_delta(new: U8, cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> None:
+    """XOR the cached bases into ``new`` where ``use``, a batch of pages at a time: the
+    gathered bases then take at most a batch of memory, not a second copy of the record."""
+    for i in range(0, len(new), C.MAX_BATCH_SIZE):
+        idx = np.flatnonzero(use[i:i + C.MAX_BATCH_SIZE]) + i
+        if len(idx) == len(use[i:i + C.MAX_BATCH_SIZE]):
+            sl = slice(i, i + len(idx))
+            np.bitwise_xor(new[sl], cache.data[slots[sl]], out=new[sl])
+        elif len(idx):
+            new[idx] ^= cache.data[slots[idx]]
+
+
 @dataclass
 class Encoded:
     """One compressed record: buffers for writev and the byte counts for the stats."""
@@ -252,7 +264,7 @@ class Decompressor:
             theirs, ours = ("had", "does not have") if base[i] else ("had no", "has")
             raise fail(f"page cache out of step: the sender {theirs} a cached copy, ours "
                        f"{ours} one", int(dp[i]))
-        np.bitwise_xor(new, _bases(self.cache, slots, base == BASE_CACHED), out=new)
+        _undo_delta(new, self.cache, slots, base == BASE_CACHED)
         bad = np.flatnonzero(checksums(new) != check)
         if len(bad):
             raise fail("page contents do not match their checksum (corrupt record or "

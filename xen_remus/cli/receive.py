@@ -33,8 +33,10 @@ def register(sub: Any) -> None:
         "migrate`, `xl remus`, `xen-remus migrate` or `xen-remus protect`, check it, and "
         "pass it on to stock `xl migrate-receive` on this host, which builds the domain. "
         "With -r the stream is a series of Remus checkpoints: each is held until it is "
-        "complete and valid, and when the stream ends or breaks, the domain starts from "
-        "the last complete checkpoint (failover). Without --fence that failover is "
+        "complete and valid, and when the stream ends, the domain starts from the last "
+        "complete checkpoint (failover); an invalid checkpoint after a complete one is "
+        "refused: the copy stays paused and the primary is told why. Without --fence that "
+        "failover is "
         "automatic, as with xl: if only the link to the primary broke, the guest then runs "
         "on both hosts (split brain).",
         epilog="Senders run it as their transport command, e.g. `xl migrate -s '' DOMAIN "
@@ -49,8 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--xl", default="xl", metavar="PATH",
                    help="the xl command that builds the domain (default %(default)s)")
     p.add_argument("--max-epoch-mib", type=int, default=DEFAULT_MAX_EPOCH_BYTES >> 20,
-                   metavar="MIB", help="with -r: largest checkpoint held in memory, in "
-                   "MiB; a larger one is an error (default %(default)s)")
+                   metavar="MIB", help="memory the stream may hold at once, in MiB: a "
+                   "checkpoint being held, reassembly buffers, pages a compressed record "
+                   "expands to; a checkpoint needing more is refused (default %(default)s)")
     p.add_argument("--failover-timeout", type=float, default=300.0, metavar="S",
                    help="with -r: give xl at most S seconds to start the domain from the last "
                    "checkpoint after the stream ends, then kill it (default %(default)s)")
