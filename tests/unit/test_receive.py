@@ -169,7 +169,9 @@ def test_invalid_record_mid_epoch_keeps_last_good_epoch() -> None:
 
 
 def test_epoch_over_the_ceiling_is_refused_with_a_clear_error() -> None:
-    data = stream(4, end=False, pages=40)  # epochs 1.. hold 40 pages, epoch 0 three
+    eps = [make_epoch([1, 2, 3])] + [make_epoch(range(1, 41), seed=n) for n in (1, 2, 3)]
+    # epochs 1.. hold 40 pages in records of 4, epoch 0 three
+    data = b"".join(bytes(b) for b in synthetic_stream("xl", True, eps, end=False, batch=4))
     sink, out = run(data, True, [8192] * 100, ceiling=100_000)
     assert out.kind == "refused" and out.epoch == 0 and sink.held == 0
     assert isinstance(out.error, EpochTooLarge)

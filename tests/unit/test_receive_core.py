@@ -114,10 +114,11 @@ def test_an_invalid_epoch_is_refused_not_failed_over() -> None:
 
 
 def test_an_epoch_over_the_ceiling_is_refused() -> None:
-    data = stream(3, end=False, pages=40)
+    eps = [make_epoch([1, 2, 3])] + [make_epoch(range(1, 41), seed=n) for n in (1, 2)]
+    data = b"".join(bytes(b) for b in synthetic_stream("xl", True, eps, end=False, batch=4))
     ends = epoch_ends(data)
-    # Epoch 0's record of 3 pages fits (fed in chunks: what a feed holds counts too, and
-    # the decoder's reassembly buffers), epoch 1's of 40 pages does not.
+    # Epoch 0's 3 pages fit (fed in chunks: what a feed holds counts too, and the
+    # decoder's reassembly buffers), epoch 1's 40 pages (10 records) do not.
     core = ContinuousRestore(checkpointed=True, max_epoch_bytes=80_000)
     out = [d for i in range(0, len(data), 1000) if not core.finished
            for d in core.feed(data[i:i + 1000])]

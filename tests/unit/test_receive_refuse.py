@@ -21,7 +21,7 @@ from xen_remus.channel.link import BackupLost
 from xen_remus.channel.stats import EpochStats
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
-from xen_remus.restore_continuous import EpochRefused
+from xen_remus.restore_continuous import EpochRefused, ReceiveError
 from xen_remus.save_continuous import RemusLoop
 
 
@@ -85,5 +85,45 @@ def test_a_bad_epoch_is_dropped_held_and_the_primary_told_why(mac: bool) -> None
     assert "copy of epoch 2 stays paused" in str(err) and "was told why" in str(err)
     assert sink.held == 2 and sink.failed_over is None and sink.aborted is None
     assert sink.committed_epochs == [0, 1, 2]
+    a.close()
+    b.close()
+
+
+class BrokenSink(HoldingSink):
+    """Takes epochs 0 and 1, then fails (a bug, a broken disk): not one of our errors."""
+
+    def committed(self, epoch: int) -> None:
+        super().committed(epoch)
+        if epoch == 1:
+            raise RuntimeError("sink broke")
+
+
+def test_a_failure_after_a_commit_holds_the_copy_and_tells_the_primary() -> None:
+    dom = FakeDomain(PAGES)
+    sink = BrokenSink()
+    result: list[object] = []
+    a, b = socket.socketpair()
+    up = Upstream(b.fileno(), b.fileno(), idle_timeout=20.0, io_timeout=20.0)
+
+    def backup() -> None:
+        try:
+            result.append(receive(up, cast(Any, sink), True,
+                                  chan=ReceiverChannel(Config(), time.monotonic())))
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+
+    th = threading.Thread(target=backup, daemon=True)
+    th.start()
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    loop = RemusLoop(engine, out, link, Devices(dom, sink, acks=False), 0.005,
+                     on_epoch=lambda st: dom.dirty.add(st.epoch % PAGES))
+    with pytest.raises(BackupLost, match="it stopped: the backup stops: receive failed after "
+                       "epoch 1 was committed: sink broke"):
+        loop.run()
+    th.join(20)
+    (err,) = result
+    assert isinstance(err, ReceiveError) and not isinstance(err, EpochRefused)
+    assert "copy of epoch 1 is left as it is (g--incoming), not resumed" in str(err)
+    assert sink.held == 1 and sink.failed_over is None and sink.aborted is None
     a.close()
     b.close()
