@@ -17,9 +17,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from xen_remus.stream import Decoder, Event, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Event
+from xen_remus.stream.records import Record
 
 STREAM_MIB = 256
 BATCH = C.MAX_BATCH_SIZE  # pages per PAGE_DATA record

@@ -11,8 +11,9 @@ allocation and caches not yet understood, so it is not shown.)
 Lab part (``lab_figures``; ``make bench``, or ``python -m bench.remus --lab``): one
 host, one PV guest protected into a receiver on the same host at -i 10, 25 and 200, by
 `xen-remus protect -F -n -d` (checkpoints/s, pause ms, wire bytes from its summary; -u too
-at 200) and by stock `xl remus -F -n -d` (checkpoints/s and dirty pages from libxc's
-progress lines: xl reports no pause times).
+at 200; --pipeline 2 and 3 too at 25 and 200, with their ratio to depth 1) and by stock
+`xl remus -F -n -d` (checkpoints/s and dirty pages from libxc's progress lines: xl reports
+no pause times).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.stream.consts import PAGE_SIZE
 
 NR_PFNS = 64 * 256
+PIPELINED_AT = (25, 200)  # -i at which the lab part also runs --pipeline DEPTHS
+DEPTHS = (2, 3)
 DIRTY = 1000
 EPOCHS = 60
 
@@ -132,7 +135,10 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
         return str(r.stderr)
 
     for ms in (10, 25, 200):
-        for flags, tag in (("", "ours"), ("-u ", "ours_u")) if ms == 200 else (("", "ours"),):
+        runs = [("", "ours")] + ([("-u ", "ours_u")] if ms == 200 else [])
+        if ms in PIPELINED_AT:
+            runs += [(f"--pipeline {d} ", f"ours_p{d}") for d in DEPTHS]
+        for flags, tag in runs:
             job = h.spawn(f"cd /mnt/project && exec {xr} -vv protect {flags}-F -n -d -i {ms} "
                           f"-s '' {spec.name} 'cd /mnt/project && {xr} migrate-receive -r'")
             job.wait_output(r"protecting", 600, stderr=True)
@@ -152,6 +158,10 @@ def lab_figures(h: Any, seconds: float = 40.0) -> dict[str, float]:
                     if rows:
                         col = sorted(p[i] for p in rows)
                         out[f"{tag}_i{ms}_{name}_ms_median"] = col[len(col) // 2]
+        for d in DEPTHS if ms in PIPELINED_AT else ():
+            depth1 = out[f"ours_i{ms}_checkpoints_per_s"]
+            out[f"i{ms}_checkpoints_per_s_p{d}_vs_p1"] = (
+                out[f"ours_p{d}_i{ms}_checkpoints_per_s"] / depth1 if depth1 else 0.0)
         # Stock: libxc prints a progress line per checkpoint; count them over the window.
         job = h.spawn(f"exec xl remus -F -n -d -i {ms} -s '' {spec.name} 'xl migrate-receive -r'")
         job.wait_output(STOCK_CKPT.pattern, 600, stderr=True)

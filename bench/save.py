@@ -103,7 +103,7 @@ def lab_figures(h: Any) -> dict[str, float]:
     out["lab_roundtrip_s"] = median3("true")
     out["python_start_s"] = median3("python3 -c pass")
     out["numpy_import_s"] = median3("python3 -c 'import numpy'")
-    out["ours_import_s"] = median3(f"cd {inst} && python3 -c 'import xen_remus.cli.save'")
+    out["ours_import_s"] = median3(f"cd {inst} && python3 -c 'import xen_remus.save.session'")
     # save -c (the guest goes on: no restore in between), alternated, 3 each: medians.
     ours, engine, stock = [], [], []
     for _ in range(3):

@@ -44,7 +44,7 @@ DOM0_PACKAGES = (
 DOM0_MODULES = (
     "xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback "
     "bridge ifb sch_plug act_mirred cls_u32 cls_matchall sch_ingress nbd tun loop "
-    "virtio_pci virtio_net 9p 9pnet_virtio"
+    "virtio_pci virtio_net 9p 9pnet_virtio virtio_console"
 ).split()
 GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko")
 # Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP.

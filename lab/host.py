@@ -21,6 +21,9 @@ QEMU_MEM_MIB = 3072
 DOM0_MEM = "1024M"
 BOOT_TIMEOUT_S = 240.0  # two hosts on 2 cores boot in 40-110 s; leave room for a busy machine
 AGENT_PICKUP_S = 30.0  # the agent polls every 0.2 s: 30 s without pickup means dom0 is stuck
+# The virtio-serial port that links dom0 to a witness on this machine (Host.witness_sock).
+WITNESS_PORT = "xen-remus.witness"
+WITNESS_DEV = f"/dev/virtio-ports/{WITNESS_PORT}"
 _job_ids = itertools.count(1)
 
 
@@ -137,6 +140,11 @@ class Host:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self._reader: threading.Thread | None = None
+        # A Unix socket on this machine (a witness listening on it, `xen-remus witness
+        # --listen unix:PATH`): QEMU connects to it (and reconnects, so the witness may
+        # start later or restart) and carries it to dom0 as a virtio-serial port,
+        # WITNESS_DEV. Apart from the inter-host link: cutting that leaves it.
+        self.witness_sock: Path | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     def qemu_argv(self, images: Images, netdev: str | None, mac: str) -> list[str]:
@@ -153,7 +161,8 @@ class Host:
         # XEN_REMUS_LAB_CPU, XEN_REMUS_LAB_ACCEL.
         cpu = os.environ.get("XEN_REMUS_LAB_CPU", "max,-smap,-smep")
         dom0_args = (f"console=hvc0 earlyprintk=xen xenlab_host={self.name} "
-                     f"xenlab_ip={self.ip}/16")
+                     f"xenlab_ip={self.ip}/16"
+                     + (" xenlab_witness=1" if self.witness_sock is not None else ""))
         argv = [
             "qemu-system-x86_64", "-name", f"xenlab-{self.name}",
             # TCG: /dev/kvm here cannot run Xen; -smap,-smep or dom0 faults (LAB-NOTES 1-2).
@@ -171,6 +180,11 @@ class Host:
         if netdev:
             argv += ["-netdev", f"{netdev},id=n0",
                      "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+        if self.witness_sock is not None:
+            argv += ["-chardev", f"socket,id=witness,path={self.witness_sock},reconnect=1",
+                     "-device", "virtio-serial-pci,id=vser0",
+                     "-device", f"virtserialport,bus=vser0.0,chardev=witness,"
+                     f"name={WITNESS_PORT}"]
         return argv
 
     def start(self, images: Images, netdev: str | None, mac: str) -> None:

@@ -68,11 +68,12 @@ class Lab:
     """
 
     def __init__(self, nhosts: int = 1, project: Path | None = None,
-                 shared: bool = False) -> None:
+                 shared: bool = False, witness: Path | None = None) -> None:
         if nhosts not in (1, 2):
             raise LabError(f"a lab has 1 or 2 hosts, not {nhosts}")
         self.nhosts = nhosts
         self.shared = shared  # may other processes attach()? (`python -m lab up`: yes)
+        self.witness = witness  # a Unix socket each host reaches as host.WITNESS_DEV
         self.project = project or project_dir()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.rundir = STATE_DIR / "runs" / f"{stamp}-{os.getpid()}"
@@ -156,6 +157,7 @@ class Lab:
         print(f"lab: booting host(s) {' '.join(names)} (run dir {self.rundir})", flush=True)
         for name in names:
             host = Host(name, HOST_IPS[name], self.rundir, self.project)
+            host.witness_sock = self.witness
             netdev = None
             if self.nhosts == 2:  # A listens, B connects (LAB-NOTES 16)
                 mode = "listen" if name == "A" else "connect"

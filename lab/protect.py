@@ -15,7 +15,7 @@ from typing import Any
 from lab import failover, guest
 from lab.errors import LabError
 from lab.guest import GuestSpec
-from lab.host import Host, Job
+from lab.host import WITNESS_DEV, Host, Job
 
 KA_EXEC = "python3 /mnt/project/lab/dom0tools/ka_exec.py"
 # One TCP connection to a guest's counter service, held across a failover (JSON per event).
@@ -29,6 +29,13 @@ HB_MS = 6000
 OURS = f"exec python3 -m xen_remus -v protect --heartbeat-timeout {HB_MS}"
 OURS_RECEIVER = (f"exec {KA_EXEC} {{port}} python3 -m xen_remus migrate-receive -r "
                  f"--heartbeat-timeout {HB_MS}")
+
+
+# Both ends reach the witness through their virtio-serial port (Lab(witness=...)), with
+# the key tests/lab/test_witness.py puts at WITNESS_KEY in each dom0.
+WITNESS_KEY = "/root/witness.key"
+WITNESS_OPTS = (f"--witness-via 'exec socat - {WITNESS_DEV}' "
+                f"--witness-key-file {WITNESS_KEY}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +89,24 @@ PROTECTORS = {
         sender=OURS + " -u -F -d -s '' {name} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # Pipelined epochs (--pipeline DEPTH): a checkpoint is taken while up to DEPTH-1
+    # earlier ones await B's ACK (under TCG an ACK takes longer than the interval), each
+    # epoch's output held on its own IFB of a ring on A.
+    **{f"xen-remus-p{depth}": Protector(
+        receiver=OURS_RECEIVER,
+        sender=OURS + f" --pipeline {depth} -F -d -s '' {{name}} "
+               "'socat - TCP:{bip}:{port}'",
+    ) for depth in (2, 3)},
     # Disks replicated (block-remus), output commit on: no -d, so no -F.
     "xen-remus-disk": Protector(
         receiver=OURS_RECEIVER,
         sender=OURS + " -s '' {name} 'socat - TCP:{bip}:{port}'",
+    ),
+    # Output commit and a witness on both ends (-s '': the receiver gets its own options).
+    "xen-remus-witness": Protector(
+        receiver=OURS_RECEIVER + f" {WITNESS_OPTS} --witness-id B",
+        sender=OURS + f" -F -d {WITNESS_OPTS} --witness-id A -s '' {{name}} "
+               "'socat - TCP:{bip}:{port}'",
     ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(

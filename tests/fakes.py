@@ -4,9 +4,11 @@ benchmark.
 For the tests: FakeDomain, FakeGuest and RecordingEmitter play a Xen domain, a guest type
 and a record sink, and let a test misbehave at each step; RecordingDevice and RecordingStub
 log the calls made on a checkpointed device and on any other interface of its kind (a
-disk's control), and fail where told. For the benchmark: MemDomain and MemGuest cost next
-to nothing, so what is measured is our code. The product never imports this module (nor
-anything under tests/).
+disk's control), and fail where told; ManualClock is a clock the test moves.
+LaggingBackup is the epoch loop's link to a backup that ACKs each epoch a given time
+after it was sent, on a virtual clock. For the
+benchmark: MemDomain and MemGuest cost next to nothing, so what is measured is our code.
+The product never imports this module (nor anything under tests/).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from xen_remus.channel.ends import Acked
+from xen_remus.channel.link import BackupLost
+from xen_remus.channel.stats import EpochStats
 from xen_remus.devices.base import Device, DeviceError
 from xen_remus.save.hvm import HvmGuest
 from xen_remus.save.ops import Emitter, Normalised
@@ -56,6 +61,7 @@ class FakeDomain:
         self.logdirty = False
         self.suspended = False
         self.resumed = 0
+        self.paused = False
         self.cleans = 0
         self.on_clean: Callable[[int], None] | None = None
         self.map_errors: dict[int, int] = {}  # pfn -> errno
@@ -117,6 +123,10 @@ class FakeDomain:
         self.calls.append("resume")
         self.suspended = False
         self.resumed += 1
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self.paused = True
 
 
 class FakeGuest:
@@ -222,6 +232,89 @@ class RecordingEmitter:
         assert n * PAGE_SIZE == len(data), "page data count does not match the types"
 
 
+class BufferingEmitter(RecordingEmitter):
+    """RecordingEmitter as the epoch loop's buffer too (CheckpointEmitter's interface)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffering = False
+        self.transmitted = 0
+
+    def transmit(self) -> int:
+        self.transmitted += 1
+        return 0
+
+
+class LaggingBackup:
+    """The epoch loop's link (save_continuous.EpochLink) to a backup that ACKs epoch N
+    ``lag(N)`` seconds after it was sent, in epoch order (an ACK never overtakes an older
+    one), on a virtual clock (``now``, moved by the waits). ``acks`` False: a stock backup.
+    From ``lost_at`` on, every wait raises BackupLost. ``delivered`` lists the ACKs handed
+    to the loop; ``max_awaiting`` is the most epochs sent and not ACKed at once."""
+
+    def __init__(self, lag: Callable[[int], float], acks: bool = True,
+                 lost_at: float | None = None) -> None:
+        self.lag, self.acks, self.lost_at = lag, acks, lost_at
+        self.now = 0.0
+        self.sent: dict[int, float] = {}  # epoch -> when its ACK is due
+        self.delivered: list[int] = []
+        self.max_awaiting = 0
+        self.wrong_epoch: int | None = None  # hand this epoch in the next ACK instead
+
+    def clock(self) -> float:
+        return self.now
+
+    def start_heartbeats(self) -> None:
+        pass
+
+    def stop_heartbeats(self) -> None:
+        pass
+
+    def _check(self) -> None:
+        if self.lost_at is not None and self.now >= self.lost_at:
+            raise BackupLost(f"backup lost at {self.lost_at} (epochs awaiting: "
+                             f"{sorted(self.sent)})")
+
+    def idle(self, until: float) -> None:
+        if self.lost_at is not None and until >= self.lost_at:
+            self.now = max(self.now, self.lost_at)
+        self._check()
+        self.now = max(self.now, until)
+
+    def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
+                   send_ms: float) -> EpochStats | None:
+        st = EpochStats(epoch, pause_ms, dirty_pages, 0, 0, send_ms)
+        if not self.acks:
+            return st
+        # In order: never before the ACK of the epoch sent before it.
+        due = max([self.now + self.lag(epoch), *self.sent.values()])
+        self.sent[epoch] = due
+        self.max_awaiting = max(self.max_awaiting, len(self.sent))
+        return None
+
+    def next_ack(self, until: float | None) -> Acked | None:
+        if not self.acks:
+            return None
+        self._check()
+        if not self.sent:
+            raise AssertionError("the loop waits for an ACK with no epoch awaiting one")
+        epoch = min(self.sent)
+        due = self.sent[epoch]
+        if self.lost_at is not None and due >= self.lost_at and (
+                until is None or until >= self.lost_at):
+            self.now = max(self.now, self.lost_at)
+            self._check()
+        if until is not None and due > until:
+            self.now = max(self.now, until)
+            return None
+        self.now = max(self.now, due)
+        del self.sent[epoch]
+        if self.wrong_epoch is not None:
+            epoch, self.wrong_epoch = self.wrong_epoch, None
+        self.delivered.append(epoch)
+        return Acked(epoch, EpochStats(epoch, ack_ms=self.lag(epoch) * 1000), 0.0)
+
+
 # -- devices -------------------------------------------------------------------------------
 
 class Recorder:
@@ -320,6 +413,9 @@ class MemDomain:
     def resume(self) -> None:
         pass
 
+    def pause(self) -> None:
+        pass
+
     def logdirty_enable(self) -> None:
         pass
 
@@ -380,3 +476,16 @@ def swallow(sock: socket.socket, stop: threading.Event,
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told (for code that takes ``clock``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -13,3 +13,8 @@ class UsageError(XenRemusError):
     """Bad arguments or an unusable input/output path (xl-style exit code 2)."""
 
     exit_code = 2
+
+
+class GuestHeld(XenRemusError):
+    """Protection ends with the guest already paused by whoever raised this (the witness
+    gave it to the backup): the epoch loop must not pause it a second time."""

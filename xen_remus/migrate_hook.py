@@ -28,6 +28,9 @@ COMMANDS: dict[str, str] = {
     "status": "xen_remus.cli.status",
     "protect": "xen_remus.cli.protect",
     "disk": "xen_remus.cli.disk",
+    "service": "xen_remus.cli.service",
+    "check": "xen_remus.cli.check",
+    "witness": "xen_remus.cli.witness",
 }
 
 

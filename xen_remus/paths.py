@@ -9,6 +9,7 @@ from pathlib import Path
 
 RUN_DIR = "/run/xen-remus"
 STATE_DIR = "/var/lib/xen-remus"
+XEN_SCRIPTS_DIR = "/etc/xen/scripts"  # libxl runs the hotplug scripts from here
 
 
 def run_dir() -> Path:

@@ -32,11 +32,12 @@ from typing import Protocol
 
 from xen_remus.channel.errors import ChannelError, CompressionError
 from xen_remus.errors import XenRemusError
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
 from xen_remus.restore_held import Held
-from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd, StreamError
-from xen_remus.stream.events import Buffer, Event, XlHeader
-
-DEFAULT_MAX_EPOCH_BYTES = 512 << 20
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import Buffer, EpochEnd, Event, StreamEnd, XlHeader
+from xen_remus.stream.records import Record
 
 
 class ReceiveError(XenRemusError):

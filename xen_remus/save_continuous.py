@@ -1,7 +1,8 @@
 """The continuous save: the Remus epoch loop on the primary, one checkpoint per interval.
 
-    epoch 0   pre-copy rounds while the guest runs (the one-shot engine's live phase),
-              then the first checkpoint, as every later epoch:
+    epoch 0   the disks' initial synchronisation (``before_precopy``), then pre-copy
+              rounds while the guest runs (the one-shot engine's live phase), then the
+              first checkpoint, as every later epoch:
     epoch N   suspend -> dirty pages into a local buffer
               -> devices postsuspend (net: a new output buffer starts; disks: the
                  epoch's writes and its seal join the buffer)
@@ -13,7 +14,17 @@
 
 What the guest says to the world during an epoch leaves only once the backup holds the
 state that said it. A backup that stops answering ends the loop with the guest running
-here, unprotected.
+here, unprotected; a failure of this side once the backup holds a checkpoint leaves the
+guest paused here, its unacknowledged output dropped, for the backup to take over.
+
+Pipelined epochs (``depth`` > 1, the Remus paper's design): checkpoint N+1 may be taken
+while up to ``depth`` - 1 earlier epochs still await their ACK. Each epoch's output stays
+in its own buffer (devices/netbuf.py); ACKs come in epoch order and each commits exactly
+its epoch, in order, as soon as the loop sees it (between two checkpoints, or while it
+waits for the interval); with ``depth`` epochs awaiting, the next checkpoint waits for the
+oldest ACK. Depth 1 is the plain loop: the ACK of N before checkpoint N+1. Nothing of an
+epoch without its ACK is ever committed, so the backup, resuming from its last committed
+epoch, never lags what a client saw.
 
 RemusLoop drives the one-shot engine's steps (save/engine.py) once per epoch;
 CheckpointEmitter is the Emitter that holds an epoch while the guest is suspended and
@@ -24,14 +35,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from xen_remus.channel.ends import Acked
-from xen_remus.channel.link import SenderLink
+from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
-from xen_remus.errors import XenRemusError
+from xen_remus.errors import GuestHeld, XenRemusError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.pages import Pfns, Types
 from xen_remus.stream import consts as C
@@ -53,7 +65,7 @@ class EpochLink(Protocol):
     def epoch_sent(self, epoch: int, pause_ms: float, dirty_pages: int,
                    send_ms: float) -> EpochStats | None: ...
 
-    def wait_ack(self, epoch: int) -> Acked | None: ...
+    def next_ack(self, until: float | None) -> Acked | None: ...
 
 
 class EpochDevices(Protocol):
@@ -76,6 +88,10 @@ class EpochBuffer(Protocol):
     def transmit(self) -> int: ...
 
 
+class PipelineError(XenRemusError):
+    """The backup acknowledged an epoch out of order."""
+
+
 class RemusLoop:
     """Continuous checkpoints of ``engine``'s domain (the Remus figure), one per interval:
 
@@ -83,21 +99,44 @@ class RemusLoop:
         -> devices preresume -> resume (fast) -> transmit -> wait for the backup's ACK of
         epoch N -> devices commit(N) -> wait for the interval
 
+    With ``depth`` D > 1 (pipelined epochs) up to D epochs await their ACK at once; the
+    ACK wait of N overlaps the checkpoints after it, and commits stay in epoch order.
+
     Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
-    returns when ``stop()`` was called (between epochs) and raises BackupLost (guest
-    running here, unprotected) when the backup stops answering. ``on_epoch`` gets each
+    returns when ``stop()`` was called (between epochs; the epochs then awaiting their ACK
+    are committed first) and raises BackupLost (guest running here, unprotected; no epoch
+    without its ACK committed) when the backup stops answering. Any other failure once an
+    epoch was sent whole (the backup may hold it) leaves the guest paused here
+    (``halted``): the backup resumes its copy when the stream ends. ``on_sent`` hears of
+    each epoch sent whole. ``on_epoch`` gets each
     epoch's figures once known (at its ACK, or at once with a stock backup).
+    ``before_precopy`` runs once the stream has begun, before the first pre-copy round
+    (the disks' initial synchronisation, relayed while the guest runs).
     """
 
     def __init__(self, engine: SaveEngine, out: EpochBuffer, link: EpochLink,
                  devices: EpochDevices, interval_s: float,
                  on_epoch: Callable[[EpochStats], None] = lambda st: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, depth: int = 1,
+                 before_precopy: Callable[[], None] | None = None,
+                 before_commit: Callable[[int], None] | None = None,
+                 on_sent: Callable[[int], None] | None = None) -> None:
+        if depth < 1:
+            raise ValueError(f"pipeline depth {depth}: at least 1")
         self.engine, self.out, self.link, self.devices = engine, out, link, devices
+        # The witness's lease (witness/lease.py OutputGate): returns once epoch N's
+        # output may go out (it pauses the guest while it may not), or raises.
+        self.before_commit = before_commit
+        self.on_sent = on_sent  # epoch N is on its way whole: the backup may resume it
         self.interval_s = interval_s
         self.on_epoch = on_epoch
         self.clock = clock
+        self.depth = depth
+        self.before_precopy = before_precopy
         self.epoch = -1  # the last epoch committed by the backup
+        self.sent = -1  # the last epoch transmitted
+        self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
+        self.halted = False  # a failure once an epoch was sent left the guest paused here
         self._stop = False
 
     def stop(self) -> None:
@@ -109,23 +148,48 @@ class RemusLoop:
             e.start_of_stream()
             self.out.flush()
             self.link.start_heartbeats()
+            if self.before_precopy is not None:
+                self.before_precopy()
             pending = e.precopy()
             next_at = self.clock()
             self.checkpoint(0, pending)
             while not self._stop:
+                while len(self.awaiting) >= self.depth:  # the bound: the oldest ACK first
+                    self._commit(self.link.next_ack(None))
                 next_at = max(next_at + self.interval_s, self.clock())
-                self.link.idle(next_at)
+                self._commit_until(next_at)
                 if self._stop:
                     break
-                self.checkpoint(self.epoch + 1, None)
-        except BaseException:
-            e.undo()  # log-dirty off; the guest resumed if we had it suspended
+                self.checkpoint(self.sent + 1, None)
+            while self.awaiting:  # stopping: what the backup holds goes out here too
+                self._commit(self.link.next_ack(None))
+        except BackupLost:
+            e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
+            raise
+        except BaseException as failure:
+            if self.sent < 0:
+                e.undo()  # the backup holds no whole epoch: the guest goes on here
+                raise
+            # The backup may resume from any epoch sent whole (its ACK may still be on its
+            # way) when the stream ends: this copy must not run on beside it (and what it
+            # said since is never released: devices' teardown drops it).
+            if isinstance(failure, GuestHeld):
+                e.undo()  # paused already by whoever raised it: log-dirty off only
+                self.halted = True
+                raise
+            try:
+                e.halt()
+                self.halted = True
+            except XenRemusError as exc:
+                log.error("pausing domain %d after the failure: %s", e.dom.domid, exc)
             raise
         finally:
             self.link.stop_heartbeats()
         e.logdirty_off()
 
     def checkpoint(self, epoch: int, pending: Pfns | None) -> None:
+        """Take and transmit epoch ``epoch``; its commit comes with its ACK (at once if no
+        ACK will come: a stock backup)."""
         e = self.engine
         self.out.buffering = True
         t0 = self.clock()
@@ -154,13 +218,44 @@ class RemusLoop:
         self.out.transmit()
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
-        ack = self.link.wait_ack(epoch)
-        self.devices.commit(epoch)  # exactly epoch N's packets go out
-        self.epoch = epoch
-        if ack is not None:
-            self.on_epoch(ack.stats)
-        elif st is not None:
+        self.sent = epoch
+        if self.on_sent is not None:
+            self.on_sent(epoch)
+        if st is not None:  # no ACK will come: released once sent, all a stock backup allows
+            self._release(epoch)
+            self.epoch = epoch
             self.on_epoch(st)
+        else:
+            self.awaiting.append(epoch)
+
+    def _commit_until(self, until: float) -> None:
+        """Wait until ``until`` (the next checkpoint), committing each epoch as its ACK
+        comes."""
+        while self.awaiting:
+            ack = self.link.next_ack(until)
+            if ack is None:
+                return  # the interval is over; the ACKs still due are waited for later
+            self._commit(ack)
+        self.link.idle(until)
+
+    def _commit(self, ack: Acked | None) -> None:
+        """The ACK of the oldest epoch awaiting one: commit exactly that epoch."""
+        if not self.awaiting:
+            raise PipelineError("ACK with no epoch awaiting one")
+        oldest = self.awaiting[0]
+        if ack is None or ack.epoch != oldest:
+            got = "none" if ack is None else f"epoch {ack.epoch}"
+            raise PipelineError(f"expected the ACK of epoch {oldest} (epochs awaiting one: "
+                                f"{', '.join(map(str, self.awaiting))}), got {got}")
+        self.awaiting.popleft()
+        self._release(oldest)
+        self.epoch = oldest
+        self.on_epoch(ack.stats)
+
+    def _release(self, epoch: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit(epoch)  # the witness's lease: may pause the guest, or raise
+        self.devices.commit(epoch)  # exactly epoch N's packets go out
 
 
 class CheckpointStreamError(XenRemusError):

@@ -273,7 +273,12 @@ def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None
     out["cadence_epochs"] = cad.epoch - 4
     out["postsuspend_commit_ms"] = sorted(round(x, 2) for x in cad.op_ms)
 
+    # Teardown never releases: what is held then (the backup lacks it) is dropped.
+    # ICMP, since TCP would send it again.
+    ping4.send((guest_ip, 0), 8)
+    out["held_ping_before_teardown"] = ping4.replies(QUIET) == []
     ds.teardown()
+    out["ping_after_teardown"] = ping4.replies(QUIET)
     out["tc_after_teardown"] = tc_state(nb)
     out["state_after_teardown"] = StateDir("netbuf").keys()
     out["rtt_after_teardown_ms"] = rtts(conn, 10)
@@ -301,7 +306,12 @@ def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None
         cad.join(10)
     out["reply_after_recovery"] = None if got is None else got[0]
     out["recovery_cadence_error"] = cad.error
+    # release_all (the guest goes on here) lets the held reply out before the teardown.
+    ping4.send((guest_ip, 0), 9)
+    out["held_ping_before_release"] = ping4.replies(QUIET) == []
+    ds.release_all()
     ds.teardown()
+    out["ping_after_release_teardown"] = ping4.replies(QUIET)
     out["rtt_final_ms"] = rtts(conn, 5)
     out["tc_final"] = tc_state(nbs[0])
 

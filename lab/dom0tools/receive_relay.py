@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 
-from xen_remus.stream import Decoder, EpochEnd
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import EpochEnd
 
 
 def pump(src: int, dst: int) -> None:

@@ -86,3 +86,19 @@ def test_dom0_fault_pattern_matches_what_corrupted_dom0s_printed() -> None:
     ]
     assert all(DOM0_FAULT.search(line) for line in seen)
     assert not DOM0_FAULT.search("[   80.11] xenbr0: port 1(eth0) entered forwarding state")
+
+
+def test_a_host_with_a_witness_socket_gets_the_virtio_serial_port(tmp_path: Path) -> None:
+    from lab.host import WITNESS_PORT
+
+    h = Host("A", "169.254.10.1", tmp_path, tmp_path)
+    p = tmp_path
+    images = build.Images(p / "xen", p / "vmlinuz", p / "vmlinux", p / "rootfs",
+                          p / "dom0.cpio", p / "guest.cpio", "6.1", "r")
+    plain = h.qemu_argv(images, None, "52:54:00:00:00:0a")
+    assert "virtserialport" not in " ".join(plain)
+    h.witness_sock = tmp_path / "w.sock"
+    argv = " ".join(h.qemu_argv(images, None, "52:54:00:00:00:0a"))
+    assert f"socket,id=witness,path={tmp_path / 'w.sock'},reconnect=1" in argv
+    assert f"virtserialport,bus=vser0.0,chardev=witness,name={WITNESS_PORT}" in argv
+    assert "xenlab_witness=1" in argv

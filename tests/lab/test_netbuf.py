@@ -4,7 +4,8 @@ The work happens in dom0 (lab/dom0tools/netbuf_probe.py, with Debian's python3-p
 is set up on the guest's vif; a client in dom0 talks to the guest's TCP counter service,
 pings it over IPv4 and IPv6 and ARPs for it. While output is held nothing comes back; each
 commit lets exactly its epoch's replies out; a 100 ms postsuspend/commit cadence keeps the
-TCP connection going (added latency printed); teardown restores plain traffic; a run killed
+TCP connection going (added latency printed); teardown drops what is still held (an ICMP
+reply) and restores plain traffic, release_all lets it out first; a run killed
 by SIGKILL leaves its qdiscs and state file behind and the next setup recovers.
 """
 
@@ -68,7 +69,10 @@ def test_netbuf_on_a_pv_guest(lab_one: Any) -> None:
     # A 100 ms commit cadence lets TCP go on.
     assert out["cadence_error"] is None and out["cadence_epochs"] > 0
     assert len(out["rtt_cadence100_ms"]) == 20
-    # Teardown restores plain traffic and leaves nothing.
+    # Teardown drops what is held (never released without a commit), restores plain
+    # traffic and leaves nothing; release_all before it lets the held output out.
+    assert out["held_ping_before_teardown"] and out["ping_after_teardown"] == []
+    assert out["held_ping_before_release"] and out["ping_after_release_teardown"] == [9]
     assert out["tc_after_teardown"] == UNHOOKED
     assert out["state_after_teardown"] == []
     assert len(out["rtt_after_teardown_ms"]) == 10

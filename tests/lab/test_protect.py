@@ -5,7 +5,9 @@ A client in B's dom0 holds one TCP connection to the guest's counter service fro
 the kill to after the failover (lab/dom0tools/counter_client.py). Checked: same guest (boot
 id), it runs on B, with output commit (no -n) the counter never goes back from the
 highest value any client saw, the client's connection survives; the primary's stderr
-shows per-epoch progress. Failover time and what the client saw are printed.
+shows per-epoch progress. The pipeline-N cases (--pipeline N) check the same with up to N
+epochs awaiting their ACK at once, and that A holds a ring of N IFBs for the vif. Failover
+time and what the client saw are printed.
 """
 
 from __future__ import annotations
@@ -112,8 +114,10 @@ def landed(recv_err: str) -> str:
     ("xen-remus-u", "pv", "mid-send"), ("xen-remus-un", "pv", "mid-send"),
     ("xen-remus-n", "pv", "steady"), ("xen-remus-stock", "pv", "steady"),
     ("xen-remus", "pvh", "steady"), ("xen-remus-vv", "pv", "before-ack"),
+    ("xen-remus-p2", "pv", "steady"), ("xen-remus-p3", "pv", "after-ack"),
 ], ids=["xen-remus", "xen-remus-u", "after-ack", "in-pause", "mid-send", "mid-send-n",
-        "xen-remus-n", "xen-remus-stock", "xen-remus-pvh", "before-ack"])
+        "xen-remus-n", "xen-remus-stock", "xen-remus-pvh", "before-ack", "pipeline-2",
+        "pipeline-3"])
 def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="pt", kind=kind, ip="169.254.20.7", mac="00:16:3e:00:00:07")
@@ -130,6 +134,13 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
         st = a.run(f"python3 -m xen_remus status --json {spec.name}", timeout=120)
         print(f"[{how}] xen-remus status on A: {st.stdout.strip()[:600]}")
         assert st.ok and '"protecting"' in st.stdout, st.stdout + st.stderr
+        if m := re.fullmatch(r"xen-remus-p(\d)", how):  # a ring of one IFB per epoch
+            ifbs = a.run("ip -o link show type ifb", timeout=30, check=True).stdout
+            ring = re.findall(r"xrifb\d+\.0(?:-\d)?[@:]", ifbs)
+            assert len(ring) == int(m[1]), f"IFBs for --pipeline {m[1]}: {ifbs}"
+            assert f"pipeline depth {m[1]}" in st.stdout, st.stdout
+            acks = [float(x) for x in re.findall(r"ack ([\d.]+) ms", send.stderr())[-20:]]
+            print(f"[{how}] last ACK times (ms; the interval is 200): {acks}")
         nic = kill_at(moment, send, b, recv)
         seen = [e for e in protect.client_events(client.output()) if "counter" in e]
         assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"

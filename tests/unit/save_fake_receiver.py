@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from xen_remus.stream import Decoder, StreamEnd
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import StreamEnd
 from xen_remus.xlproto import ReceiverSide
 
 

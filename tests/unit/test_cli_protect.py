@@ -16,10 +16,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_migrate_remus_is_protect() -> None:
-    args = parse("migrate", "--remus", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
-    p = parse("protect", "-i", "25", "-u", "-n", "-d", "-F", "g1", "hostb")
+    more = ("--key-file", "/k", "--metrics-file", "/m.prom", "--no-progress")
+    args = parse("migrate", "--remus", "-i", "25", "-u", "-n", "-d", "-F", *more, "g1",
+                 "hostb")
+    p = parse("protect", "-i", "25", "-u", "-n", "-d", "-F", *more, "g1", "hostb")
+    assert set(vars(p)) - set(vars(args)) == set()  # protect reads none migrate lacks
     for key in ("interval_ms", "uncompressed", "no_netbuf", "no_disk", "unsafe", "domain",
-                "host", "ssh", "no_daemon", "blackhole", "stock_backup"):
+                "host", "ssh", "no_daemon", "blackhole", "stock_backup", "key_file",
+                "metrics_file", "no_progress"):
         assert getattr(args, key) == getattr(p, key), key
     assert p.func is cmd_protect and args.remus
     assert command_func(p) is cmd_protect and command_func(args) is cmd_protect
@@ -47,3 +51,14 @@ def test_receiver_rune() -> None:
     assert receiver_rune("hb", "rsh -p 2", False, False).startswith("exec rsh -p 2 hb ")
     assert receiver_rune("socat - TCP:b:1", "", False, False) == "socat - TCP:b:1"
 
+
+
+def test_pipeline_depth_is_parsed_and_checked() -> None:
+    args = parse("protect", "--pipeline", "3", "-d", "-F", "g1", "hostb")
+    check_args(args)
+    assert args.pipeline == 3
+    assert parse("protect", "-d", "-F", "g1", "hostb").pipeline == 1  # today's loop
+    for bad in ("0", "9"):
+        with pytest.raises(UsageError, match=f"--pipeline {bad}: the depth must be 1..8"):
+            check_args(parse("protect", "--pipeline", bad, "-d", "-F", "g1", "hostb"))
+    assert parse("migrate", "--remus", "--pipeline", "2", "g1", "hostb").pipeline == 2

@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from xen_remus import xlproto as X
-from xen_remus.stream import Decoder, EpochEnd
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import EpochEnd
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_XL = textwrap.dedent("""\
     import os, sys, time
-    from xen_remus.stream import Decoder
+    from xen_remus.stream.decoder import Decoder
     from xen_remus import xlproto as X
     d = os.environ["FAKE_XL_DIR"]
     argv = sys.argv[1:]
@@ -36,12 +37,22 @@ FAKE_XL = textwrap.dedent("""\
     out, inp = sys.stdout.buffer, sys.stdin.buffer
     out.write(X.BANNER); out.flush()
     got = bytearray()
+    phases = os.environ.get("FAKE_XL_PHASES")  # as stock: libxc's helper, then hotplug
+    if "-r" in argv and phases:
+        import subprocess
+        nap = [sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))"]
+        helper = subprocess.Popen(nap + ["60", "libxl-save-helper"])
     if "-r" in argv:
         with open(os.path.join(d, "received"), "wb") as f:  # as it comes: xl may be killed
             while chunk := os.read(0, 65536):
                 f.write(chunk)
                 f.flush()
         open(os.path.join(d, "resumed"), "w").close()  # EOF: stock xl resumes the guest
+        if phases:
+            restore, scripts = (float(x) for x in phases.split(","))
+            time.sleep(restore)
+            helper.kill(); helper.wait()
+            subprocess.run(nap + [str(scripts), "/etc/xen/scripts/vif-bridge"])
         if os.environ.get("FAKE_XL_HANG") == "busy":  # slow hotplug scripts: CPU in use
             t = time.monotonic()
             while time.monotonic() - t < 600:
@@ -207,6 +218,27 @@ def test_failover_watchdog_tells_a_stall_from_slow_work(tmp_path: Path, hang: st
         assert "used no CPU for 1 s" in err and took < 4
     else:
         assert "did not finish within 4 s" in err and took >= 4
+
+
+def test_failover_logs_its_timeline_from_what_xl_runs(tmp_path: Path) -> None:
+    """The sink sees libxl-save-helper end (libxl resume), then the hotplug scripts run
+    and end (devices), then xl exit (guest running): one line, ms since detection."""
+    data = make_stream(3, end=False)
+    p = start(tmp_path, "-r", FAKE_XL_PHASES="0.5,0.8")
+    assert p.stdin is not None
+    read_exact(p, len(X.BANNER))
+    p.stdin.write(data[:ends_of(data)[1] + 10])
+    rc, err = finish(p)
+    assert rc == 0, err
+    m = re.search(r"failover timeline: detect (\d+) ms \(last word from the primary -> "
+                  r"declared dead\); then, in ms since: partial epoch dropped \+(\d+), "
+                  r"relay end \+(\d+), libxl resume \+(\d+), devices \+(\d+), guest "
+                  r"running \+(\d+); total (\d+) ms", err)
+    assert m, err
+    detect, dropped, relay, libxl, devices, running, total = (int(x) for x in m.groups())
+    assert dropped <= relay < 400 <= libxl  # the helper ran 0.5 s after the relay ended
+    assert libxl + 600 <= devices <= running  # the scripts took 0.8 s
+    assert total == detect + running or total == detect + running + 1  # rounding
 
 
 def test_plain_stream_cut_destroys_the_partial_copy(tmp_path: Path) -> None:

@@ -18,11 +18,13 @@ from xen_remus.devices.discover import device_set, domain_vifs, netbufs_for_doma
 from xen_remus.devices.kmod import MissingKernelModule, Modules
 from xen_remus.devices.netbuf import (
     INGRESS,
+    ORDER_WAIT_S,
     PLUG,
     NetbufError,
     NetBuffer,
     ifb_name,
     recover,
+    ring_names,
 )
 from xen_remus.devices.runstate import Owner, StateDir, _start_time
 
@@ -40,6 +42,7 @@ class Plug:
         self.throttled = True  # plug_init: starts buffering
         self.indefinite = False
         self.current = self.last = self.to_release = 0
+        self.dequeued = 0  # TCA_STATS_BASIC packets
 
     def action(self, action: int) -> None:
         if action == 0:  # TCQ_PLUG_BUFFER
@@ -69,16 +72,46 @@ class Plug:
                     break
                 self.to_release -= 1
             out.append(self.queue.pop(0))
+            self.dequeued += 1
         return out
+
+    def dequeue_one(self) -> list[str]:
+        """One packet of the softirq's work, if the plug lets one go."""
+        if not self.queue or self.throttled or (not self.indefinite and not self.to_release):
+            return []
+        if not self.indefinite:
+            self.to_release -= 1
+        self.dequeued += 1
+        return [self.queue.pop(0)]
+
+
+class Attrs:
+    """A netlink attribute set: get_attr by name."""
+
+    def __init__(self, **attrs: Any) -> None:
+        self.attrs = attrs
+
+    def get_attr(self, name: str) -> Any:
+        return self.attrs.get(name)
 
 
 class Qdisc:
     def __init__(self, kind: str, handle: int, plug: Plug | None = None) -> None:
         self.kind, self.handle, self.plug = kind, handle, plug
-        self.redirect: int | None = None  # matchall + mirred target
+        self.filters: dict[int, int] = {}  # ingress: prio -> matchall + mirred target
+
+    @property
+    def redirect(self) -> int | None:
+        """Where a packet goes: the filter of the lowest prio matches first."""
+        return self.filters[min(self.filters)] if self.filters else None
 
     def get_attr(self, name: str) -> Any:
-        return self.kind if name == "TCA_KIND" else None
+        if name == "TCA_KIND":
+            return self.kind
+        if name == "TCA_STATS2" and self.plug is not None:
+            return Attrs(TCA_STATS_BASIC={"packets": self.plug.dequeued},
+                         TCA_STATS_QUEUE={"qlen": len(self.plug.queue)})
+        return None
 
 
 class FakeKernel:
@@ -92,6 +125,10 @@ class FakeKernel:
         self.wire: list[str] = []  # packets that left (reached the bridge)
         self.calls: list[tuple[Any, ...]] = []
         self.opened = self.closed = 0
+        # Lazy: a release only schedules the dequeue (the softirq, ``softirq``), as each
+        # IFB drains in its own; get_qdiscs of a plug lets it move one packet first.
+        self.lazy = False
+        self.releasing: list[Plug] = []  # in release order
 
     def add_vif(self, name: str) -> int:
         self.links[name] = self.next_index
@@ -116,7 +153,14 @@ class FakeKernel:
             return
         assert plug.plug is not None
         plug.plug.enqueue(pkt)
-        self.wire += plug.plug.dequeue_all()
+        if not self.lazy:
+            self.wire += plug.plug.dequeue_all()
+
+    def softirq(self) -> None:
+        """Run the pending dequeues, the IFB released last first (the worst order)."""
+        for plug in reversed(self.releasing):
+            self.wire += plug.dequeue_all()
+        self.releasing.clear()
 
     def ifb_plug(self, ifb: str) -> Plug:
         q = self.qdisc(self.links[ifb], "plug")
@@ -181,14 +225,24 @@ class FakeIPRoute:
             act = kw["action"]
             assert (act["kind"], act["direction"], act["action"]) == (
                 "mirred", "egress", "redirect")
-            ingress.redirect = act["ifindex"]
+            if kw["prio"] in ingress.filters:
+                raise nl(errno.EEXIST)  # cls_matchall: one filter per prio, no replace
+            ingress.filters[kw["prio"]] = act["ifindex"]
+        elif cmd == "del-filter":
+            ingress = k.qdisc(index, "ingress")
+            if ingress is None or kw["prio"] not in ingress.filters:
+                raise nl(errno.ENOENT)
+            del ingress.filters[kw["prio"]]
         elif cmd == "change":
             q = k.qdisc(index, kind)
             if q is None or q.plug is None or handle != PLUG:
                 raise nl(errno.ENOENT)
             # pyroute2's sched_plug: actions.get(value, 0) - a number silently means BUFFER
             q.plug.action(PLUG_ACTIONS.get(kw.get("action", 0), 0))
-            k.wire += q.plug.dequeue_all()
+            if k.lazy:
+                k.releasing.append(q.plug)
+            else:
+                k.wire += q.plug.dequeue_all()
         elif cmd == "del":
             q = k.qdisc(index, kind)
             if q is None:
@@ -198,7 +252,11 @@ class FakeIPRoute:
             raise AssertionError(cmd)
 
     def get_qdiscs(self, index: int) -> list[Qdisc]:
-        return list(self.k.qdiscs.get(index, []))
+        qs = list(self.k.qdiscs.get(index, []))
+        for q in qs:
+            if self.k.lazy and q.plug is not None and q.plug in self.k.releasing:
+                self.k.wire += q.plug.dequeue_one()
+        return qs
 
     def close(self) -> None:
         self.k.closed += 1
@@ -221,9 +279,10 @@ def state(tmp_path: Path) -> StateDir:
 
 
 def make(kernel: FakeKernel, state: StateDir, vif: str = "vif5.0", ifb: str = "xrifb5.0",
-         modules: Modules | None = None) -> NetBuffer:
+         modules: Modules | None = None, depth: int = 1, **kw: Any) -> NetBuffer:
     mods = modules or Modules(proc=Path("/nonexistent/modules"))  # no module support: skip
-    return NetBuffer(vif, ifb, iproute=kernel.iproute, state=state, modules=mods)
+    return NetBuffer(vif, ifb, iproute=kernel.iproute, state=state, modules=mods, depth=depth,
+                     **kw)
 
 
 def send(kernel: FakeKernel, tag: str, n: int, vif: str = "vif5.0") -> list[str]:
@@ -325,21 +384,34 @@ def test_release_all_then_protect_again(kernel: FakeKernel, state: StateDir) -> 
     assert kernel.wire == e1 + e2 + free + e6
 
 
-def test_teardown_releases_and_removes_everything(kernel: FakeKernel, state: StateDir) -> None:
+def test_teardown_drops_what_is_held_and_removes_everything(kernel: FakeKernel,
+                                                            state: StateDir) -> None:
     nb = make(kernel, state)
     nb.setup()
-    e1 = send(kernel, "e1", 2)
+    nb.postsuspend(1)
+    send(kernel, "e2", 2)  # epoch 1 sealed, never committed; epoch 2 open
     nb.teardown()
-    assert kernel.wire == e1  # held output goes out: the guest goes on here
+    assert kernel.wire == []  # never released without a commit: the backup lacks it
     assert "xrifb5.0" not in kernel.links
     assert kernel.qdiscs[kernel.links["vif5.0"]] == []
     assert not state.path("vif5.0").exists()
     assert kernel.opened == kernel.closed == 1
     after = send(kernel, "after", 2)
-    assert kernel.wire == e1 + after
+    assert kernel.wire == after
     ops = [c[1:3] for c in kernel.calls if c[0] in ("tc", "link") and c[1] in ("change", "del")]
-    assert ops == [("change", "plug"), ("del", "ingress"), ("del", "xrifb5.0")]
+    assert ops == [("change", "plug"), ("del", "ingress"), ("del", "xrifb5.0")]  # BUFFER only
     nb.teardown()  # twice is fine
+
+
+def test_release_all_then_teardown_lets_everything_out(kernel: FakeKernel,
+                                                       state: StateDir) -> None:
+    nb = make(kernel, state)
+    nb.setup()
+    e1 = send(kernel, "e1", 2)
+    nb.release_all()  # protection stops, the guest goes on here
+    nb.teardown()
+    assert kernel.wire == e1
+    assert "xrifb5.0" not in kernel.links
 
 
 def test_setup_twice_replaces_cleanly(kernel: FakeKernel, state: StateDir) -> None:
@@ -538,3 +610,163 @@ def test_device_set_of_a_domain(kernel: FakeKernel, state: StateDir) -> None:
         devs.commit(1)
         assert kernel.wire == e1
     assert "xrifb5.0" not in kernel.links and state.keys() == []
+
+
+# -- pipelined epochs: a ring of IFBs ---------------------------------------------------------
+
+RING = ["xrifb5.0", "xrifb5.0-1", "xrifb5.0-2"]
+
+
+def test_ring_setup_plugs_every_ifb_before_the_redirect(kernel: FakeKernel,
+                                                        state: StateDir) -> None:
+    nb = make(kernel, state, depth=3)
+    nb.setup()
+    steps = [c[:4] for c in kernel.calls if c[0] in ("tc", "link") and c[1] != "set"]
+    assert steps == [("link", "add", "xrifb5.0"), ("tc", "add", "plug", "xrifb5.0"),
+                     ("link", "add", "xrifb5.0-1"), ("tc", "add", "plug", "xrifb5.0-1"),
+                     ("link", "add", "xrifb5.0-2"), ("tc", "add", "plug", "xrifb5.0-2"),
+                     ("tc", "add", "ingress", "vif5.0"),
+                     ("tc", "add-filter", "matchall", "vif5.0")]
+    assert json.loads(state.path("vif5.0").read_text())["ifbs"] == RING
+    send(kernel, "pre", 3)
+    assert kernel.wire == [] and len(kernel.ifb_plug("xrifb5.0").queue) == 3
+
+
+def test_pipelined_epochs_leave_in_order_and_only_once_committed(kernel: FakeKernel,
+                                                                  state: StateDir) -> None:
+    nb = make(kernel, state, depth=3)
+    nb.setup()
+    out: list[str] = []
+    e = {1: send(kernel, "e1", 3)}
+    for n in (2, 3, 4):  # three epochs sealed at once; the fourth is open
+        nb.postsuspend(n - 1)
+        e[n] = send(kernel, f"e{n}", n)
+    assert nb.awaiting == [1, 2, 3] and kernel.wire == []
+    with pytest.raises(NetbufError, match=r"postsuspend of epoch 4 while epochs 1, 2, 3 await "
+                       r"its commit \(pipeline depth 3\)"):
+        nb.postsuspend(4)
+    with pytest.raises(NetbufError, match=r"commit of epoch 2 out of order \(sealed: epochs "
+                       r"1, 2, 3"):
+        nb.commit(2)
+    for n in range(1, 9):
+        nb.commit(n)
+        out += e[n]
+        assert kernel.wire == out, f"after commit({n})"
+        nb.postsuspend(n + 3)  # the slot of epoch n takes epoch n+4: it was just freed
+        e[n + 4] = send(kernel, f"e{n + 4}", 2)
+        assert kernel.wire == out  # nothing of an uncommitted epoch left
+    assert nb.awaiting == [9, 10, 11]
+    # The redirect moved at each postsuspend: one filter at a time, never none.
+    ingress = kernel.qdisc(kernel.links["vif5.0"], "ingress")
+    assert ingress is not None and len(ingress.filters) == 1
+
+
+def test_depth_one_never_moves_the_redirect(kernel: FakeKernel, state: StateDir) -> None:
+    nb = make(kernel, state)
+    nb.setup()
+    for n in range(1, 4):
+        nb.postsuspend(n)
+        nb.commit(n)
+    assert not [c for c in kernel.calls if c[:2] in (("tc", "add-filter"), ("tc", "del-filter"))
+                and c[3] == "vif5.0"][1:]
+    assert not [c for c in kernel.calls if c[0] == "tc" and c[2] == "plug" and
+                c[3] != "xrifb5.0"]
+
+
+def test_release_of_an_epoch_waits_for_the_one_before(kernel: FakeKernel,
+                                                     state: StateDir) -> None:
+    """Each IFB drains in its own softirq: released back to back, epoch 2 could reach the
+    bridge before epoch 1 (the fake runs the IFB released last first)."""
+    nb = make(kernel, state, depth=2)
+    nb.setup()
+    kernel.lazy = True
+    e1 = send(kernel, "e1", 4)
+    nb.postsuspend(1)
+    e2 = send(kernel, "e2", 4)
+    nb.postsuspend(2)
+    nb.commit(1)
+    nb.commit(2)  # polls xrifb5.0 until epoch 1's packets have left it
+    kernel.softirq()
+    assert kernel.wire == e1 + e2
+
+
+def test_order_wait_is_bounded(kernel: FakeKernel, state: StateDir) -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    nb = make(kernel, state, depth=2, clock=lambda: now[0], sleep=sleep)
+    nb.setup()
+    kernel.lazy = True
+    e1 = send(kernel, "e1", 2)
+    nb.postsuspend(1)
+    e2 = send(kernel, "e2", 1)
+    nb.postsuspend(2)
+    nb.commit(1)
+    kernel.releasing.clear()  # epoch 1's softirq never runs: its packets stay queued
+    nb.commit(2)
+    assert ORDER_WAIT_S <= sum(slept) < ORDER_WAIT_S + 0.01
+    kernel.softirq()
+    assert kernel.wire == e2  # released late, not held; epoch 1's stay queued in the fake
+    assert len(kernel.ifb_plug("xrifb5.0").queue) == len(e1)
+
+
+def test_pipelined_release_all_then_protect_again(kernel: FakeKernel,
+                                                  state: StateDir) -> None:
+    nb = make(kernel, state, depth=2)
+    nb.setup()
+    e1 = send(kernel, "e1", 2)
+    nb.postsuspend(1)
+    e2 = send(kernel, "e2", 2)
+    nb.release_all()  # backup lost: everything out, oldest epoch first, every IFB open
+    assert kernel.wire == e1 + e2 and nb.awaiting == []
+    free = send(kernel, "free", 1)
+    assert kernel.wire[-1:] == free
+    seen = list(kernel.wire)
+    nb.postsuspend(5)  # a new backup: the next IFB is plugged before packets go there
+    e6 = send(kernel, "e6", 3)
+    nb.postsuspend(6)
+    e7 = send(kernel, "e7", 1)
+    assert kernel.wire == seen
+    nb.commit(5)
+    nb.commit(6)
+    assert kernel.wire == seen + e6
+    nb.postsuspend(7)
+    nb.commit(7)
+    assert kernel.wire == seen + e6 + e7
+
+
+def test_ring_teardown_and_crash_recovery(kernel: FakeKernel, state: StateDir) -> None:
+    nb = make(kernel, state, depth=3)
+    nb.setup()
+    send(kernel, "e1", 2)
+    nb.postsuspend(1)
+    send(kernel, "e2", 2)
+    nb.teardown()
+    assert kernel.wire == []  # held output is dropped: releasing is release_all's job
+    assert not set(RING) & set(kernel.links) and state.keys() == []
+    # A crashed pipelined run: its record names the whole ring.
+    make(kernel, state, depth=3).setup()
+    state.write("vif5.0", {"vif": "vif5.0", "ifb": "xrifb5.0", "ifbs": RING}, dead_owner())
+    assert recover(state=state, iproute=kernel.iproute) == ["vif5.0"]
+    assert not set(RING) & set(kernel.links)
+    assert kernel.qdiscs[kernel.links["vif5.0"]] == []
+    # A ring left behind is replaced by a setup of another depth.
+    make(kernel, state, depth=3).setup()
+    state.remove("vif5.0")
+    make(kernel, state, depth=2).setup()
+    assert "xrifb5.0-1" in kernel.links and "xrifb5.0-2" in kernel.links  # unrecorded: kept
+    ingress = kernel.qdisc(kernel.links["vif5.0"], "ingress")
+    assert ingress is not None and list(ingress.filters.values()) == [kernel.links["xrifb5.0"]]
+
+
+def test_ring_names() -> None:
+    assert ring_names("xrifb5.0", 1) == ["xrifb5.0"]
+    assert ring_names("xrifb32752.9", 3) == ["xrifb32752.9", "xrifb32752.9-1", "xrifb32752.9-2"]
+    with pytest.raises(NetbufError, match=r"xrifb32752.999-1 \(pipeline depth 2\) is longer"):
+        ring_names("xrifb32752.999", 2)
+    with pytest.raises(NetbufError, match=r"depth 9 for xrifb5.0 is not in 1..8"):
+        ring_names("xrifb5.0", 9)

@@ -10,8 +10,9 @@ import pytest
 
 from tests.fakes import RecordingDevice, RecordingStub
 from tests.unit.disk_helpers import Client, Replicated
+from xen_remus.channel.link import BackupLost
 from xen_remus.devices.base import DeviceError, DeviceSet
-from xen_remus.disk.device import ReplicatedDisk
+from xen_remus.disk.device import ReplicaLost, ReplicatedDisk
 from xen_remus.disk.errors import EpochError
 
 SIZE = 256 * 1024
@@ -32,19 +33,23 @@ def test_the_epoch_loop_seals_and_commits_the_disk_before_the_network() -> None:
                    "disconnect disk"]
 
 
-def test_failures_name_the_disk_and_the_step() -> None:
+def test_a_failed_replica_is_a_lost_backup_naming_the_disk_and_the_step() -> None:
     disk = ReplicatedDisk(RecordingStub([], "disk", fail="seal", exc=TimeoutError()))
-    with pytest.raises(DeviceError, match=r"disk: seal epoch 4: TimeoutError"):
+    with pytest.raises(ReplicaLost, match=r"replication of disk failed \(seal epoch 4\):"
+                       r" TimeoutError"):
         disk.postsuspend(4)
     disk = ReplicatedDisk(RecordingStub([], "disk", fail="commit",
                                         exc=RuntimeError("commit(2) broke")))
-    with pytest.raises(DeviceError, match=r"disk: commit epoch 2: commit\(2\) broke"):
+    with pytest.raises(BackupLost, match=r"disk failed \(commit epoch 2\): commit\(2\) broke"):
         disk.commit(2)
     ours = EpochError("seal(3) but epoch 5 is open")
     disk = ReplicatedDisk(RecordingStub([], "disk", fail="seal", exc=ours))
-    with pytest.raises(EpochError) as ei:  # our own errors pass through as they are
+    with pytest.raises(ReplicaLost) as ei:  # ours too: the replica cannot follow
         disk.postsuspend(3)
-    assert ei.value is ours
+    assert ei.value.__cause__ is ours and "seal(3) but epoch 5 is open" in str(ei.value)
+    disk = ReplicatedDisk(RecordingStub([], "disk", fail="connect", exc=OSError("gone")))
+    with pytest.raises(DeviceError, match=r"disk: connect: gone"):  # nothing protected yet
+        disk.setup()
 
 
 def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> None:
@@ -76,8 +81,9 @@ def test_loop_control_replicates_seals_and_releases_a_real_server(tmp: str) -> N
         disk.release_all()
         st.run(lambda: write(12288, b"D" * 4096))  # unreplicated from here on
         assert st.server.sink is None
-        with pytest.raises(EpochError, match="seal\\(0\\) but epoch 2 is open"):
+        with pytest.raises(ReplicaLost, match="seal\\(0\\) but epoch 2 is open") as ei:
             disk.postsuspend(0)
+        assert isinstance(ei.value.__cause__, EpochError)
         disk.teardown()
         disk.teardown()  # twice is fine
 

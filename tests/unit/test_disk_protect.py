@@ -19,7 +19,9 @@ from xen_remus.channel.errors import ChannelError
 from xen_remus.devices.discover import REPLICA_KEY, domain_disks, unreplicable
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.disk.daemon import ReplicatedDiskDaemon
+from xen_remus.disk.persist import BLOCK, DirtyBitmap, ReplicaRecord
 from xen_remus.disk.remote import SocketControl
+from xen_remus.disk.sync import SyncProgress
 
 SIZE = 4 << 20
 
@@ -61,29 +63,61 @@ def read(path: str) -> bytes:
         return f.read()
 
 
+class Relay:
+    """What protect and the receiver do with one disk's frames: during the initial
+    synchronisation each record reaches the backup as it comes and its answers come back
+    (``relay``); afterwards each sealed epoch's records wait for ``deliver``."""
+
+    def __init__(self, replicas: DiskReplicas) -> None:
+        self.replicas = replicas
+        self.live = True
+        self.back: list[bytes] = []
+        self.records: list[list[bytes]] = []  # the bodies of each sealed epoch
+
+    def into_checkpoint(self, vdev: str, frames: bytes, ends: list[int]) -> None:
+        bodies = [b"".join(bytes(p) for p in body)
+                  for body in wire.disk_bodies(vdev, frames, ends)]
+        if not self.live:
+            self.records.append(bodies)
+            return
+        for body in bodies:
+            vdev, view = wire.parse_disk(body, "REMUS_DISK (pre-copy)")
+            self.back += self.replicas.feed(vdev, view, "pre-copy")
+
+    def relay(self) -> list[bytes]:
+        out, self.back = self.back, []
+        return out
+
+    def sync(self, ctl: SocketControl) -> SyncProgress:
+        seen: list[tuple[int, int]] = []
+        prog = ctl.sync(self.relay, lambda: None, lambda p: seen.append((p.done, p.total)))
+        assert seen and all(d <= t for d, t in seen)
+        self.live = False
+        return prog
+
+    def deliver(self, epoch: int) -> None:  # what the receiver does with checkpoint `epoch`
+        for body in self.records[epoch]:
+            vdev, frames = wire.parse_disk(body, f"REMUS_DISK (epoch {epoch})")
+            assert self.replicas.feed(vdev, frames, f"epoch {epoch}") == []
+
+
 def test_epochs_reach_the_backup_whole_and_only_at_commit(tmp: str) -> None:
     primary = image(os.path.join(tmp, "a.img"), os.urandom(SIZE))
     backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
     d = Daemon(primary, tmp)
     replicas = DiskReplicas({"xvda": backup}.get)
-    records: list[list[bytes]] = []  # the bodies of each sealed epoch
-
-    def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
-        bodies = wire.disk_bodies(vdev, frames, ends)
-        records.append([b"".join(bytes(p) for p in body) for body in bodies])
-
-    def deliver(epoch: int) -> None:  # what the receiver does with checkpoint `epoch`
-        for body in records[epoch]:
-            vdev, frames = wire.parse_disk(body, f"REMUS_DISK (epoch {epoch})")
-            replicas.feed(vdev, frames, f"epoch {epoch}")
-
-    ctl = SocketControl("xvda", d.replica, into_checkpoint)
+    r = Relay(replicas)
+    ctl = SocketControl("xvda", d.replica, r.into_checkpoint, generation=7)
     try:
         ctl.connect()
         qemu_io(d.nbd, "write -P 0x11 0 64k")
-        ctl.seal(0)  # the whole image (initial sync) and the write
-        deliver(0)
-        assert read(backup) == bytes(SIZE), "applied before its commit"
+        prog = r.sync(ctl)  # every chunk differs: all of them sent, in pre-copy
+        assert (prog.mode, prog.sent, prog.done, prog.total) == ("hashes", SIZE, SIZE, SIZE)
+        assert read(backup) == read(primary)
+        qemu_io(d.nbd, "write -P 0x44 3M 4k")
+        ctl.seal(0)  # the write since the synchronisation
+        r.deliver(0)
+        assert read(backup)[3 << 20:(3 << 20) + 4096] != b"\x44" * 4096, "before its commit"
         replicas.commit(0)
         ctl.commit(0)
         at0 = read(primary)
@@ -92,8 +126,8 @@ def test_epochs_reach_the_backup_whole_and_only_at_commit(tmp: str) -> None:
         ctl.seal(1)
         qemu_io(d.nbd, "write -P 0x33 2M 4k")
         ctl.seal(2)
-        deliver(1)
-        deliver(2)
+        r.deliver(1)
+        r.deliver(2)
         replicas.commit(1)
         at1 = bytearray(at0)
         at1[1 << 20:(1 << 20) + (128 << 10)] = b"\x22" * (128 << 10)
@@ -105,6 +139,55 @@ def test_epochs_reach_the_backup_whole_and_only_at_commit(tmp: str) -> None:
         ctl.disconnect()
         replicas.close()
         d.close()
+
+
+def test_a_matching_replica_is_skipped_and_a_lost_backup_resyncs_its_dirty_blocks(
+        tmp: str) -> None:
+    data = os.urandom(SIZE)
+    primary = image(os.path.join(tmp, "a.img"), data)
+    backup = image(os.path.join(tmp, "b.img"), data[:SIZE // 2] + bytes(SIZE // 2))
+    d = Daemon(primary, tmp)
+
+    def protect(generation: int, lose_after: int) -> SyncProgress:
+        """One protection: synchronise, epochs 0..lose_after committed, then a write in an
+        epoch never ACKed and the backup lost (the receiver gone, nothing failed over)."""
+        replicas = DiskReplicas({"xvda": backup}.get)
+        r = Relay(replicas)
+        ctl = SocketControl("xvda", d.replica, r.into_checkpoint, generation)
+        try:
+            ctl.connect()
+            prog = r.sync(ctl)
+            for e in range(lose_after + 1):
+                qemu_io(d.nbd, f"write -P {0x50 + e} {e * 256}k 4k")
+                ctl.seal(e)
+                r.deliver(e)
+                replicas.commit(e)
+                ctl.commit(e)
+            # The backup never gets this epoch.
+            qemu_io(d.nbd, f"write -P {0x60 + generation} 3M 64k")
+            assert read(backup) != read(primary)
+        finally:
+            ctl.disconnect()
+            replicas.close()
+        return prog
+
+    try:
+        first = protect(7, 1)
+        assert (first.mode, first.sent) == ("hashes", SIZE // 2)  # the equal half skipped
+        # A short outage: the written blocks since the last ACK only, by the bitmap.
+        qemu_io(d.nbd, "write -P 0x77 0 4k")  # while unprotected
+        again = protect(8, 0)
+        assert again.mode == "dirty blocks" and again.sent == 2 * BLOCK, again.sent
+        # After a failover the replica is the backup's own disk: hashes again.
+        ReplicaRecord(backup).write(8, "local", SIZE, 0)
+        third = protect(9, 0)
+        assert third.mode == "hashes" and third.sent == 1 << 20  # the chunk at 3M
+    finally:
+        d.close()
+    # The daemon's bitmap survives a clean restart, relative to its last ACK.
+    bm = DirtyBitmap(primary, SIZE)
+    assert bm.trusted and bm.base == (9, 0) and bm.runs() == [(3 << 20, 64 << 10)]
+    bm.close()
 
 
 def test_a_bad_record_breaks_the_epoch_naming_the_disk(tmp: str) -> None:

@@ -26,17 +26,18 @@ from tests.fakes import FakeDomain, FakeGuest, swallow
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.stats import EpochStats
-from xen_remus.cli.protect import Summary, _await_offer, read_banner
+from xen_remus.cli.protect_run import Summary, _await_offer, read_banner
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
-from xen_remus.restore_continuous import Outcome
+from xen_remus.restore_continuous import Outcome, ReceiveError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
-from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
 from xen_remus.stream.consts import PAGE_SIZE
-from xen_remus.stream.events import Buffer
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, EpochEnd
+from xen_remus.stream.records import Record
 
 CONFIG = '{"c_info": {"name": "g"}}'
 PAGES = 96
@@ -253,3 +254,157 @@ def test_a_stalled_sink_is_not_a_lost_backup() -> None:
     a.close()
     th.join(20)
     assert result[0].epoch == 2
+
+
+def test_a_failure_after_a_commit_leaves_the_guest_paused_for_the_backup() -> None:
+    """The primary fails (here: the guest does not suspend) once the backup holds epoch 2:
+    the guest is paused, never resumed, nothing more is committed, and the backup resumes
+    from epoch 2 when the stream ends."""
+    from xen_remus.xen.errors import SuspendError
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+
+    def on_epoch(st: EpochStats) -> None:
+        dom.fail_suspend = st.epoch == 2
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    with pytest.raises(SuspendError):
+        loop.run()
+    assert loop.halted and loop.epoch == 2
+    assert dom.paused and dom.calls[-1] == "pause" and not dom.logdirty
+    assert [c for c in devs.calls if c[0] == "commit"][-1] == ("commit", 2)
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 2 and sink.failed_over == 2
+
+
+def test_a_failure_before_the_first_commit_leaves_the_guest_running() -> None:
+    """Nothing on the backup to resume: the guest goes on here, not paused."""
+    from xen_remus.xen.errors import SuspendError
+
+    dom = FakeDomain(PAGES)
+    dom.fail_suspend = True
+    a, b = socket.socketpair()
+    aborted: list[str] = []
+
+    class Aborting(Sink):
+        def abort(self, why: str) -> None:
+            aborted.append(why)
+
+    sink = Aborting()
+    up = Upstream(b.fileno(), b.fileno(), idle_timeout=20.0, io_timeout=20.0)
+
+    def backup() -> None:
+        with pytest.raises(ReceiveError, match="before any complete epoch"):
+            receive(up, cast(Any, sink), True, chan=ReceiverChannel(Config(), 0.0))
+
+    th = threading.Thread(target=backup, daemon=True)
+    th.start()
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    loop = RemusLoop(engine, out, link, Devices(dom, sink), 0.005)
+    with pytest.raises(SuspendError):
+        loop.run()
+    assert not loop.halted and loop.epoch == -1
+    assert not dom.paused and not dom.suspended and not dom.logdirty
+    a.close()
+    th.join(20)
+    assert "before any complete epoch" in aborted[0]  # the backup has nothing to resume
+
+
+
+class SlowSink(Sink):
+    """A backup whose every commit takes ``commit_s`` (xl writing a big epoch): with a
+    short interval, later epochs are sent while earlier ones are being committed."""
+
+    def __init__(self, commit_s: float) -> None:
+        super().__init__()
+        self.commit_s = commit_s
+
+    def committed(self, epoch: int) -> None:
+        time.sleep(self.commit_s)
+        super().committed(epoch)
+
+
+def test_pipelined_epochs_reach_the_backup_whole_and_in_order(run_dir: Path) -> None:
+    """Depth 3 against the real receiver: it reads epoch N+1 while it commits N, ACKs in
+    order, and each epoch is committed here only after the backup had it whole."""
+    dom = FakeDomain(PAGES)
+    sink, result = SlowSink(0.03), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+    awaiting: list[int] = []
+
+    def on_epoch(st: EpochStats) -> None:
+        awaiting.append(len(loop.awaiting))
+        if st.epoch == 12:
+            loop.stop()
+        dom.write(st.epoch % PAGES, 0x40 + st.epoch)
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch, depth=3)
+    loop.run()
+    a.close()
+    th.join(20)
+    commits = [e for op, e in devs.calls if op == "commit"]
+    sealed = [e for op, e in devs.calls if op == "postsuspend"]
+    assert commits == sealed == list(range(len(commits))) and commits[-1] >= 12
+    assert max(awaiting) == 2  # at an ACK: it, and up to two more awaiting theirs
+    assert devs.calls.index(("postsuspend", 6)) < devs.calls.index(("commit", 5))
+    assert result[0].kind == "failover" and result[0].epoch == commits[-1]
+    seen = memory_at_each_epoch(bytes(sink.data))
+    assert sorted(seen) == commits
+    assert all(seen[e] == devs.snapshots[e] for e in commits)
+
+
+def test_a_failed_disk_replica_leaves_the_guest_running_unprotected(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk's replication fails at the seal of epoch 2 (its server gone): protect says
+    which disk, lets the guest and its output go on here and exits 3, not 1."""
+    import argparse
+
+    from xen_remus.channel.stats import StatusFile
+    from xen_remus.cli.protect import EXIT_UNPROTECTED
+    from xen_remus.cli.protect_run import _protect
+    from xen_remus.disk.device import ReplicaLost
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+
+    class FailingDisk(Devices):
+        def postsuspend(self, epoch: int) -> None:
+            super().postsuspend(epoch)
+            if epoch == 2:
+                raise ReplicaLost("replication of disk xvda (/run/r.sock) failed (seal epoch"
+                                  " 2): the server closed the replication socket")
+
+        def release_all(self) -> None:
+            self.calls.append(("release_all", -1))
+
+        def __enter__(self) -> FailingDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.calls.append(("teardown", -1))
+
+    devs = FailingDisk(dom, sink)
+    args = argparse.Namespace(interval_ms=5, pipeline=1)
+    status = StatusFile("g", "primary", "backup")
+    rc = _protect(engine, out, link, devs, args, Summary(status, False), status, "g", None)
+    assert rc == EXIT_UNPROTECTED
+    assert not dom.paused and not dom.suspended, "the guest runs on here"
+    assert devs.calls[-2:] == [("release_all", -1), ("teardown", -1)]
+    err = capsys.readouterr().err
+    assert "disk xvda" in err and "UNPROTECTED after epoch 1" in err
+    assert json.loads(status.path.read_text())["state"] == "unprotected"
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 1

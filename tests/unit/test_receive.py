@@ -10,8 +10,9 @@ import pytest
 
 from xen_remus.receive.driver import Relay
 from xen_remus.restore_continuous import EpochRefused, EpochTooLarge, Outcome, ReceiveError
-from xen_remus.stream import Decoder, EpochEnd, StreamError
-from xen_remus.stream.events import Buffer
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 from xen_remus.xlproto import GO
 
@@ -224,7 +225,7 @@ def test_undecodable_channel_record_is_refused_keeping_the_last_good_epoch() -> 
     spoils its epoch like an invalid standard record: refused, the copy held, the reason
     given to the primary (on_stop), never an escaping error of another kind."""
     from xen_remus.channel.errors import CompressionError
-    from xen_remus.stream import Record
+    from xen_remus.stream.records import Record
 
     data = stream(4, end=False)
     ends = epoch_ends(data)

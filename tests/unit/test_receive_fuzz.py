@@ -31,8 +31,11 @@ from xen_remus.restore_continuous import (
     PartialDropped,
     Refused,
 )
-from xen_remus.stream import Decoder, EpochEnd, Record, StreamError
 from xen_remus.stream import consts as C
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import EpochEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 CEILING = 1 << 20

@@ -17,10 +17,13 @@ from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.restore_continuous import ContinuousRestore, EpochTooLarge, Refused
 from xen_remus.restore_held import COPY_BELOW, SEGMENT, Held
-from xen_remus.stream import Decoder, Record, StreamEnd, StreamError
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
 from xen_remus.stream import records as R
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import StreamEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 # -- what is held, and its cost ------------------------------------------------------

@@ -22,9 +22,10 @@ from xen_remus.channel.ends import (
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.negotiate import OFFER_PREFIX, Extensions
 from xen_remus.channel.stats import EpochStats
-from xen_remus.stream import Decoder, EpochEnd, Record, StreamEnd
 from xen_remus.stream import consts as C
-from xen_remus.stream.events import Buffer, DomainHeader
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, DomainHeader, EpochEnd, StreamEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import Epoch, synthetic_stream
 from xen_remus.xlproto import BANNER, SenderSide
 
@@ -272,19 +273,42 @@ def test_sender_rejects_a_bad_receiver_channel() -> None:
     assert snd.feed_back(wire.close("disk full"), 0) == [Closed("disk full")]
 
 
-def test_ack_covers_earlier_epochs_and_latency_is_measured() -> None:
+def test_acks_come_in_epoch_order_and_latency_is_measured() -> None:
+    """Pipelined epochs: several await their ACK at once; each is ACKed on its own, oldest
+    first, and an ACK out of that order is refused naming both epochs."""
     snd = SenderChannel(Config(), 0)
     snd.feed_back(ReceiverChannel(Config(), 0).offer_line(), 0)
     snd.pending(0)
     snd.epoch_sent(0, 1.0, 1, 1, 1)
     snd.epoch_sent(1, 2.0, 1, 1, 1)
-    (ev,) = snd.feed_back(wire.ack(1, 250), 2.040)
-    assert isinstance(ev, Acked) and ev.epoch == 1 and snd.acked == 1
-    assert ev.stats.ack_ms == pytest.approx(40) and ev.commit_ms == 0.25
-    with pytest.raises(ChannelError, match="ACK of epoch 0"):
+    snd.epoch_sent(2, 2.5, 1, 1, 1)
+    assert snd.awaiting == [0, 1, 2]
+    with pytest.raises(ChannelError, match=r"ACK of epoch 1 before that of epoch 0 \(the "
+                       r"epochs awaiting one are \[0, 1, 2\]"):
+        snd.feed_back(wire.ack(1, 0), 1.5)
+    (ev,) = snd.feed_back(wire.ack(0, 0), 1.5)
+    assert isinstance(ev, Acked) and ev.epoch == 0 and snd.awaiting == [1, 2]
+    evs = snd.feed_back(wire.ack(1, 250) + wire.ack(2, 0), 2.040)
+    assert [e.epoch for e in evs if isinstance(e, Acked)] == [1, 2] and snd.acked == 2
+    assert isinstance(evs[0], Acked) and evs[0].stats.ack_ms == pytest.approx(40)
+    assert evs[0].commit_ms == 0.25 and snd.awaiting == []
+    with pytest.raises(ChannelError, match="ACK of epoch 0, but the epochs awaiting one are "
+                       "none"):
         snd.feed_back(wire.ack(0, 0), 3)
-    with pytest.raises(ValueError, match="next epoch is 2"):
+    with pytest.raises(ValueError, match="next epoch is 3"):
         snd.epoch_sent(5, 3, 1, 1, 1)
+
+
+def test_early_ack_of_a_later_epoch_is_out_of_order() -> None:
+    """The ACK of the epoch being written cannot be taken as early while an older one
+    still awaits its ACK."""
+    snd = SenderChannel(Config(), 0)
+    snd.feed_back(ReceiverChannel(Config(), 0).offer_line(), 0)
+    snd.pending(0)
+    snd.epoch_sent(0, 1.0, 1, 1, 1)
+    with pytest.raises(ChannelError, match=r"ACK of epoch 1, but the epochs awaiting one "
+                       r"are \[0\]"):
+        snd.feed_back(wire.ack(1, 0), 1.5)
 
 
 def test_ack_before_epoch_sent_is_kept_for_it() -> None:

@@ -286,3 +286,26 @@ def test_a_backup_breaking_the_protocol_is_lost_not_a_thread_traceback(
     finally:
         link.stop_heartbeats()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_next_ack_takes_acks_in_order_with_several_awaiting(pipes: Pipes) -> None:
+    """Pipelined epochs: three sent, the ACKs come in order; next_ack waits at most until
+    its deadline; silence with epochs awaiting is a lost backup naming them."""
+    link = pipes.link
+    for e in range(3):
+        link.epoch_sent(e, 1.0, 1, 1.0)
+    os.write(pipes.back_w, pipes.rcv.committed(0, time.monotonic()))
+    ack = link.next_ack(time.monotonic() + 1)
+    assert ack is not None and ack.epoch == 0
+    t0 = time.monotonic()
+    assert link.next_ack(t0 + 0.1) is None  # epoch 1's ACK is not in yet
+    assert 0.09 < time.monotonic() - t0 < 0.3
+    os.write(pipes.back_w, pipes.rcv.committed(1, time.monotonic())
+             + pipes.rcv.committed(2, time.monotonic()))
+    got = [link.next_ack(None), link.next_ack(None)]
+    assert [a.epoch for a in got if a is not None] == [1, 2]
+    link.epoch_sent(3, 1.0, 1, 1.0)
+    link.epoch_sent(4, 1.0, 1, 1.0)
+    with pytest.raises(BackupLost, match=r"last ACK 2; epochs 3\.\.4 await their ACK\): no "
+                       r"word from it"):
+        link.next_ack(None)

@@ -17,9 +17,10 @@ import pytest
 
 from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
 from xen_remus.channel.link import BackupLost, ReceiverLink, SenderLink
-from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
-from xen_remus.stream.events import DomainHeader
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import DomainHeader, EpochEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 from xen_remus.xlproto import BANNER
 

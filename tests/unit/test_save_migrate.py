@@ -97,23 +97,22 @@ def test_failed_unpause_on_target_renames_back_and_resumes() -> None:
     assert not s.dom.suspended and s.dom.resumed == 1
 
 
-def test_config_is_fetched_while_the_guest_is_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_is_fetched_while_the_guest_is_opened() -> None:
     """`xl list -l` runs in a thread beside open_guest; its error reaches the caller."""
     from types import SimpleNamespace
 
-    from xen_remus.cli import save as save_cli
+    from xen_remus.cli.save import config_while_opening
     from xen_remus.save.session import ToolError
 
     opened: list[bool] = []
     s = SimpleNamespace(target=SimpleNamespace(domid=7),
                         open_guest=lambda: opened.append(True))
-    monkeypatch.setattr(save_cli, "domain_config_json", lambda domid: f'{{"domid": {domid}}}')
-    assert save_cli.config_while_opening(s) == '{"domid": 7}'  # type: ignore[arg-type]
+    assert config_while_opening(s, lambda domid: f'{{"domid": {domid}}}'  # type: ignore[arg-type]
+                                ) == '{"domid": 7}'
 
     def broken(domid: int) -> str:
         raise ToolError(f"xl list -l {domid} exited 1: no such domain")
 
-    monkeypatch.setattr(save_cli, "domain_config_json", broken)
     with pytest.raises(ToolError, match="xl list -l 7"):
-        save_cli.config_while_opening(s)  # type: ignore[arg-type]
+        config_while_opening(s, broken)  # type: ignore[arg-type]
     assert opened == [True, True]

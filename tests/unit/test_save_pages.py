@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from xen_remus.save import pages as P
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.stream import consts as C
+from xen_remus.stream.records import carries_data, valid_types
 from xen_remus.xen.hcbuf import bitmap_pfns
 
 
@@ -46,8 +46,8 @@ def test_batches_are_views_of_at_most_1024() -> None:
 
 def test_page_types() -> None:
     t = np.arange(16, dtype=np.uint8)
-    assert list(np.flatnonzero(~C.valid_types(t))) == [5, 6, 7, 8]
-    assert list(np.flatnonzero(~C.carries_data(t))) == [0xD, 0xE, 0xF]
+    assert list(np.flatnonzero(~valid_types(t))) == [5, 6, 7, 8]
+    assert list(np.flatnonzero(~carries_data(t))) == [0xD, 0xE, 0xF]
     assert list(P.pagetable_level(t)) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 0, 0, 0]
 
 

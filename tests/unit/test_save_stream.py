@@ -11,10 +11,11 @@ from tests.fakes import FakeDomain, FakeGuest
 from xen_remus.save.emit import FdEmitter, writev_all
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.stream import Decoder, Record, StreamEnd, XlHeader
 from xen_remus.stream import consts as C
 from xen_remus.stream.consts import PAGE_SIZE
-from xen_remus.stream.events import Buffer
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, StreamEnd, XlHeader
+from xen_remus.stream.records import Record
 
 
 def save_to_bytes(dom: FakeDomain, policy: PrecopyPolicy, config: str | None) -> bytes:

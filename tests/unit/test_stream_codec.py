@@ -11,20 +11,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_stream_support import decode, small_stream
-from xen_remus.stream import (
-    Decoder,
+from xen_remus.stream import consts as C
+from xen_remus.stream import encoder as E
+from xen_remus.stream import records as R
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import (
     DomainHeader,
     EpochEnd,
     ImageHeader,
     LibxlHeader,
-    Record,
     StreamEnd,
-    StreamError,
     XlHeader,
 )
-from xen_remus.stream import consts as C
-from xen_remus.stream import encoder as E
-from xen_remus.stream import records as R
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 
 FAST = settings(max_examples=60, deadline=None,

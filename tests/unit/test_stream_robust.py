@@ -15,18 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_stream_support import decode, small_stream
-from xen_remus.stream import (
-    Decoder,
-    DomainHeader,
-    EpochEnd,
-    Event,
-    LibxlHeader,
-    Record,
-    StreamEnd,
-    StreamError,
-    XlHeader,
-)
 from xen_remus.stream import consts as C
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.errors import StreamError
+from xen_remus.stream.events import DomainHeader, EpochEnd, Event, LibxlHeader, StreamEnd, XlHeader
+from xen_remus.stream.records import Record
 
 # Between them these two streams carry every record type the layouts use.
 STREAMS = [("xl", False, 2), ("libxc", True, 2)]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from xen_remus.stream import Decoder, Event
 from xen_remus.stream import consts as C
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Event
 from xen_remus.stream.synth import Epoch, make_epoch, synthetic_stream
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from xen_remus.channel.ends import Config, Offered
 from xen_remus.cli import options
-from xen_remus.cli.protect import _warn_unfenced, check_args, receiver_rune
+from xen_remus.cli.protect import check_args, receiver_rune
+from xen_remus.cli.protect_run import _warn_unfenced
 from xen_remus.errors import UsageError
 from xen_remus.migrate_hook import build_parser, main
 

@@ -128,6 +128,6 @@ def test_cli_without_a_fence_warns_once(tmp_path: Path) -> None:
     rc, err = _fail_over(tmp_path)
     assert rc == 0, err
     warnings = [ln for ln in err.splitlines() if "warning: no --fence" in ln]
-    assert warnings == ["xen-remus migrate-receive: warning: no --fence: if the link to "
-                        "the primary breaks while it still runs, the guest will run on "
-                        "both hosts (split brain)"]
+    assert warnings == ["xen-remus migrate-receive: warning: no --fence or --witness: if "
+                        "the link to the primary breaks while it still runs, the guest "
+                        "will run on both hosts (split brain)"]

@@ -19,7 +19,8 @@ from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.mac import MacError
 from xen_remus.channel.negotiate import Accept, Extensions
 from xen_remus.errors import XenRemusError
-from xen_remus.stream import Decoder, Record
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.records import Record
 
 MAC = Config(mac=True, generation=7)
 PSK = b"a pre-shared key of the two hosts"

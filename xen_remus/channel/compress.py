@@ -40,7 +40,7 @@ from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import I64, U8, PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import PageData
+from xen_remus.stream.records import PageData, carries_data, valid_types
 
 _HEAD = struct.Struct("<IIIIQ")
 # Page contents: one contiguous buffer or array, or one buffer per page.
@@ -135,14 +135,14 @@ class Compressor:
     def observe(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
                 pages: PagesIn) -> None:
         """A standard PAGE_DATA was sent: remember its pages as the receiver will."""
-        has = C.carries_data(types)
+        has = carries_data(types)
         self.cache.store(pfns[has], as_pages(pages, int(has.sum())))
 
     def encode(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
                pages: PagesIn) -> Encoded:
         if len(pfns) == 0 or len(pfns) != len(types):
             raise ValueError("PAGE_DATA needs pfns, one type each")
-        has = C.carries_data(types)
+        has = carries_data(types)
         dp = pfns[has]
         new = as_pages(pages, len(dp))
         slots = self.cache.lookup(dp)
@@ -178,7 +178,7 @@ class Decompressor:
 
     def observe(self, page_data: PageData) -> None:
         """A standard PAGE_DATA arrived: remember its pages as the sender did."""
-        has = C.carries_data(page_data.types)
+        has = carries_data(page_data.types)
         self.cache.store(page_data.pfns[has],
                          as_pages(page_data.page_bytes(), int(has.sum())))
 
@@ -209,11 +209,11 @@ class Decompressor:
         pfns = words & np.uint64(C.PFN_MASK)
         first = int(pfns[0])
         # The rules of PAGE_DATA itself (the sink would reject the rebuilt record).
-        bad = np.flatnonzero((words & np.uint64(C.PFN_RESERVED_MASK) != 0) | ~C.valid_types(types))
+        bad = np.flatnonzero((words & np.uint64(C.PFN_RESERVED_MASK) != 0) | ~valid_types(types))
         if len(bad):
             raise fail("pfn word with reserved bits 59-52 set or an invalid page type",
                        int(pfns[int(bad[0])]))
-        has = C.carries_data(types)
+        has = carries_data(types)
         dp = pfns[has]
         nd = len(dp)
         if raw_len != nd * C.PAGE_SIZE:

@@ -14,7 +14,8 @@ Sender (primary), in order:
      Acked(N) from ``feed_back`` (if ``agreed.ack``), ``peer_dead(now)`` meaning the
      backup is lost; ``wake_at()`` bounds each wait. The ACK of N may come back before
      ``epoch_sent(N)`` (a fast backup, or a reader thread): ``epoch_sent`` then returns
-     None and the Acked waits in ``take_early()``.
+     None and the Acked waits in ``take_early()``. Later epochs may be sent before N's
+     ACK came (pipelined epochs, ``awaiting``); their ACKs must come in epoch order.
 Receiver (backup):
   1. With -r, write ``offer_line()`` right after the banner (one write with it).
   2. ``seen(now)`` for every chunk from the sender; pass every decoded Record to
@@ -110,7 +111,17 @@ class Closed:
     reason: str
 
 
-BackEvent = Offered | Acked | Closed
+@dataclass(frozen=True)
+class DiskBack:
+    """A replica's answer to its disk's server (disk/sync.py), to relay as it is."""
+
+    vdev: str
+    frames: bytes
+
+
+BackEvent = Offered | Acked | Closed | DiskBack
+# Room for the frames of one REMUS_DISK_BACK, under BACK_FRAME_MAX with name and MAC.
+DISK_BACK_MAX = wire.BACK_FRAME_MAX - wire.DISK_NAME_SIZE - 256
 
 
 class SenderChannel:
@@ -173,6 +184,11 @@ class SenderChannel:
                 wire.parse_heartbeat(body, where)
             elif fr.rtype == wire.REC_REMUS_CLOSE:
                 out.append(Closed(body.decode("utf-8", "replace")))
+            elif fr.rtype == wire.REC_REMUS_DISK_BACK:
+                if not self.agreed.disk:
+                    raise ChannelError(f"{where}: disk replication was not agreed")
+                vdev, frames = wire.parse_disk(body, where)
+                out.append(DiskBack(vdev, bytes(frames)))
             else:
                 raise ChannelError(f"{where}: not a frame of this direction")
         return out
@@ -186,15 +202,19 @@ class SenderChannel:
         if not self.agreed or not self.agreed.ack:
             raise ChannelError(f"{where}: ACK was not agreed")
         in_flight = 0 if self.last_sent_epoch is None else self.last_sent_epoch + 1
-        if epoch == in_flight and self._early is None:
+        if epoch == in_flight and self._early is None and not self._unacked:
             # Its last bytes are out but epoch_sent() has not been called yet.
             self._early = (epoch, commit_us)
             return None
+        # Several epochs may await their ACK (pipelined epochs); the backup commits and
+        # ACKs them one by one, in order: any other ACK is refused, naming it.
         if epoch not in self._unacked:
             raise ChannelError(f"{where}: ACK of epoch {epoch}, but the epochs awaiting one "
                                f"are {sorted(self._unacked) or 'none'}")
-        for e in [e for e in self._unacked if e < epoch]:  # a later ACK covers them
-            del self._unacked[e]
+        if epoch != min(self._unacked):
+            raise ChannelError(f"{where}: ACK of epoch {epoch} before that of epoch "
+                               f"{min(self._unacked)} (the epochs awaiting one are "
+                               f"{sorted(self._unacked)}; ACKs come in epoch order)")
         if self.detector is not None and self.agreed.heartbeat is not None:
             self.detector.timeout = self.agreed.heartbeat[1] / 1000  # the grace is over
         t_end, st = self._unacked.pop(epoch)
@@ -311,6 +331,11 @@ class SenderChannel:
             self._stats_out.append(st)
         return st
 
+    @property
+    def awaiting(self) -> list[int]:
+        """The epochs sent and not yet ACKed, oldest first."""
+        return sorted(self._unacked)
+
     def take_early(self) -> list[Acked]:
         """The ACKs that arrived before their epoch_sent() (see step 4)."""
         out, self._early_acked = self._early_acked, []
@@ -350,7 +375,8 @@ class ReceiverChannel:
         # receive/driver.py); raises a ChannelError to refuse the sender.
         self.on_accept: Callable[[Accept, str], None] | None = None
         # REMUS_DISK records go here as they arrive (vdev, frames, where): the receiver's
-        # disk replicas (disk/backup.py), which hold them per epoch.
+        # disk replicas (disk/backup.py), which hold them per epoch. What it returns goes
+        # back to the primary (disk_back).
         self.on_disk: Callable[[str, memoryview, str], None] | None = None
 
     def offer_line(self) -> bytes:
@@ -440,6 +466,29 @@ class ReceiverChannel:
             return b""
         return _sealed(self._sealer, wire.REC_REMUS_HEARTBEAT,
                        wire.heartbeat_body(self._timer.next_seq(now)))
+
+    def disk_back(self, vdev: str, frames: list[bytes]) -> bytes:
+        """REMUS_DISK_BACK frames carrying a replica's answers (replica frames, each whole
+        in one back frame) to the primary's server of ``vdev``."""
+        if self.agreed is None or not self.agreed.disk:
+            raise ChannelError(f"disk {vdev}: answers for a disk, but disk replication was"
+                               " not agreed")
+        out: list[bytes] = []
+        part: list[bytes] = []
+        size = 0
+        for f in [*frames, None]:
+            if f is None or (part and size + len(f) > DISK_BACK_MAX):
+                if part:
+                    out.append(_sealed(self._sealer, wire.REC_REMUS_DISK_BACK,
+                                       wire.disk_body(vdev, b"".join(part))))
+                part, size = [], 0
+            if f is not None:
+                if len(f) > DISK_BACK_MAX:
+                    raise ChannelError(f"disk {vdev}: an answer of {len(f)} bytes exceeds"
+                                       f" a back frame ({DISK_BACK_MAX})")
+                part.append(f)
+                size += len(f)
+        return b"".join(out)
 
     def close(self, reason: str) -> bytes:
         """A frame telling the primary this backup stops (b"" with a stock sender)."""

@@ -31,7 +31,14 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.channel.compress import PagesIn
-from xen_remus.channel.ends import Acked, BackEvent, Closed, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import (
+    Acked,
+    BackEvent,
+    Closed,
+    DiskBack,
+    ReceiverChannel,
+    SenderChannel,
+)
 from xen_remus.channel.mac import MacError
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
@@ -136,8 +143,12 @@ class SenderLink(_Heartbeats):
         self._wait(False, self.clock())
 
     def _lost(self, why: str) -> BackupLost:
+        waiting = self.chan.awaiting
+        epochs = ("" if len(waiting) < 2 else
+                  f"; epochs {waiting[0]}..{waiting[-1]} await their ACK")
         return BackupLost(f"backup lost at stream offset {self.offset} (epoch "
-                          f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}): {why}")
+                          f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}{epochs}): "
+                          f"{why}")
 
     def _read(self) -> None:
         try:
@@ -221,6 +232,38 @@ class SenderLink(_Heartbeats):
                     return
                 self._wait(False, until)
 
+    def next_ack(self, until: float | None) -> Acked | None:
+        """The next ACK, in epoch order (that of the oldest epoch awaiting one), waiting at
+        most until ``until`` (None: as long as the backup answers) while sending
+        heartbeats; None if none came by then, or at once if the backup does not ACK.
+        Raises BackupLost if it stops answering, whatever the number of epochs awaiting."""
+        if not self.chan.acks:
+            return None
+        while True:
+            with self._lock:
+                self._check()
+                for i, ev in enumerate(self.events):
+                    if isinstance(ev, Acked):
+                        del self.events[:i + 1]
+                        return ev
+                self.write(self.chan.pending(self.clock()))
+                if until is not None and self.clock() >= until:
+                    return None
+                self._wait(False, until)
+
+    def disk_back(self, vdev: str) -> list[bytes]:
+        """The backup's answers for disk ``vdev`` read so far (reading what is there,
+        sending a heartbeat if due; raises BackupLost as the others do). Call only at a
+        libxc record boundary (see ends.py)."""
+        with self._lock:
+            self._check()
+            self.write(self.chan.pending(self.clock()))
+            self._poll()
+            mine = [ev for ev in self.events if isinstance(ev, DiskBack) and ev.vdev == vdev]
+            self.events = [ev for ev in self.events if not (isinstance(ev, DiskBack)
+                                                            and ev.vdev == vdev)]
+            return [ev.frames for ev in mine]
+
     def wait_ack(self, epoch: int) -> Acked | None:
         """Wait for the ACK of ``epoch`` (None at once if the backup does not ACK);
         raises BackupLost if it stops answering."""
@@ -287,6 +330,12 @@ class ReceiverLink(_Heartbeats):
     def committed(self, epoch: int, commit_ms: float = 0.0) -> None:
         with self._lock:
             self._send(self.chan.committed(epoch, self.clock(), commit_ms))
+
+    def disk_back(self, vdev: str, frames: list[bytes]) -> None:
+        """A replica's answers to the primary's server of ``vdev``."""
+        if frames:
+            with self._lock:
+                self._send(self.chan.disk_back(vdev, frames))
 
     def close(self, reason: str) -> None:
         """Tell the primary this backup stops, and why (nothing to a stock sender); once."""

@@ -14,9 +14,10 @@ import lz4
 import numpy as np
 
 from xen_remus.channel.ends import Acked, Config, ReceiverChannel, SenderChannel
-from xen_remus.stream import Decoder, EpochEnd, Record
 from xen_remus.stream import consts as C
-from xen_remus.stream.events import Buffer, DomainHeader
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import Buffer, DomainHeader, EpochEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import Epoch, synthetic_stream
 
 

@@ -11,7 +11,12 @@ state. Fields:
   "protected", "unprotected", "failed-over", "exited"); detail; started / updated (Unix
   time); extensions (the agreed tokens, or null with a stock peer); epoch (last
   committed/acknowledged); last (the last epoch's figures); totals {epochs, dirty_pages,
-  raw_bytes, wire_bytes, pause_ms, send_ms}; recent (up to 20 last epochs' figures).
+  raw_bytes, wire_bytes, pause_ms, send_ms}; recent (up to 20 last epochs' figures);
+  pause_hist / ack_hist (every epoch's pause and ACK time counted in buckets: bounds_ms,
+  counts with one more slot for larger ones, sum_ms); generation (of the protection,
+  null until known); failovers (the backup: 1 once it resumed its copy).
+A ``metrics`` path also keeps a Prometheus text file (xen_remus/metrics.py) of the same
+figures, at most once a second and at every change of state.
 """
 
 from __future__ import annotations
@@ -30,10 +35,18 @@ from xen_remus.channel.errors import ChannelError
 from xen_remus.paths import run_dir
 
 if TYPE_CHECKING:  # `xen-remus status` imports this: the stream package pulls in numpy
+    from xen_remus.metrics import MetricsFile
     from xen_remus.stream.events import Buffer
 
 FORMAT = 1
 RECENT = 20
+# The states after which the writer is gone (its own last word); any other state with
+# its writer gone is stale.
+FINAL_STATES = frozenset({"stopped", "failed", "halted", "unprotected", "complete",
+                          "failover", "aborted", "held"})
+# Histogram buckets (ms) of the pause and of the ACK time: a checkpoint pause is a few ms
+# on a quiet guest, hundreds on a busy one; an ACK over a LAN is below a ms.
+BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 _STATS = struct.Struct("<QIIQQII")
 _UNKNOWN = 0xFFFFFFFF
 
@@ -77,13 +90,26 @@ class EpochStats:
         return d
 
 
+def new_histogram() -> dict[str, Any]:
+    return {"bounds_ms": list(BUCKETS_MS), "counts": [0] * (len(BUCKETS_MS) + 1),
+            "sum_ms": 0.0}
+
+
+def observe(hist: dict[str, Any], ms: float) -> None:
+    """Count ``ms`` in the first bucket whose bound is >= it (the last slot: above all)."""
+    bounds = hist["bounds_ms"]
+    i = next((i for i, b in enumerate(bounds) if ms <= b), len(bounds))
+    hist["counts"][i] += 1
+    hist["sum_ms"] = round(hist["sum_ms"] + ms, 3)
+
+
 class StatusFile:
     """Keeps one domain's status file current; one writer per domain and role. Epochs
     are written at most every ``min_interval``; ``flush()`` writes what is pending (call
     it when idle), ``state()`` always writes (call it at the end, e.g. "exited")."""
 
     def __init__(self, domain: str, role: str, peer: str = "", directory: Path | None = None,
-                 min_interval: float = 0.2) -> None:
+                 min_interval: float = 0.2, metrics: Path | None = None) -> None:
         self.path = (directory or run_dir()) / f"{domain}.json"
         if role == "backup":  # both ends may run on one host (tests, localhost Remus)
             self.path = self.path.with_name(f"{domain}.backup.json")
@@ -94,10 +120,17 @@ class StatusFile:
             "updated": 0.0, "extensions": None, "epoch": None, "last": None,
             "totals": {"epochs": 0, "dirty_pages": 0, "raw_bytes": 0, "wire_bytes": 0,
                        "pause_ms": 0.0, "send_ms": 0.0},
-            "recent": []}
+            "pause_hist": new_histogram(), "ack_hist": new_histogram(),
+            "generation": None, "failovers": 0, "recent": []}
+        self.metrics: MetricsFile | None = None
+        if metrics is not None:
+            from xen_remus.metrics import MetricsFile  # only with --metrics-file
+
+            self.metrics = MetricsFile(metrics)
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self._written = -1e9
         self._dirty = False
+        self._last_state: tuple[str, str] | None = None
 
     def state(self, state: str, detail: str = "", **extra: Any) -> None:
         self.doc.update(state=state, detail=detail, **extra)
@@ -113,6 +146,9 @@ class StatusFile:
         tot["wire_bytes"] += st.wire_bytes
         tot["pause_ms"] = round(tot["pause_ms"] + st.pause_ms, 3)
         tot["send_ms"] = round(tot["send_ms"] + st.send_ms, 3)
+        observe(self.doc["pause_hist"], st.pause_ms)
+        if st.ack_ms is not None:
+            observe(self.doc["ack_hist"], st.ack_ms)
         self._recent.append(d)
         self._dirty = True
         self.write(now=now)
@@ -137,6 +173,16 @@ class StatusFile:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.metrics is not None:
+            self.metrics.update(self.doc, alive=self.doc["state"] not in FINAL_STATES,
+                                force=force and self._state_changed())
+
+    def _state_changed(self) -> bool:
+        """A forced write for a new state (not a flush of epochs) also rewrites the
+        metrics file at once."""
+        key = (self.doc["state"], self.doc["detail"])
+        changed, self._last_state = key != self._last_state, key
+        return changed
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

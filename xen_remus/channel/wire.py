@@ -29,7 +29,8 @@ REC_REMUS_EPOCH_STATS = 0x80585203  # fwd: the sender's figures for one epoch
 REC_REMUS_ACK = 0x80585204  # back: u64 epoch committed, u32 commit time in µs
 REC_REMUS_CLOSE = 0x80585205  # back: the backup stops protecting (text reason)
 REC_REMUS_DISK = 0x80585210  # fwd: a guest disk's replication frames (disk/replica.py)
-# Reserved for more of the disk channel: 0x80585211-0x8058521f.
+REC_REMUS_DISK_BACK = 0x80585211  # back: a replica's answers to its disk (BASE, NEED)
+# Reserved for more of the disk channel: 0x80585212-0x8058521f.
 
 NAMES = {
     REC_REMUS_ACCEPT: "REMUS_ACCEPT",
@@ -39,6 +40,7 @@ NAMES = {
     REC_REMUS_ACK: "REMUS_ACK",
     REC_REMUS_CLOSE: "REMUS_CLOSE",
     REC_REMUS_DISK: "REMUS_DISK",
+    REC_REMUS_DISK_BACK: "REMUS_DISK_BACK",
 }
 OURS_MASK, OURS_BASE = 0xFFFFFF00, 0x80585200
 BACK_FRAME_MAX = 4096  # no back-channel frame is larger; more means a desynchronised channel
@@ -120,8 +122,16 @@ def disk_bodies(vdev: str, frames: bytes, frame_ends: list[int]) -> list[list[Bu
     return out
 
 
+def disk_body(vdev: str, frames: bytes) -> bytes:
+    """One REMUS_DISK_BACK body (the same shape as REMUS_DISK's)."""
+    name_ = vdev.encode("ascii", "replace")
+    if not 0 < len(name_) < DISK_NAME_SIZE:
+        raise ValueError(f"REMUS_DISK_BACK: disk name {vdev!r} is not 1..15 ASCII bytes")
+    return name_.ljust(DISK_NAME_SIZE, b"\0") + frames
+
+
 def parse_disk(body: Buffer, where: str) -> tuple[str, memoryview]:
-    """The vdev and the frames of a REMUS_DISK body."""
+    """The vdev and the frames of a REMUS_DISK (or REMUS_DISK_BACK) body."""
     view = memoryview(body).cast("B")
     name_ = bytes(view[:DISK_NAME_SIZE]).rstrip(b"\0")
     if len(view) < DISK_NAME_SIZE or not name_ or not name_.isascii() or b"\0" in name_:

@@ -8,15 +8,14 @@ script's remove step stops it (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from xen_remus.errors import UsageError
+from xen_remus.paths import XEN_SCRIPTS_DIR as SCRIPTS_DIR
 
 DESCRIPTION = """Replicated guest disks. A disk line such as `disk = ['vdev=xvda,
 access=rw, script=block-remus, target=/srv/guest.img']` makes xl run the block-remus hotplug
@@ -25,7 +24,6 @@ the guest. `xen-remus protect` then replicates every write to the backup, commit
 checkpoint it belongs to. The backup host needs the same configuration and an image of the
 same size at the same path."""
 SCRIPT = "block-remus"
-SCRIPTS_DIR = "/etc/xen/scripts"
 
 
 def register(sub: Any) -> None:
@@ -50,6 +48,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The server (asyncio and all) only to serve: not for --help or install-script.
+    import asyncio
+
     from xen_remus.disk.daemon import serve
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
@@ -59,12 +60,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_install_script(args: argparse.Namespace) -> int:
-    dest = Path(args.dir)
+    print(f"installed {install_script(Path(args.dir))}")
+    return 0
+
+
+def packaged_script() -> bytes:
+    """The block-remus script this version ships."""
+    return (resources.files("xen_remus.hotplug") / SCRIPT).read_bytes()
+
+
+def install_script(dest: Path) -> Path:
+    """Put block-remus into ``dest`` (xl's scripts directory), executable."""
     if not dest.is_dir():
         raise UsageError(f"{dest}: no such directory (is Xen's toolstack installed?)")
-    src = resources.files("xen_remus.hotplug") / SCRIPT
-    with resources.as_file(src) as path:
-        shutil.copyfile(path, dest / SCRIPT)
-    (dest / SCRIPT).chmod(0o755)
-    print(f"installed {dest / SCRIPT}")
-    return 0
+    tmp = dest / f".{SCRIPT}.new"
+    tmp.write_bytes(packaged_script())
+    tmp.chmod(0o755)
+    tmp.replace(dest / SCRIPT)  # a hotplug run meanwhile sees the old or the new one
+    return dest / SCRIPT

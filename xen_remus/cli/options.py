@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from xen_remus.channel.mac import KEY_MIN
 from xen_remus.channel.negotiate import HEARTBEAT_TIMEOUT_MS
+from xen_remus.devices.netbuf import DEPTH_RANGE
 from xen_remus.errors import UsageError
 from xen_remus.save.policy import PrecopyPolicy
 
@@ -79,6 +81,13 @@ def remus(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stock-backup", action="store_true",
                    help="the backup runs stock `xl migrate-receive -r`: send the plain "
                    "standard stream (no acknowledgements, heartbeats or compression)")
+    g.add_argument("--pipeline", dest="pipeline", type=int, default=1, metavar="DEPTH",
+                   help="let up to DEPTH checkpoints, {}..{}, wait for the backup's "
+                   "acknowledgement at once (default 1: each is acknowledged before the "
+                   "next is taken); with DEPTH > 1 a checkpoint is taken while earlier ones "
+                   "are still on their way, each holds its own network output (one IFB "
+                   "per checkpoint), released in order as the acknowledgements come"
+                   .format(*DEPTH_RANGE))
     g.add_argument("--initial-grace", type=int, default=30_000, metavar="MS",
                    help="until the backup has taken the first full copy, allow it MS more "
                    "milliseconds of silence, as building the domain there can stall it "
@@ -118,6 +127,22 @@ def authentication(p: argparse.ArgumentParser) -> None:
                    "the path on to the receiver it starts, unless -s ''); it is never sent")
 
 
+def monitoring(p: argparse.ArgumentParser, progress: bool = False) -> None:
+    """The status in Prometheus' format, for node_exporter's textfile collector; with
+    ``progress`` (protect), the initial copy's progress report."""
+    g = p.add_argument_group("monitoring", "`xen-remus status` shows the figures of every "
+                             "protection on this host; they can also go to a file.")
+    g.add_argument("--metrics-file", type=Path, default=None, metavar="PATH",
+                   help="keep this domain's figures in PATH in Prometheus' text format "
+                   "(e.g. /var/lib/prometheus/node-exporter/NAME.prom), replaced "
+                   "atomically at most once a second and at each change of state")
+    if progress:
+        g.add_argument("--no-progress", action="store_true",
+                       help="do not report the initial copy's progress on stderr (by "
+                       "default: in place on a terminal, else a line at most every "
+                       "few seconds)")
+
+
 def read_key(path: str | None) -> bytes | None:
     """The pre-shared key in ``path`` (None: none given)."""
     if path is None:
@@ -136,3 +161,37 @@ def read_key(path: str | None) -> bytes | None:
         raise UsageError(f"--key-file {path}: a key of {len(key)} bytes; it must be "
                          f"{KEY_MIN}..{KEY_FILE_MAX} bytes")
     return key
+
+
+def witness(p: argparse.ArgumentParser, role: str) -> None:
+    """How this host reaches the witness (protect, migrate-receive -r; `witness --query`).
+    ``role`` says what it is used for, in the group's help."""
+    g = p.add_argument_group("witness", role)
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--witness", metavar="ADDR",
+                   help="the witness's address: HOST:PORT (TCP) or unix:/path")
+    w.add_argument("--witness-via", metavar="CMD",
+                   help="reach the witness through the shell command CMD, whose stdin and "
+                   "stdout are the stream (e.g. `socat - /dev/virtio-ports/NAME`, `ssh W "
+                   "socat - TCP:localhost:PORT`)")
+    g.add_argument("--witness-key-file", metavar="FILE",
+                   help="the witness's pre-shared key (as --key-file; default: the "
+                   "--key-file key)")
+    g.add_argument("--witness-id", metavar="NAME",
+                   help="this host's name at the witness (default: its host name); the "
+                   "two hosts of a protection must differ")
+
+
+def primary_witness(p: argparse.ArgumentParser) -> None:
+    """The witness as the primary uses it (protect, migrate --remus)."""
+    from xen_remus.witness.lease import GATE_TIMEOUT_S
+
+    witness(p, "Against split brain without a fence: this host releases the guest's output "
+            "only while the witness gives it a lease, and the backup (given the same "
+            "options, passed on to it unless -s '') resumes its copy only once that lease "
+            "ran out. When the backup is lost or protect is stopped, this host first takes "
+            "the guest's next generation from the witness, so the backup's copy stays "
+            "paused.")
+    p.add_argument("--witness-timeout", type=float, default=GATE_TIMEOUT_S, metavar="S",
+                   help="with --witness: wait at most S seconds for the first lease, and "
+                   "for the next generation when protection ends (default %(default)g)")

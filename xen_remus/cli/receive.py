@@ -13,16 +13,16 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.cli import options
+from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.errors import UsageError
-from xen_remus.receive.driver import receive
-from xen_remus.receive.fence import FENCE_TIMEOUT_S, Fence, FenceFailed
-from xen_remus.receive.upstream import Upstream
-from xen_remus.receive.xlsink import SinkConfig, XlSink
-from xen_remus.restore_continuous import DEFAULT_MAX_EPOCH_BYTES, EpochRefused
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES, FENCE_TIMEOUT_S
+from xen_remus.witness.lease import GATE_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from xen_remus.receive.fence import FailoverGate
 
 
 def register(sub: Any) -> None:
@@ -68,6 +68,7 @@ def register(sub: Any) -> None:
                    "heartbeats, compression, authentication): behave exactly as stock xl")
     options.heartbeat(p)
     options.authentication(p)
+    options.monitoring(p)
     g = p.add_argument_group("fencing", "With -r: make sure the primary is down before "
                              "this host resumes its copy.")
     g.add_argument("--fence", metavar="CMD",
@@ -77,7 +78,32 @@ def register(sub: Any) -> None:
                    "0; otherwise leave the copy paused, say so and exit 1")
     g.add_argument("--fence-timeout", type=float, default=FENCE_TIMEOUT_S, metavar="S",
                    help="kill CMD and count it as failed after S seconds (default %(default)g)")
+    # The witness: the other failover gate (instead of --fence).
+    options.witness(p, "With -r, instead of --fence: when the primary is declared dead, "
+                    "resume the copy only once the witness gives this host the next "
+                    "generation (after the primary's lease ran out); otherwise leave it "
+                    "paused, say so and exit 1.")
+    p.add_argument("--witness-timeout", type=float, default=GATE_TIMEOUT_S, metavar="S",
+                   help="with --witness: wait at most S seconds for it (default %(default)g)")
     p.set_defaults(func=run)
+
+
+def failover_gate(args: argparse.Namespace) -> FailoverGate | None:
+    """The fence or the witness of ``args`` (None: neither)."""
+    from xen_remus.receive.fence import Fence
+    from xen_remus.witness.lease import WitnessGate
+
+    client = client_of(args)
+    if client is not None and args.fence is not None:
+        raise UsageError("--fence and --witness are two ways of deciding a failover: give one")
+    if client is not None:
+        if not args.remus or args.no_extensions:
+            raise UsageError("--witness needs -r and the xen-remus extensions (the "
+                             "sender's generation)")
+        if args.witness_timeout <= 0:
+            raise UsageError("--witness-timeout must be positive")
+        return WitnessGate(client, holder_of(args), args.witness_timeout)
+    return Fence(args.fence, args.fence_timeout) if args.fence is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,29 +119,49 @@ def run(args: argparse.Namespace) -> int:
     if args.key_file is not None and (not args.remus or args.no_extensions):
         raise UsageError("--key-file needs -r and the xen-remus extensions "
                          "(not --no-extensions)")
+    if args.metrics_file is not None:
+        if not args.remus or args.no_extensions:
+            raise UsageError("--metrics-file needs -r and the xen-remus extensions (not "
+                             "--no-extensions)")
+        from xen_remus.metrics import check_path
+
+        check_path(args.metrics_file)
     options.check_heartbeat(args)
     key = options.read_key(args.key_file)
+    # The receiver itself (stream decoder, channel: numpy, lz4) only to receive, not for
+    # --help or a usage error.
+    from xen_remus.channel.ends import Config, ReceiverChannel
+    from xen_remus.receive.driver import receive
+    from xen_remus.receive.fence import FenceFailed
+    from xen_remus.receive.timeline import FailoverTimeline
+    from xen_remus.receive.upstream import Upstream
+    from xen_remus.receive.xlsink import SinkConfig, XlSink
+    from xen_remus.restore_continuous import EpochRefused
+
+    gate = failover_gate(args)
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
                         level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Like xl: a vanished sender is an error to handle, not a signal to die of.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    if args.remus and args.fence is None:
-        print("xen-remus migrate-receive: warning: no --fence: if the link to the primary "
-              "breaks while it still runs, the guest will run on both hosts (split brain)",
+    if args.remus and gate is None:
+        print("xen-remus migrate-receive: warning: no --fence or --witness: if the link "
+              "to the primary breaks while it still runs, the guest will run on both hosts "
+              "(split brain)",
               file=sys.stderr, flush=True)
     cfg = SinkConfig(xl=args.xl, remus=args.remus, no_daemon=args.no_daemon,
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
     upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
-    sink = XlSink(cfg)
+    timeline = FailoverTimeline()  # the driver's and the sink's phases, on one clock
+    sink = XlSink(cfg, timeline)
     try:
         chan = None
         if args.remus and not args.no_extensions:
             chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                           disk=True, mac=True, key=key,
-                                          fence=args.fence is not None), time.monotonic())
-        fence = Fence(args.fence, args.fence_timeout) if args.fence is not None else None
-        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, fence)
+                                          fence=gate is not None), time.monotonic())
+        out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, gate,
+                      timeline=timeline, metrics_file=args.metrics_file)
     except (FenceFailed, EpochRefused):
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:

@@ -11,15 +11,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
-from xen_remus.save.engine import SaveStats
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save.session import SaveSession, Target, domain_config_json, domain_lock, xl
 from xen_remus.save.transport import MigrationRefused, ReceiverProcess, receiver_command
 from xen_remus.xlproto import SenderSide
+
+if TYPE_CHECKING:
+    from xen_remus.save.engine import SaveStats
+    from xen_remus.save.session import SaveSession, Target
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,15 @@ def register(sub: Any) -> None:
     options.precopy(m)
     options.remus(m)
     options.heartbeat(m)
+    options.authentication(m)
+    options.monitoring(m, progress=True)
+    options.primary_witness(m)
     m.add_argument("domain", metavar="DOMAIN", help="the domain's name or id")
     m.add_argument("host", metavar="HOST", help="the host to move it to")
     m.set_defaults(func=cmd_migrate)
 
 
-def config_while_opening(s: SaveSession) -> str:
+def config_while_opening(s: SaveSession, domain_config_json: Callable[[int], str]) -> str:
     """The xl config (`xl list -l`, most of a second under TCG) fetched in a thread while
     the guest's p2m and handles are set up (subprocess waits release the GIL)."""
     got: list[str | BaseException] = []
@@ -88,11 +93,14 @@ def config_while_opening(s: SaveSession) -> str:
 def cmd_save(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     policy = options.precopy_policy(args, args.live)
+    # The save engine (numpy, the Xen libraries) only to save, not for --help.
+    from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
+
     t0 = time.monotonic()
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid = s.target.domid
         t1 = time.monotonic()
-        config = config_while_opening(s)
+        config = config_while_opening(s, domain_config_json)
         t2 = time.monotonic()
         try:
             fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -124,12 +132,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     policy = options.precopy_policy(args)
     rune = receiver_command(args.host, args.ssh, ["-e"] if args.no_daemon else [])
+    # As for save: the engine only to migrate.
+    from xen_remus.save.session import SaveSession, domain_config_json, domain_lock, xl
+
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid, name = s.target.domid, s.target.name
         config = domain_config_json(domid)
         recv = ReceiverProcess(rune)
         try:
-            migrate(s, recv, config, policy, args.timeout)
+            migrate(s, recv, config, policy, args.timeout, xl)
         finally:
             rc = recv.close()
             log.info("receiver exited with %s", rc)
@@ -151,7 +162,7 @@ class Saver(Protocol):
 
 
 def migrate(s: Saver, recv: ReceiverProcess, config: str, policy: PrecopyPolicy,
-            timeout: float, xl: Callable[..., str] = xl) -> None:
+            timeout: float, xl: Callable[..., str]) -> None:
     """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
     Before GO any failure resumes the guest here; after GO the receiver owns it, unless it
     reports that it could not unpause and hands the guest back."""

@@ -1,30 +1,12 @@
-"""`xen-remus stream verify|dump|stats`: check and inspect migration streams."""
+"""`xen-remus stream verify|dump|stats`: check and inspect migration streams (the
+parser; cli/stream_run.py reads the streams)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
-from xen_remus.errors import UsageError
-from xen_remus.stream import (
-    DomainHeader,
-    EpochEnd,
-    Event,
-    ImageHeader,
-    LibxlHeader,
-    Record,
-    StreamEnd,
-    XlHeader,
-    iter_events,
-)
 from xen_remus.stream import consts as C
-from xen_remus.stream.decoder import FORMATS
 
 
 def register(subparsers: Any) -> None:
@@ -33,18 +15,18 @@ def register(subparsers: Any) -> None:
         description="Check and inspect Xen migration streams: xl save files, and captures "
         "of what `xl migrate`, `xl remus` or xen-remus send.")
     sub = p.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
-    for name, func, text, more in (
-        ("verify", _verify, "check a stream against the Xen migration specs",
+    for name, text, more in (
+        ("verify", "check a stream against the Xen migration specs",
          ": exit status 0 if it is valid (with a one-line summary), 1 if not (naming the "
          "record, field and byte offset), 2 for bad arguments or a file that cannot be "
          "read"),
-        ("dump", _dump, "print one line per header and record", ""),
-        ("stats", _stats, "count records, pages and bytes per epoch and in total",
+        ("dump", "print one line per header and record", ""),
+        ("stats", "count records, pages and bytes per epoch and in total",
          ": epoch 0 is the first full copy, each later one a checkpoint"),
     ):
         sp = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + more
                             + ".")
-        sp.add_argument("-f", "--format", choices=FORMATS, default=None,
+        sp.add_argument("-f", "--format", choices=C.FORMATS, default=None,
                         help="stream format (default: detect from the first bytes)")
         mode = sp.add_mutually_exclusive_group()
         mode.add_argument("--checkpointed", dest="checkpointed", action="store_const",
@@ -57,133 +39,11 @@ def register(subparsers: Any) -> None:
         if name != "verify":
             sp.add_argument("--json", action="store_true", help="print one JSON object per line")
         sp.add_argument("file", metavar="FILE|-", help="stream file, or - for stdin")
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=run)
 
 
-@contextmanager
-def _open(path: str) -> Iterator[BinaryIO]:
-    if path == "-":
-        yield sys.stdin.buffer
-        return
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise UsageError(f"cannot open {path}: {exc.strerror} (errno {exc.errno})") from None
-    with f:
-        yield f
+def run(args: argparse.Namespace) -> int:
+    # The decoder and the page records (numpy) only to read a stream: not for --help.
+    from xen_remus.cli import stream_run
 
-
-def _events(args: argparse.Namespace) -> Iterator[Event]:
-    with _open(args.file) as f:
-        try:
-            yield from iter_events(f, args.format, args.checkpointed)
-        except OSError as exc:
-            raise UsageError(f"reading {args.file}: {exc.strerror} (errno {exc.errno})"
-                             ) from None
-
-
-@dataclass
-class _Epoch:
-    records: int = 0
-    pages: int = 0
-    bytes: int = 0
-    types: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass
-class _Stats:
-    fmt: str = "?"
-    epochs: list[_Epoch] = field(default_factory=lambda: [_Epoch()])
-    end: StreamEnd | None = None
-    size: int = 0
-    domain: str = "?"
-    checkpoints: int = 0
-
-    def add(self, ev: Event) -> None:
-        self.size = ev.offset + len(ev.wire)
-        while len(self.epochs) <= ev.epoch:
-            self.epochs.append(_Epoch())
-        ep = self.epochs[ev.epoch]
-        ep.bytes += len(ev.wire)
-        if isinstance(ev, Record):
-            ep.records += 1
-            ep.types[ev.name] += 1
-            if ev.name == "PAGE_DATA" and ev.layer == "libxc":
-                ep.pages += ev.parse().count
-        elif isinstance(ev, EpochEnd):
-            self.checkpoints += 1
-        elif isinstance(ev, StreamEnd):
-            self.end = ev
-        elif isinstance(ev, DomainHeader):
-            self.domain = C.DHDR_TYPES[ev.type]
-
-
-def _verify(args: argparse.Namespace) -> int:
-    st = _Stats()
-    for ev in _events(args):
-        if isinstance(ev, XlHeader | LibxlHeader | ImageHeader) and st.fmt == "?":
-            st.fmt = {XlHeader: "xl", LibxlHeader: "libxl", ImageHeader: "libxc"}[type(ev)]
-        st.add(ev)
-    recs = sum(e.records for e in st.epochs)
-    pages = sum(e.pages for e in st.epochs)
-    assert st.end is not None
-    how = "END" if st.end.complete else "EOF after a complete epoch (failover)"
-    kind = "checkpointed" if st.checkpoints else "plain"
-    print(f"valid {kind} {st.fmt} stream ({st.domain}): {st.size} bytes, {recs} records, "
-          f"{pages} pages, {st.checkpoints} checkpoints, ends with {how}")
-    return 0
-
-
-def describe(ev: Event) -> dict[str, Any]:
-    """The fields of an event that matter, for dump."""
-    d: dict[str, Any] = {"offset": ev.offset, "epoch": ev.epoch}
-    if isinstance(ev, Record):
-        d.update(layer=ev.layer, record=ev.name, length=ev.length)
-        d.update(ev.parse().describe())
-    elif isinstance(ev, XlHeader | LibxlHeader | ImageHeader | DomainHeader):
-        d.update(record=type(ev).__name__, length=len(ev.wire), **ev.describe())
-    elif isinstance(ev, EpochEnd):
-        d.update(record="-- end of epoch", length=0)
-    elif isinstance(ev, StreamEnd):
-        d.update(record="-- end of stream" if ev.complete else "-- EOF (failover)",
-                 length=0)
-    return d
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, dict):
-        return ",".join(f"{k}:{n}" for k, n in v.items())
-    return str(v)
-
-
-def _dump(args: argparse.Namespace) -> int:
-    for ev in _events(args):
-        d = describe(ev)
-        if args.json:
-            print(json.dumps(d))
-            continue
-        rest = " ".join(f"{k}={_text(v)}" for k, v in d.items()
-                        if k not in ("offset", "epoch", "record", "length", "layer"))
-        layer = d.get("layer", "")
-        print(f"{d['offset']:>12} e{d['epoch']:<4} {layer:5} {d['record']:<24} "
-              f"{d['length']:>9} {rest}".rstrip())
-    return 0
-
-
-def _stats(args: argparse.Namespace) -> int:
-    st = _Stats()
-    for ev in _events(args):
-        st.add(ev)
-    rows = [(str(i), e) for i, e in enumerate(st.epochs) if e.records or e.bytes]
-    total = _Epoch(sum(e.records for e in st.epochs), sum(e.pages for e in st.epochs),
-                   sum(e.bytes for e in st.epochs), sum((e.types for e in st.epochs),
-                                                          Counter()))
-    if args.json:
-        for name, e in [*rows, ("total", total)]:
-            print(json.dumps({"epoch": name, "records": e.records, "pages": e.pages,
-                              "bytes": e.bytes, "types": dict(e.types)}))
-        return 0
-    print(f"{'epoch':>6} {'records':>9} {'pages':>9} {'bytes':>14}")
-    for name, e in [*rows, ("total", total)]:
-        print(f"{name:>6} {e.records:>9} {e.pages:>9} {e.bytes:>14}")
-    return 0
+    return stream_run.ACTIONS[args.stream_command](args)

@@ -6,7 +6,8 @@
 - ``netbuf.NetBuffer``: output commit for one vif (IFB + plug qdisc, through pyroute2).
 - ``discover.device_set(domid, net=True)``: the DeviceSet of a domain, from xenstore.
 
-The epoch loop uses it so (epochs increase; at most one sealed epoch awaits its commit)::
+The epoch loop uses it so (epochs increase; at most ``depth`` sealed epochs await their
+commit, 1 unless epochs are pipelined, committed oldest first)::
 
     with device_set(domid, net=not no_netbuf) as devs:   # output held from here on
         while protecting:

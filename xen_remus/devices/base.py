@@ -8,8 +8,10 @@ Per epoch (ARCHITECTURE.md), the epoch loop calls, for epoch N:
 ``postsuspend(N)`` marks the boundary: everything the guest did before this suspend belongs
 to epoch N (for the network: its output so far is sealed as epoch N's buffer and a new
 buffer starts). ``commit(N)`` says the backup holds epoch N: release exactly epoch N's
-output. ``release_all()`` lets everything out because protection stops (the guest goes on
-here, unprotected). ``teardown()`` removes whatever ``setup()`` created.
+output. ``release_all()`` lets everything out because protection stops and the guest goes
+on here. ``teardown()`` removes whatever ``setup()`` created and never releases: what is
+still held then belongs to epochs the backup does not have, and the backup's copy, not
+this one, is the one that may speak for them (it is dropped).
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ class Device(abc.ABC):
 
     @abc.abstractmethod
     def release_all(self) -> None:
-        """Protection stops (backup lost, or failover to here): let everything out."""
+        """Protection stops and the guest goes on here: let everything out."""
 
     @abc.abstractmethod
     def teardown(self) -> None:
-        """Undo setup(); safe to call after a failed or partial setup, and twice."""
+        """Undo setup() without releasing anything still held (it is dropped); safe to
+        call after a failed or partial setup, and twice."""
 
 
 class DeviceSet:

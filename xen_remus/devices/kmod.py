@@ -35,13 +35,29 @@ def _modprobe(name: str) -> str | None:
     return None
 
 
+def _modprobe_dry(name: str) -> str | None:
+    """Could ``name`` be loaded (modprobe -n: nothing is loaded)? None if so, else why not."""
+    try:
+        r = subprocess.run(["modprobe", "-n", name], capture_output=True, text=True,
+                           timeout=60, check=False)
+    except FileNotFoundError:
+        return "no modprobe (apt-get install kmod)"
+    except subprocess.TimeoutExpired:
+        return "modprobe -n timed out"
+    if r.returncode != 0:
+        return (r.stderr.strip().splitlines() or [f"modprobe -n exited {r.returncode}"])[-1]
+    return None
+
+
 class Modules:
     """The kernel's view of its modules (paths overridable for tests)."""
 
     def __init__(self, proc: Path = Path("/proc/modules"), sys_module: Path = Path("/sys/module"),
                  builtin: Path | None = None,
-                 modprobe: Callable[[str], str | None] = _modprobe) -> None:
+                 modprobe: Callable[[str], str | None] = _modprobe,
+                 modprobe_dry: Callable[[str], str | None] = _modprobe_dry) -> None:
         self.proc, self.sys_module, self.modprobe = proc, sys_module, modprobe
+        self.modprobe_dry = modprobe_dry
         self.builtin = builtin or Path("/lib/modules") / os.uname().release / "modules.builtin"
 
     def present(self) -> set[str] | None:

@@ -7,10 +7,22 @@ All through pyroute2 (Debian 12's 0.7.2 in dom0, PyPI's current one on the host)
 
 sch_plug keeps per epoch only a packet count: TCQ_PLUG_BUFFER seals what was queued since
 the last BUFFER as "the last epoch" (overwriting any sealed epoch not yet released) and
-TCQ_PLUG_RELEASE_ONE lets exactly that many packets out. So at most one sealed epoch may
-wait for its commit: postsuspend(N+1) before commit(N) is refused, as is any commit but of
-the sealed epoch. The plug starts closed: output from setup() on is held until the first
-postsuspend and commit.
+TCQ_PLUG_RELEASE_ONE lets exactly that many packets out. So one plug holds at most one
+sealed epoch (and the open one behind it). The plug starts closed: output from setup() on
+is held until the first postsuspend and commit.
+
+Pipelined epochs (``depth`` D > 1, several epochs awaiting their ACK): a ring of D IFBs,
+xrifbD.N, xrifbD.N-1, ..., each with its own plug. The open epoch's packets go to one IFB
+of the ring; postsuspend(N), the guest suspended, points the vif's redirect at the next
+IFB (which holds at most epoch N+1-D, sealed: its plug keeps that and counts the new
+open epoch) and seals N on the IFB it leaves. commit(N) releases epoch N's IFB; commits
+come in epoch order, and before releasing an IFB we wait (briefly, bounded) until the
+previous epoch's packets have left theirs, so epochs reach the bridge in order too (each
+IFB drains in its own softirq). The redirect moves by adding a matchall filter at the
+other of two priorities and deleting the old one: cls_matchall refuses to replace a
+filter in place (EEXIST), and a gap between delete and add would let packets bypass the
+plugs. At most D epochs may be sealed and not committed: postsuspend beyond that is
+refused, as is any commit but of the oldest sealed epoch. D = 1 is one IFB, no switch.
 """
 
 from __future__ import annotations
@@ -31,6 +43,9 @@ PLUG = 0x10000  # 1:
 ETH_P_ALL = 0x0003
 DEFAULT_LIMIT = 10 * 1024 * 1024  # bytes held at most (sch_plug drops beyond; 0 drops all)
 IFNAMSIZ = 16  # with the NUL
+DEPTH_RANGE = (1, 8)  # epochs awaiting their ACK at once (protect --pipeline); one IFB each
+FILTER_PRIOS = (1, 2)  # the redirect alternates between them (pipelined only)
+ORDER_WAIT_S = 0.05  # at most this long for an epoch's packets to leave before the next's
 # pyroute2's sched_plug maps action NAMES to numbers; a number is silently taken as BUFFER.
 BUFFER, RELEASE_ONE, RELEASE_ALL = ("TCQ_PLUG_BUFFER", "TCQ_PLUG_RELEASE_ONE",
                                     "TCQ_PLUG_RELEASE_INDEFINITE")
@@ -59,6 +74,20 @@ def ifb_name(domid: int, devid: int) -> str:
     return name
 
 
+def ring_names(ifb: str, depth: int) -> list[str]:
+    """The IFBs of a ring of ``depth``: ``ifb`` itself (as without pipelining), then
+    ``ifb``-1 ... ``ifb``-(depth-1)."""
+    lo, hi = DEPTH_RANGE
+    if not lo <= depth <= hi:
+        raise NetbufError(f"netbuf: pipeline depth {depth} for {ifb} is not in {lo}..{hi}")
+    names = [ifb] + [f"{ifb}-{k}" for k in range(1, depth)]
+    for name in names:
+        if len(name) >= IFNAMSIZ:
+            raise NetbufError(f"netbuf: IFB name {name} (pipeline depth {depth}) is longer "
+                              f"than {IFNAMSIZ - 1} characters (IFNAMSIZ)")
+    return names
+
+
 def _netlink_errors() -> tuple[type[BaseException], ...]:
     try:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -82,27 +111,53 @@ def _default_iproute() -> Any:
 
 
 class NetBuffer(Device):
-    """Output buffering of one vif through its own IFB and plug qdisc."""
+    """Output buffering of one vif through its own IFB and plug qdisc (a ring of ``depth``
+    of them when epochs are pipelined)."""
 
     order = 10  # after disks
 
-    def __init__(self, vif: str, ifb: str, *, limit: int = DEFAULT_LIMIT,
+    def __init__(self, vif: str, ifb: str, *, limit: int = DEFAULT_LIMIT, depth: int = 1,
                  iproute: Callable[[], Any] = _default_iproute,
-                 state: StateDir | None = None, modules: Modules | None = None) -> None:
+                 state: StateDir | None = None, modules: Modules | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if len(vif) >= IFNAMSIZ or len(ifb) >= IFNAMSIZ:
             raise NetbufError(f"netbuf: interface name {vif!r} or {ifb!r} exceeds IFNAMSIZ")
-        self.vif, self.ifb, self.limit = vif, ifb, limit
+        self.vif, self.ifb, self.limit, self.depth = vif, ifb, limit, depth
+        self.ifbs = ring_names(ifb, depth)
         self._iproute = iproute
         self._state = state or StateDir("netbuf")
         self._modules = modules or Modules()
+        self._clock, self._sleep = clock, sleep
         self._ip: Any = None
-        self._ifb_index: int | None = None
-        self.sealed: int | None = None  # epoch whose output waits for commit
+        self._ifb_index: list[int] | None = None  # by ring slot, once set up
+        self._vif_index: int | None = None
+        # Epochs sealed, not yet committed, oldest first: [epoch, slot, drain mark]; the
+        # mark (packets the slot's plug will have dequeued once that epoch left) is read
+        # before the slot can take packets of a later epoch.
+        self._sealed: list[list[Any]] = []
+        self._slot = 0  # the ring slot that takes the open epoch's packets
+        self._prio = FILTER_PRIOS[0]  # of the matchall filter redirecting to it
+        self._unplugged: set[int] = set()  # slots opened for good by release_all
+        self._released: tuple[int, int | None] | None = None  # last released (slot, mark)
         self.committed: int | None = None  # last epoch released
 
     @property
     def name(self) -> str:
         return f"netbuf {self.vif} -> {self.ifb}"
+
+    @property
+    def sealed(self) -> int | None:
+        """The oldest epoch whose output waits for its commit."""
+        return self._sealed[0][0] if self._sealed else None
+
+    @property
+    def awaiting(self) -> list[int]:
+        """Every epoch whose output waits for its commit, oldest first."""
+        return [e for e, _, _ in self._sealed]
+
+    def _record(self) -> dict[str, Any]:
+        return {"vif": self.vif, "ifb": self.ifb, "ifbs": self.ifbs}
 
     # -- netlink, with errors that say where -------------------------------------------
     def _call(self, step: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -126,11 +181,12 @@ class NetBuffer(Device):
         qdiscs = self._call(f"list qdiscs of {self.vif}", self._ip.get_qdiscs, index=index)
         return any(q.get_attr("TCA_KIND") == "ingress" for q in qdiscs)
 
-    def _plug(self, action: str) -> None:
+    def _plug(self, action: str, slot: int = 0) -> None:
         if self._ifb_index is None:
             raise NetbufError(f"{self.name}: {action} before setup")
-        self._call(f"plug {action}", self._ip.tc, "change", "plug", self._ifb_index, PLUG,
-                   action=action)
+        where = "" if self.depth == 1 else f" of {self.ifbs[slot]}"
+        self._call(f"plug {action}{where}", self._ip.tc, "change", "plug",
+                   self._ifb_index[slot], PLUG, action=action)
 
     def _open(self) -> None:
         if self._ip is None:
@@ -153,64 +209,150 @@ class NetBuffer(Device):
             vif_index = self._index(self.vif)
             if vif_index is None:
                 raise NetbufError(f"{self.name}: no interface {self.vif}")
-            leftover_ifb = self._index(self.ifb) is not None
+            leftover_ifb = any(self._index(name) is not None for name in self.ifbs)
             if self._has_ingress(vif_index) and not leftover_ifb:
                 raise NetbufError(
                     f"{self.name}: {self.vif} already has an ingress qdisc that xen-remus did "
                     f"not set up (xl's remus netbuf script?); remove it first")
-            self._state.write(self.vif, {"vif": self.vif, "ifb": self.ifb}, me)
+            self._state.write(self.vif, self._record(), me)
             if leftover_ifb:
-                self._remove({"vif": self.vif, "ifb": self.ifb})
+                self._remove(self._record())
             try:
                 self._create(vif_index)
             except BaseException:
                 self._ifb_index = None
-                self._remove({"vif": self.vif, "ifb": self.ifb})
+                self._remove(self._record())
                 self._state.remove(self.vif)
                 raise
-        self.sealed = self.committed = None
+        self._sealed, self._unplugged, self._released = [], set(), None
+        self._slot, self._prio, self.committed = 0, FILTER_PRIOS[0], None
 
     def _create(self, vif_index: int) -> None:
         ip = self._ip
-        self._call("add ifb", ip.link, "add", ifname=self.ifb, kind="ifb")
-        ifb_index = self._index(self.ifb)
-        if ifb_index is None:
-            raise NetbufError(f"{self.name}: {self.ifb} vanished after it was added")
-        self._ifb_index = ifb_index
-        # The plug goes on before the redirect: no packet may cross the IFB unbuffered.
-        self._call("add plug qdisc", ip.tc, "add", "plug", ifb_index, PLUG, limit=self.limit)
-        self._call(f"set {self.ifb} up", ip.link, "set", index=ifb_index, state="up")
+        self._vif_index = vif_index
+        indexes = []
+        for name in self.ifbs:
+            self._call("add ifb", ip.link, "add", ifname=name, kind="ifb")
+            ifb_index = self._index(name)
+            if ifb_index is None:
+                raise NetbufError(f"{self.name}: {name} vanished after it was added")
+            indexes.append(ifb_index)
+            self._ifb_index = indexes
+            # The plug goes on before the redirect: no packet may cross the IFB unbuffered.
+            self._call("add plug qdisc", ip.tc, "add", "plug", ifb_index, PLUG,
+                       limit=self.limit)
+            self._call(f"set {name} up", ip.link, "set", index=ifb_index, state="up")
         self._call("add ingress qdisc", ip.tc, "add", "ingress", vif_index, INGRESS)
-        self._call("add matchall filter", ip.tc, "add-filter", "matchall", vif_index,
-                   parent=INGRESS, prio=1, protocol=ETH_P_ALL,
+        self._redirect("add matchall filter", vif_index, indexes[0], FILTER_PRIOS[0])
+
+    def _redirect(self, step: str, vif_index: int, ifb_index: int, prio: int) -> None:
+        self._call(step, self._ip.tc, "add-filter", "matchall", vif_index,
+                   parent=INGRESS, prio=prio, protocol=ETH_P_ALL,
                    action={"kind": "mirred", "direction": "egress", "action": "redirect",
                            "ifindex": ifb_index})
 
     def postsuspend(self, epoch: int) -> None:
-        if self.sealed is not None:
-            raise NetbufError(f"{self.name}: postsuspend of epoch {epoch} while epoch "
-                              f"{self.sealed} awaits its commit (sch_plug seals one epoch)")
-        if self.committed is not None and epoch <= self.committed:
+        if len(self._sealed) >= self.depth:
+            raise NetbufError(f"{self.name}: postsuspend of epoch {epoch} while "
+                              f"{self._held()} await{'s' if len(self._sealed) == 1 else ''} "
+                              f"its commit (pipeline depth {self.depth})")
+        last = self._sealed[-1][0] if self._sealed else self.committed
+        if last is not None and epoch <= last:
+            what = "sealed" if self._sealed else "committed"
             raise NetbufError(f"{self.name}: postsuspend of epoch {epoch} after epoch "
-                              f"{self.committed} was committed (epochs must increase)")
-        self._plug(BUFFER)
-        self.sealed = epoch
+                              f"{last} was {what} (epochs must increase)")
+        slot = self._slot
+        if self.depth > 1:
+            nxt = (slot + 1) % self.depth
+            for entry in self._sealed:  # at most one: epoch+1-depth, still held there
+                if entry[1] == nxt and entry[2] is None:
+                    entry[2] = self._mark(nxt)
+            if nxt in self._unplugged:  # closed again before anything goes there
+                self._plug(BUFFER, nxt)
+                self._unplugged.discard(nxt)
+            self._switch(nxt)
+        else:
+            nxt = slot
+        self._plug(BUFFER, slot)
+        self._unplugged.discard(slot)
+        self._sealed.append([epoch, slot, None])
+        self._slot = nxt
+
+    def _switch(self, slot: int) -> None:
+        """Point the vif's redirect at ring slot ``slot``: the new filter first, then the
+        old one goes (packets never pass unredirected)."""
+        assert self._ifb_index is not None and self._vif_index is not None
+        vif_index = self._vif_index  # looked up at setup: no extra call in the pause
+        old, new = self._prio, FILTER_PRIOS[1] if self._prio == FILTER_PRIOS[0] \
+            else FILTER_PRIOS[0]
+        self._redirect(f"redirect to {self.ifbs[slot]}", vif_index, self._ifb_index[slot], new)
+        self._prio = new
+        self._call(f"delete the redirect at prio {old}", self._ip.tc, "del-filter",
+                   "matchall", vif_index, parent=INGRESS, prio=old, protocol=ETH_P_ALL)
 
     def commit(self, epoch: int) -> None:
-        if self.sealed != epoch:
-            held = "none" if self.sealed is None else f"epoch {self.sealed}"
+        if not self._sealed or self._sealed[0][0] != epoch:
             raise NetbufError(f"{self.name}: commit of epoch {epoch} out of order "
-                              f"(sealed: {held}, last committed: {self.committed})")
-        self._plug(RELEASE_ONE)
-        self.sealed, self.committed = None, epoch
+                              f"(sealed: {self._held()}, last committed: {self.committed})")
+        _, slot, mark = self._sealed[0]
+        if self.depth > 1:
+            if mark is None:  # the slot takes no packets now (postsuspend saw to that)
+                mark = self._mark(slot)
+            self._await_order(slot)
+        self._plug(RELEASE_ONE, slot)
+        self._sealed.pop(0)
+        self.committed = epoch
+        if self.depth > 1:
+            self._released = (slot, mark)
+
+    def _held(self) -> str:
+        if not self._sealed:
+            return "none"
+        if len(self._sealed) == 1:
+            return f"epoch {self._sealed[0][0]}"
+        return "epochs " + ", ".join(str(e) for e, _, _ in self._sealed)
+
+    def _mark(self, slot: int) -> int | None:
+        """What slot's plug will have dequeued once everything in it now has left."""
+        assert self._ifb_index is not None
+        counts = _plug_counts(self._ip, self._ifb_index[slot])
+        return None if counts is None else counts[0] + counts[1]
+
+    def _await_order(self, slot: int) -> None:
+        """Before releasing ``slot``: wait, at most ORDER_WAIT_S, until the epoch released
+        last (from another IFB) has left it, so epochs reach the bridge in order."""
+        if self._released is None:
+            return
+        prev, mark = self._released
+        self._released = None
+        if prev == slot or mark is None:
+            return  # one plug is FIFO; or no counters to tell
+        assert self._ifb_index is not None
+        deadline = self._clock() + ORDER_WAIT_S
+        while True:
+            counts = _plug_counts(self._ip, self._ifb_index[prev])
+            if counts is None or (counts[0] - mark) % (1 << 32) < (1 << 31):
+                return  # dequeued caught up with the mark (a u32 counter: modulo)
+            if self._clock() >= deadline:
+                return  # bounded: a late packet is reordered, never held or lost
+            self._sleep(0.0005)
 
     def release_all(self) -> None:
-        """Open the plug for good; a later postsuspend closes it again (new epochs)."""
-        self._plug(RELEASE_ALL)
-        self.sealed = None
+        """Open the plugs for good (a later postsuspend closes them again: new epochs) and
+        give what they held a moment to leave, so that a teardown right after drops none.
+        The oldest epoch's IFB goes first, each drained before the next: epochs stay in
+        order on the wire."""
+        first = [slot for _, slot, _ in self._sealed]
+        for slot in first + [s for s in range(self.depth) if s not in first]:
+            self._plug(RELEASE_ALL, slot)
+            assert self._ifb_index is not None  # _plug checked
+            self._drain(self._ifb_index[slot])
+        self._unplugged = set(range(self.depth))
+        self._sealed, self._released = [], None
 
     def teardown(self) -> None:
-        """Release what is held (the guest goes on here), unhook the vif, delete the IFB."""
+        """Delete the IFB (what its plug still holds is dropped), then unhook the vif.
+        Releasing is release_all()'s job, called first when the guest goes on here."""
         if self._ip is None:
             return  # never set up
         try:
@@ -218,20 +360,20 @@ class NetBuffer(Device):
                 record = self._state.read(self.vif)
                 owner = owner_of(record) if record else None
                 if record is None and self._ifb_index is not None:
-                    record = {"vif": self.vif, "ifb": self.ifb}  # state file lost: ours
+                    record = self._record()  # state file lost: ours
                 if record is not None and (owner is None or owner == Owner.me()):
-                    self._remove(record, release=True)
+                    self._remove(record)
                     self._state.remove(self.vif)
         finally:
             self._ifb_index = None
-            self.sealed = None
+            self._sealed = []
             ip, self._ip = self._ip, None
             ip.close()
 
     # -- removal, also of a crashed run's leftovers --------------------------------------
-    def _remove(self, record: dict[str, Any], release: bool = False) -> None:
+    def _remove(self, record: dict[str, Any]) -> None:
         """Remove what ``record`` names; absent pieces are fine; every piece is tried."""
-        vif, ifb = record.get("vif"), record.get("ifb")
+        vif = record.get("vif")
         failures: list[NetbufError] = []
 
         def attempt(step: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
@@ -241,16 +383,13 @@ class NetBuffer(Device):
                 if exc.code not in _GONE:
                     failures.append(exc)
 
-        ifb_index = self._index(ifb) if isinstance(ifb, str) else None
-        if ifb_index is not None and release:
-            attempt("plug release_indefinite", self._ip.tc, "change", "plug", ifb_index, PLUG,
-                    action=RELEASE_ALL)
-            self._drain(ifb_index)
+        ifb_indexes = [(ifb, i) for ifb in _recorded_ifbs(record)
+                       if (i := self._index(ifb)) is not None]
         vif_index = self._index(vif) if isinstance(vif, str) else None
         if vif_index is not None and self._has_ingress(vif_index):
             attempt(f"delete ingress qdisc of {vif}", self._ip.tc, "del", "ingress",
                     vif_index, INGRESS)
-        if ifb_index is not None:
+        for ifb, ifb_index in ifb_indexes:
             attempt(f"delete {ifb}", self._ip.link, "del", index=ifb_index)
         if failures:
             raise NetbufError("; ".join(str(f) for f in failures))
@@ -265,6 +404,15 @@ class NetBuffer(Device):
 
     def _recover_stale(self, me: Owner) -> None:
         _recover(self._state, me, self.vif, self._ip)
+
+
+def _recorded_ifbs(record: dict[str, Any]) -> list[str]:
+    """The IFBs a state record names: its ring, or (a record of before rings) its one IFB."""
+    ifbs = record.get("ifbs")
+    if isinstance(ifbs, list) and ifbs and all(isinstance(i, str) for i in ifbs):
+        return list(ifbs)
+    ifb = record.get("ifb")
+    return [ifb] if isinstance(ifb, str) else []
 
 
 def recover(*, state: StateDir | None = None,
@@ -303,14 +451,24 @@ def _recover(state: StateDir, me: Owner, skip: str | None, ip: Any) -> list[str]
 
 def _queued(ip: Any, index: int) -> int:
     """Packets still in the plug qdisc of ``index`` (0 if unknown)."""
+    counts = _plug_counts(ip, index)
+    return 0 if counts is None else counts[1]
+
+
+def _plug_counts(ip: Any, index: int) -> tuple[int, int] | None:
+    """(packets dequeued so far, packets queued) of the plug qdisc of ``index``; None if
+    the kernel does not say."""
     try:
         for q in ip.get_qdiscs(index=index):
             if q.get_attr("TCA_KIND") != "plug":
                 continue
             stats = q.get_attr("TCA_STATS2")
-            queue = stats.get_attr("TCA_STATS_QUEUE") if stats is not None else None
-            if queue is not None:
-                return int(queue["qlen"])
+            if stats is None:
+                return None
+            basic, queue = stats.get_attr("TCA_STATS_BASIC"), stats.get_attr("TCA_STATS_QUEUE")
+            if basic is None or queue is None:
+                return None
+            return int(basic["packets"]), int(queue["qlen"])
     except Exception:
-        return 0
-    return 0
+        return None
+    return None

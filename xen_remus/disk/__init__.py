@@ -15,6 +15,11 @@ The data path, primary to backup::
          EpochStore.commit(N) applies epoch N to the backup's image
       -> failover: EpochStore.failover(last committed) drops every uncommitted write.
 
+Before epoch 0, while the guest runs, the replica is synchronised in the same stream
+(sync.py: the blocks of the primary's persistent dirty bitmap, persist.py, if the replica
+is still at its base; else every chunk whose SHA-256 differs), relayed by protect before
+the pre-copy; a replica that fails later is a lost backup (device.ReplicaLost).
+
 The guest never waits for the backup (output commit already holds back its effects);
 only a full replication backlog (unACKed bytes at the cap) makes the server stop taking
 requests until the backup catches up.

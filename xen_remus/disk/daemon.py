@@ -4,14 +4,17 @@ The block hotplug script (hotplug/block-remus) starts it per guest disk: nbd-cli
 attaches the NBD socket to /dev/nbdN, which the guest uses through blkback. The epoch loop
 (`xen-remus protect`) connects to the replication socket when it starts protecting:
 
-    server ──W(e, off, data) … SEAL(e)──► protect ──in checkpoint e──► the backup
-    server ◄──SEAL(e) request, ACK(e)──── protect (postsuspend(e), commit(e))
+    server ──BEGIN … CHUNK … SYNCED, W(e, off, data) … SEAL(e)──► protect ──► the backup
+    server ◄──START(generation), BASE/NEED (relayed), SEAL(e) request, ACK(e)── protect
 
-On that connection the server first sends the whole image (the initial synchronisation,
-as writes of the connection's first epoch), interleaved in order with the guest's writes,
-and seals no epoch before the image is all in the stream: the backup's copy is whole
-once epoch 0 commits. When the connection ends (protection stopped, primary's epoch loop
-gone) the disk is served on, locally.
+On that connection, once START names the protection, the server synchronises the backup's
+replica (sync.py: the blocks its dirty bitmap marks, or every chunk whose hash differs) while
+the guest's writes go on in the same stream, and seals no epoch before the synchronisation
+is all in the stream: the backup's copy is whole once epoch 0 commits. Every write is
+marked in the dirty bitmap (persist.py), cleared as the backup ACKs its epoch, so that the
+next protection after a lost backup or a restart of protect sends only those blocks. When
+the connection ends (protection stopped, primary's epoch loop gone) the disk is served on,
+locally.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import signal
 
 from xen_remus.disk.errors import DiskError
 from xen_remus.disk.link import ReplicaSender
+from xen_remus.disk.persist import DirtyBitmap
+from xen_remus.disk.replica import BASE, NEED, SEAL, START, Frame
 from xen_remus.disk.server import DiskServer
+from xen_remus.disk.sync import synchronise
 
 log = logging.getLogger(__name__)
 
-SYNC_CHUNK = 1 << 20  # bytes of the image per initial-synchronisation write
-SYNC_BACKLOG = 8  # chunks queued ahead of the transport at most
+PROGRESS_EVERY = 5.0  # seconds between progress lines in the daemon's log
 
 
 class ReplicatedDiskDaemon:
@@ -40,11 +45,24 @@ class ReplicatedDiskDaemon:
         self.server = DiskServer(image, nbd_socket)
         self.replica_socket = replica_socket
         self.sender: ReplicaSender | None = None
+        self.bitmap: DirtyBitmap | None = None
+        self.generation = 0  # of the protection in progress (its START)
+        self.synced_bytes = 0  # CHUNK bytes of the last synchronisation
         self._listener: asyncio.AbstractServer | None = None
         self._synced = asyncio.Event()
+        self._answers: asyncio.Queue[Frame] = asyncio.Queue()
+        self._sync: asyncio.Task[None] | None = None
+        self._said = 0.0
 
     async def start(self) -> None:
         await self.server.start()
+        try:
+            self.bitmap = DirtyBitmap(self.server.image, self.server.size)
+        except DiskError as exc:  # served all the same; every protection syncs by hashes
+            log.error("%s: %s", self.server.name, exc)
+        else:
+            log.info("%s: %s", self.server.name, self.bitmap.why)
+            self.server.dirty = self.bitmap
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.replica_socket)
         try:
@@ -62,6 +80,8 @@ class ReplicatedDiskDaemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.replica_socket)
         await self.server.close()
+        if self.bitmap is not None:
+            self.bitmap.close()
 
     async def _replicate(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -71,43 +91,70 @@ class ReplicatedDiskDaemon:
             return
         # Each protection counts its epochs from 0.
         self.server.epoch = 0
+        if self.bitmap is not None:
+            self.bitmap.restart()
         self._synced.clear()
-        sender = ReplicaSender(reader, writer, first_epoch=0,
-                               on_seal_request=self._seal_request)
+        self._answers = asyncio.Queue()
+        sender = ReplicaSender(reader, writer, first_epoch=0, on_request=self._request,
+                               from_loop=True, on_ack=self._acked)
         self.sender = self.server.sink = sender
-        log.info("%s: replicating (initial synchronisation of %d bytes)", self.server.name,
-                 self.server.size)
-        sync = asyncio.create_task(self._sync(sender))
+        log.info("%s: replicating", self.server.name)
         try:
             await sender.run()
         finally:
-            sync.cancel()
+            if self._sync is not None:
+                self._sync.cancel()
+                self._sync = None
             if self.server.sink is sender:
                 self.server.sink = None
             log.info("%s: replication ended (%s); serving locally", self.server.name,
                      sender.lost)
 
-    async def _sync(self, sender: ReplicaSender) -> None:
-        """Queue the whole image; each chunk is read and queued with no await in between,
-        so a guest write before it is in the chunk and one after it follows it."""
+    def _request(self, frame: Frame) -> None:
+        sender = self.sender
+        assert sender is not None
+        if frame.kind == START:
+            if self._sync is not None:
+                raise DiskError(f"a second START (at {frame.at})")
+            self.generation = frame.offset
+            self._sync = asyncio.get_running_loop().create_task(self._synchronise(sender))
+        elif frame.kind in (BASE, NEED):
+            self._answers.put_nowait(frame)
+        elif frame.kind == SEAL:
+            if self._synced.is_set():
+                self._seal(frame.epoch)
+            else:  # epoch 0 ends only once the synchronisation is in the stream
+                asyncio.get_running_loop().create_task(self._seal_when_synced(frame.epoch))
+
+    async def _synchronise(self, sender: ReplicaSender) -> None:
         fd = os.open(self.server.image, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for off in range(0, self.server.size, SYNC_CHUNK):
-                while sender.backlog >= SYNC_BACKLOG and sender.lost is None:
-                    await asyncio.sleep(0.01)
-                if sender.lost is not None:
-                    return
-                sender.write(self.server.epoch, off, os.pread(fd, SYNC_CHUNK, off))
+            self.synced_bytes = await synchronise(
+                fd, self.server.size, self.server.epoch, self.generation, sender,
+                self._answers, self.bitmap, self._progress)
+        except DiskError as exc:
+            log.error("%s: initial synchronisation: %s", self.server.name, exc)
+            sender.release(f"initial synchronisation: {exc}")
+            return
+        except OSError as exc:
+            log.error("%s: initial synchronisation: %s", self.server.name, exc.strerror)
+            sender.release(f"initial synchronisation: {exc.strerror}")
+            return
         finally:
             os.close(fd)
-        log.info("%s: initial synchronisation queued", self.server.name)
-        self._synced.set()
+        if sender.lost is None:
+            self._synced.set()
 
-    def _seal_request(self, epoch: int) -> None:
-        if self._synced.is_set():
-            self._seal(epoch)
-        else:  # epoch 0 ends only once the whole image is in the stream
-            asyncio.get_running_loop().create_task(self._seal_when_synced(epoch))
+    def _progress(self, done: int, total: int) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._said >= PROGRESS_EVERY or done >= total:
+            self._said = now
+            log.info("%s: initial synchronisation %d/%d bytes", self.server.name, done,
+                     total)
+
+    def _acked(self, epoch: int) -> None:
+        if self.bitmap is not None:
+            self.bitmap.acked(self.generation, epoch)
 
     async def _seal_when_synced(self, epoch: int) -> None:
         await self._synced.wait()

@@ -5,6 +5,10 @@ write the guest saw complete is already in the stream, so SEAL(N) follows them. 
 tells the stream the backup holds N (its unACKed bytes are freed). ``release_all`` stops
 replicating (backup lost or failover): the disk is then served locally only.
 
+A replica that fails once protection runs (its server gone, the stream to it broken, a
+seal that never comes) is a lost backup for the epoch loop: ReplicaLost (a BackupLost
+naming the disk), and the guest goes on here unprotected.
+
 The Device talks to its server through a DiskControl, so that the server may live in this
 process (``LoopControl``: a DiskServer in an asyncio loop on another thread) or elsewhere.
 """
@@ -16,6 +20,7 @@ import concurrent.futures
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
+from xen_remus.channel.link import BackupLost
 from xen_remus.devices.base import Device, DeviceError
 from xen_remus.disk.link import ReplicaSender
 from xen_remus.disk.server import DiskServer
@@ -45,6 +50,10 @@ class DiskControl(Protocol):
         """Undo connect(); safe after a failed connect, and twice."""
 
 
+class ReplicaLost(BackupLost):
+    """A disk's replication failed: the backup's copy of that disk cannot follow."""
+
+
 class ReplicatedDisk(Device):
     """One guest disk, replicated; commits before the network (order 0)."""
 
@@ -57,22 +66,32 @@ class ReplicatedDisk(Device):
     def name(self) -> str:
         return self.control.name
 
-    def _do(self, what: str, op: Callable[[], None]) -> None:
+    def _do(self, what: str, op: Callable[[], T], lost: bool = False) -> T:
         try:
-            op()
-        except XenRemusError:
+            return op()
+        except BackupLost:
             raise
         except Exception as exc:
+            if lost:
+                raise ReplicaLost(f"replication of {self.name} failed ({what}): "
+                                  f"{str(exc) or type(exc).__name__}") from exc
+            if isinstance(exc, XenRemusError):
+                raise
             raise DeviceError(f"{self.name}: {what}: {str(exc) or type(exc).__name__}") from exc
+
+    def guarded(self, what: str, op: Callable[[], T]) -> T:
+        """``op`` on this disk's replication (e.g. the initial synchronisation): its
+        failure is ReplicaLost."""
+        return self._do(what, op, lost=True)
 
     def setup(self) -> None:
         self._do("connect", self.control.connect)
 
     def postsuspend(self, epoch: int) -> None:
-        self._do(f"seal epoch {epoch}", lambda: self.control.seal(epoch))
+        self._do(f"seal epoch {epoch}", lambda: self.control.seal(epoch), lost=True)
 
     def commit(self, epoch: int) -> None:
-        self._do(f"commit epoch {epoch}", lambda: self.control.commit(epoch))
+        self._do(f"commit epoch {epoch}", lambda: self.control.commit(epoch), lost=True)
 
     def release_all(self) -> None:
         self._do("release", self.control.release)

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 
 from xen_remus.disk.errors import DiskError, ReplicaStreamError
-from xen_remus.disk.replica import DEFAULT_CAP, AckReader, BackupStream, PrimaryLog
+from xen_remus.disk.replica import DEFAULT_CAP, AckReader, BackupStream, Frame, PrimaryLog
 from xen_remus.disk.store import EpochStore
 
 log = logging.getLogger(__name__)
@@ -28,20 +28,25 @@ class ReplicaSender:
     transport; the queue is bounded by the cap on unACKed bytes, at which ``full`` tells
     the server to stop taking requests. When the backup is lost (EOF, error, a bad ACK,
     ``release()``), replication stops: ``full`` is False from then on, writes are no longer
-    queued, and ``on_lost`` is told why.
+    queued, and ``on_lost`` is told why. ``on_request`` gets the frames the peer sends
+    besides ACKs (the backup's BASE and NEED; with it, the epoch loop's SEAL and START
+    too); ``on_ack`` each epoch the backup now holds.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  first_epoch: int = 0, cap: int = DEFAULT_CAP,
                  on_lost: Callable[[str], None] | None = None,
-                 on_seal_request: Callable[[int], None] | None = None) -> None:
+                 on_request: Callable[[Frame], None] | None = None,
+                 from_loop: bool = False,
+                 on_ack: Callable[[int], None] | None = None) -> None:
         self.log = PrimaryLog(first_epoch, cap)
-        self._on_seal_request = on_seal_request
+        self._on_request = on_request
+        self._on_ack = on_ack
         self.lost: str | None = None
         self._reader = reader
         self._writer = writer
         self._on_lost = on_lost
-        self._acks = AckReader(seal_requests=on_seal_request is not None)
+        self._acks = AckReader(from_loop=from_loop)
         self._room = asyncio.Event()
         self._room.set()
         self._out: deque[bytes] = deque()
@@ -74,6 +79,12 @@ class ReplicaSender:
             return
         self._queue(self.log.seal(epoch))
 
+    def control(self, frame: bytes) -> None:
+        """A frame of the synchronisation, in stream order (not counted to the cap: the
+        backup writes it at once, and the synchronisation waits on ``backlog``)."""
+        if self.lost is None:
+            self._queue(frame)
+
     def committed(self, epoch: int) -> None:
         """The backup committed ``epoch`` (its memory ACK): as good as a disk ACK of it."""
         if self.lost is None and epoch < self.log.epoch:
@@ -98,9 +109,10 @@ class ReplicaSender:
                 for epoch in self._acks.feed(data):
                     self._ack(epoch)
                 requests, self._acks.requests = self._acks.requests, []
-                for epoch in requests:
-                    assert self._on_seal_request is not None
-                    self._on_seal_request(epoch)
+                for frame in requests:
+                    if self._on_request is None:
+                        raise DiskError(f"{frame.name} frame (at {frame.at}) unexpected")
+                    self._on_request(frame)
         except (ConnectionError, OSError) as exc:
             self._lose(f"replication connection failed: {exc}")
         except DiskError as exc:
@@ -129,9 +141,12 @@ class ReplicaSender:
             self._lose(f"replication connection failed: {exc}")
 
     def _ack(self, epoch: int) -> None:
+        before = self.log.acked_through
         self.log.ack(epoch)
         if not self.log.full:
             self._room.set()
+        if self._on_ack is not None and self.log.acked_through > before:
+            self._on_ack(self.log.acked_through)
 
     def _lose(self, why: str) -> None:
         if self.lost is not None:

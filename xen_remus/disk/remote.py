@@ -5,6 +5,10 @@
 including SEAL(N); those bytes go, unchanged, into checkpoint N as REMUS_DISK records
 (``on_frames``), so the backup receives the epoch's disk writes with its memory and
 commits both together. ``commit(N)`` tells the server the backup holds N (ACK(N)).
+
+Before that, while the guest runs (before epoch 0's pre-copy), ``sync`` relays the
+initial synchronisation (sync.py) both ways as it comes: the server's frames into the
+stream at once, the backup's answers (``DiskBack`` from the channel) back to the server.
 """
 
 from __future__ import annotations
@@ -17,15 +21,19 @@ from xen_remus.devices.base import DeviceError
 from xen_remus.disk.replica import (
     HEADER_SIZE,
     SEAL,
+    START,
     Frame,
     FrameDecoder,
     ack_frame,
+    frame_bytes,
     seal_frame,
 )
+from xen_remus.disk.sync import SyncProgress
 
 SEAL_TIMEOUT = 5.0  # s for the server to seal an epoch (the guest is suspended meanwhile)
-# Epoch 0 carries the whole image (initial synchronisation); allow for a large one.
-FIRST_SEAL_TIMEOUT = 600.0
+# The first seal waits for guest writes queued during the synchronisation's relay.
+FIRST_SEAL_TIMEOUT = 30.0
+SYNC_SILENCE = 60.0  # s without a frame from the server before a synchronisation fails
 READ_CHUNK = 1 << 20
 # (vdev, the frames through SEAL(N), where each frame ends in them)
 OnFrames = Callable[[str, bytes, list[int]], None]
@@ -34,8 +42,10 @@ OnFrames = Callable[[str, bytes, list[int]], None]
 class SocketControl:
     """Control of one disk's server over its replication socket."""
 
-    def __init__(self, vdev: str, path: str, on_frames: OnFrames) -> None:
+    def __init__(self, vdev: str, path: str, on_frames: OnFrames,
+                 generation: int = 0) -> None:
         self.vdev, self.path, self.on_frames = vdev, path, on_frames
+        self.generation = generation
         self._sock: socket.socket | None = None
         self._dec = FrameDecoder()
         self._frames: list[Frame] = []  # decoded, not yet past a SEAL we waited for
@@ -58,6 +68,64 @@ class SocketControl:
             raise DeviceError(f"{self.name}: cannot reach its replication socket: "
                               f"{exc.strerror}") from None
         self._sock = s
+        try:
+            s.sendall(frame_bytes(START, 0, self.generation))
+        except OSError as exc:
+            self.disconnect()
+            raise DeviceError(f"{self.name}: starting replication: {exc.strerror}"
+                              ) from None
+
+    def sync(self, relay: Callable[[], list[bytes]], flush: Callable[[], None],
+             progress: Callable[[SyncProgress], None] | None = None) -> SyncProgress:
+        """Relay the initial synchronisation until SYNCED is in the stream: ``relay``
+        returns the backup's answers for this disk (and keeps the channel alive),
+        ``flush`` sends what ``on_frames`` put into the stream."""
+        sock = self._need()
+        prog = SyncProgress()
+        deadline = time.monotonic() + SYNC_SILENCE
+        while not prog.finished:
+            for data in relay():
+                prog.back(data)
+                self._send(sock, data, "relaying the backup's answer")
+            sock.settimeout(0.05)
+            try:
+                data = sock.recv(READ_CHUNK)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise DeviceError(f"{self.name}: no synchronisation frame from the "
+                                      f"server for {SYNC_SILENCE:g} s") from None
+                continue
+            except OSError as exc:
+                raise DeviceError(f"{self.name}: reading its replication socket: "
+                                  f"{exc.strerror}") from None
+            if not data:
+                raise DeviceError(f"{self.name}: the server closed the replication socket "
+                                  "during the initial synchronisation")
+            deadline = time.monotonic() + SYNC_SILENCE
+            self._raw += data
+            frames = self._dec.feed(data)
+            if frames:
+                self._hand_on(frames)
+                prog.forward(frames)
+                flush()
+                if progress is not None:
+                    progress(prog)
+        return prog
+
+    def _send(self, sock: socket.socket, data: bytes, what: str) -> None:
+        try:
+            sock.settimeout(SEAL_TIMEOUT)
+            sock.sendall(data)
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: {what}: {exc.strerror or exc}") from None
+
+    def _hand_on(self, done: list[Frame]) -> None:
+        """``done``'s bytes (the oldest received) go into the stream, in frames."""
+        base = self._base
+        ends = [f.at + HEADER_SIZE + len(f.data) - base for f in done]
+        frames, self._raw = bytes(self._raw[:ends[-1]]), self._raw[ends[-1]:]
+        self._base += ends[-1]
+        self.on_frames(self.vdev, frames, ends)
 
     def _need(self) -> socket.socket:
         if self._sock is None:
@@ -66,7 +134,7 @@ class SocketControl:
 
     def seal(self, epoch: int) -> None:
         sock = self._need()
-        sock.sendall(seal_frame(epoch))
+        self._send(sock, seal_frame(epoch), f"asking for the seal of epoch {epoch}")
         timeout = FIRST_SEAL_TIMEOUT if self.sealed < 0 else SEAL_TIMEOUT
         deadline = time.monotonic() + timeout
         while (done := self._through_seal(epoch)) is None:
@@ -79,17 +147,16 @@ class SocketControl:
                 data = sock.recv(READ_CHUNK)
             except TimeoutError:
                 continue
+            except OSError as exc:
+                raise DeviceError(f"{self.name}: reading its replication socket: "
+                                  f"{exc.strerror}") from None
             if not data:
                 raise DeviceError(f"{self.name}: the server closed the replication "
                                   f"socket before sealing epoch {epoch}")
             self._raw += data
             self._frames += self._dec.feed(data)
-        base = self._base
-        ends = [f.at + HEADER_SIZE + len(f.data) - base for f in done]
-        frames, self._raw = bytes(self._raw[:ends[-1]]), self._raw[ends[-1]:]
-        self._base += ends[-1]
         self.sealed = epoch
-        self.on_frames(self.vdev, frames, ends)
+        self._hand_on(done)
 
     def _through_seal(self, epoch: int) -> list[Frame] | None:
         """The frames up to and including SEAL(epoch), once it arrived."""
@@ -101,7 +168,7 @@ class SocketControl:
         return None
 
     def commit(self, epoch: int) -> None:
-        self._need().sendall(ack_frame(epoch))
+        self._send(self._need(), ack_frame(epoch), f"ACK of epoch {epoch}")
 
     def release(self) -> None:
         self.disconnect()

@@ -6,6 +6,15 @@ guest is suspended). Backup -> primary: ACK(epoch) once SEAL(epoch) and every wr
 it are in the backup's store ("disk sealed through epoch"); the primary then no longer
 counts those bytes as unacknowledged.
 
+The initial synchronisation (sync.py) precedes the first SEAL, in the same stream:
+BEGIN (the primary's dirty-bitmap base), answered by BASE (whether the replica is still at
+that base); then either CHUNKs of the dirty blocks, or SUMS (chunk hashes) each answered
+by NEED (which of those chunks differ) and the CHUNKs asked for; SYNCED ends it. Until
+SYNCED the backup writes everything (CHUNK and W) straight into its replica, in stream
+order: it holds no checkpoint yet, so there is nothing to keep apart. The epoch loop's
+requests to the server (it relays the stream) use the same frames: SEAL(N) asks for the
+seal of N, START(0, offset=generation) opens a protection.
+
 A frame (big-endian) is a 36-byte header, then ``length`` bytes of data (W only)::
 
     u32 magic "XRDK"  u8 type  u8 flags (0)  u16 reserved (0)  u64 epoch  u64 offset
@@ -21,16 +30,30 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from xen_remus.disk.errors import DiskError, ReplicaStreamError
 from xen_remus.disk.store import EpochStore
+
+if TYPE_CHECKING:
+    from xen_remus.disk.sync import ReplicaSync
 
 MAGIC: Final = 0x5852444B  # "XRDK"
 W: Final = 1
 SEAL: Final = 2
 ACK: Final = 3
-FRAME_NAMES: Final = {W: "W", SEAL: "SEAL", ACK: "ACK"}
+BEGIN: Final = 4  # fwd: data is a sync.Begin
+BASE: Final = 5  # back: offset 1 if the replica is at BEGIN's base (dirty blocks only)
+SUMS: Final = 6  # fwd: SHA-256 of consecutive chunks from offset
+NEED: Final = 7  # back: bitmap of the SUMS at offset whose chunks differ
+CHUNK: Final = 8  # fwd: image data at offset (synchronisation; W is a guest write)
+SYNCED: Final = 9  # fwd: the synchronisation is complete (offset: bytes sent)
+START: Final = 10  # epoch loop -> server: protection begins (offset: its generation)
+FRAME_NAMES: Final = {W: "W", SEAL: "SEAL", ACK: "ACK", BEGIN: "BEGIN", BASE: "BASE",
+                      SUMS: "SUMS", NEED: "NEED", CHUNK: "CHUNK", SYNCED: "SYNCED",
+                      START: "START"}
+WITH_DATA: Final = frozenset({W, BEGIN, SUMS, NEED, CHUNK})  # the others carry none
+SYNC_FRAMES: Final = frozenset({BEGIN, SUMS, CHUNK, SYNCED})  # fwd, to sync.ReplicaSync
 MAX_DATA: Final = 64 * 1024 * 1024  # a W carries one NBD write (at most 32 MiB)
 #: Unacknowledged bytes (frames sent, not yet covered by an ACK) at which the primary's
 #: server stops taking guest requests.
@@ -69,6 +92,11 @@ def write_frame(epoch: int, offset: int, data: bytes) -> tuple[bytes, bytes]:
 
 def seal_frame(epoch: int) -> bytes:
     return _header(SEAL, epoch, 0, b"")
+
+
+def frame_bytes(kind: int, epoch: int, offset: int, data: bytes = b"") -> bytes:
+    """Any frame, whole (the synchronisation's and the control frames)."""
+    return _header(kind, epoch, offset, data) + data
 
 
 def ack_frame(epoch: int) -> bytes:
@@ -129,7 +157,7 @@ class FrameDecoder:
         if kind not in FRAME_NAMES or flags or reserved:
             raise self._fail(f"unknown frame type {kind} (flags {flags}, reserved"
                              f" {reserved})", at, epoch)
-        if length > MAX_DATA or (kind != W and length):
+        if length > MAX_DATA or (kind not in WITH_DATA and length):
             raise self._fail(f"{FRAME_NAMES[kind]} frame with {length} data bytes", at, epoch)
         if len(self._buf) - pos < HEADER_SIZE + length:
             return None
@@ -189,33 +217,41 @@ class PrimaryLog:
 
 
 class AckReader:
-    """The primary reading the backup's ACKs. With ``seal_requests`` the peer is the epoch
-    loop (the protect process relays the stream): its SEAL(N) frames ask the server to
-    seal epoch N, and are collected in ``requests``; no other frame may come that way."""
+    """The primary reading what comes back: ACKs (returned by ``feed``) and the backup's
+    synchronisation answers (BASE, NEED), collected in ``requests``. With ``from_loop``
+    the peer is the epoch loop (the protect process relays the stream): its SEAL(N) frames
+    ask the server to seal epoch N and START opens a protection; they join ``requests``
+    too. Any other frame is refused."""
 
-    def __init__(self, seal_requests: bool = False) -> None:
+    def __init__(self, from_loop: bool = False) -> None:
         self._dec = FrameDecoder()
-        self._seal_requests = seal_requests
-        self.requests: list[int] = []
+        self._allowed = {BASE, NEED} | ({SEAL, START} if from_loop else set())
+        self.requests: list[Frame] = []
 
     def feed(self, data: bytes) -> list[int]:
         acks = []
         for f in self._dec.feed(data):
-            if f.kind == SEAL and self._seal_requests:
-                self.requests.append(f.epoch)
-            elif f.kind != ACK:
-                raise ReplicaStreamError(f"{f.name} frame from the backup (only ACK may come"
-                                         " back)", f.at, f.epoch)
-            else:
+            if f.kind == ACK:
                 acks.append(f.epoch)
+            elif f.kind in self._allowed:
+                self.requests.append(f)
+            else:
+                raise ReplicaStreamError(f"{f.name} frame from the backup (only ACK, BASE"
+                                         " and NEED come back)", f.at, f.epoch)
         return acks
 
 
 class BackupStream:
-    """The backup's reader: frames into the epoch store; returns the ACK bytes to send."""
+    """The backup's reader: frames into the epoch store (the synchronisation's through
+    ``sync``); returns the bytes to send back (ACKs unless ``acks`` is False, and the
+    synchronisation's answers)."""
 
-    def __init__(self, store: EpochStore) -> None:
+    def __init__(self, store: EpochStore, sync: ReplicaSync | None = None,
+                 acks: bool = True) -> None:
+        from xen_remus.disk.sync import ReplicaSync  # sync.py builds on these frames
         self.store = store
+        self.sync = sync if sync is not None else ReplicaSync(store)
+        self._acks = acks
         self._dec = FrameDecoder()
         self.frames = 0
 
@@ -230,17 +266,29 @@ class BackupStream:
 
     def feed(self, data: bytes) -> bytes:
         out = []
+        sync = self.sync
         for f in self._dec.feed(data):
             self.frames += 1
             try:
                 if f.kind == W:
-                    self.store.write(f.epoch, f.offset, f.data)
+                    if sync.active:  # nothing to hold apart yet: straight into the image
+                        sync.through(f.epoch, f.offset, f.data)
+                    else:
+                        self.store.write(f.epoch, f.offset, f.data)
                 elif f.kind == SEAL:
+                    sync.seal()
                     self.store.seal(f.epoch)
-                    out.append(ack_frame(f.epoch))
+                    if self._acks:
+                        out.append(ack_frame(f.epoch))
+                elif f.kind in SYNC_FRAMES:
+                    reply = sync.frame(f)
+                    if reply:
+                        out.append(reply)
                 else:
-                    raise DiskError("ACK frame from the primary (ACKs go the other way)")
+                    raise DiskError(f"{f.name} frame from the primary (it goes the other"
+                                    " way)")
             except DiskError as exc:
                 raise ReplicaStreamError(f"{f.name} frame refused: {exc}", f.at,
                                          f.epoch) from exc
         return b"".join(out)
+

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from xen_remus.disk import nbd
 from xen_remus.disk.errors import DiskError, EpochError
+from xen_remus.disk.persist import DirtyBitmap
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class DiskServer:
         self.sink = sink
         self.epoch = first_epoch
         self.replication_error: str | None = None  # why the sink was dropped, if it was
+        # Every write is marked here with its epoch, replicated or not (persist.py).
+        self.dirty: DirtyBitmap | None = None
         self._fd = -1
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -240,6 +243,8 @@ class DiskServer:
             return _nbd_error(exc)
         self.stats.writes += 1
         self.stats.bytes_written += len(ev.data)
+        if self.dirty is not None:
+            self.dirty.mark(self.epoch, ev.offset, len(ev.data))
         if self.sink is not None:
             try:
                 self.sink.write(self.epoch, ev.offset, ev.data)

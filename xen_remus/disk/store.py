@@ -150,6 +150,24 @@ class EpochStore:
         self.spilled_bytes += len(data)
         return pos
 
+    def read(self, offset: int, length: int) -> bytes:
+        """The image's bytes (the initial synchronisation compares them)."""
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise DiskError(f"disk store {self.image}: reading {length} bytes at {offset}:"
+                            f" {exc.strerror}") from exc
+
+    def write_through(self, epoch: int, offset: int, data: bytes) -> None:
+        """Write into the image now (the initial synchronisation: no checkpoint to keep)."""
+        if offset + len(data) > self.size:
+            raise DiskError(f"write of {len(data)} bytes at {offset} beyond the image size"
+                            f" {self.size} ({self.image})")
+        with self._lock:
+            if self._sealed or self._open.pieces:
+                raise EpochError(f"write through at {offset} while epoch writes are held")
+        self._pwritev([data], offset, len(data), epoch)
+
     def seal(self, epoch: int) -> None:
         with self._lock:
             if epoch != self._open.number:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from xen_remus.channel.ends import ReceiverChannel
@@ -30,10 +31,11 @@ from xen_remus.channel.stats import StatusFile
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError
 from xen_remus.generation import GenerationError, GenerationRefused, GenerationStore
-from xen_remus.receive.fence import Fence, FenceFailed
+from xen_remus.receive import timeline as T
+from xen_remus.receive.fence import FailoverGate, FenceFailed
+from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import (
-    DEFAULT_MAX_EPOCH_BYTES,
     Abort,
     Committed,
     Complete,
@@ -81,12 +83,16 @@ class Relay:
     the resume, leaving the sink as it leaves it), then ``on_failover``, then the sink.
     ``on_stop`` gets the reason before a refusal or an abort and returns whether the
     primary was told it (a CLOSE frame).
+    ``timeline`` gets the failover's phases (the sink marks its own on it too) and is
+    logged once the guest runs.
     """
 
     def __init__(self, sink: Sink, checkpointed: bool,
                  max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
-                 rewrite: Rewrite | None = None) -> None:
+                 rewrite: Rewrite | None = None,
+                 timeline: T.FailoverTimeline | None = None) -> None:
         self.sink = sink
+        self.timeline = timeline if timeline is not None else T.FailoverTimeline()
         self.core = ContinuousRestore(checkpointed, max_epoch_bytes, rewrite)
         self.outcome: Outcome | None = None
         self.on_header: Callable[[XlHeader], None] | None = None
@@ -125,9 +131,14 @@ class Relay:
                     if self.on_commit is not None:
                         self.on_commit(epoch)
                 case PartialDropped(epoch, nbytes, offset):
-                    log.warning("failover: discarding partial epoch %d (%d bytes from "
-                                "offset %d)", epoch, nbytes, offset)
+                    refused = isinstance(decisions[-1], Refused)  # no failover then
+                    if not refused:
+                        self.timeline.mark(T.DECLARED_DEAD)  # unless the driver saw it first
+                        self.timeline.mark(T.DROPPED)
+                    log.warning("%s: discarding partial epoch %d (%d bytes from offset %d)",
+                                "refusing" if refused else "failover", epoch, nbytes, offset)
                 case FailOver():
+                    self.timeline.mark(T.DECLARED_DEAD)
                     self.outcome = self._fail_over(d)
                 case Refused(epoch, offset, reason, error):
                     told = self.on_stop is not None and self.on_stop(reason)
@@ -161,33 +172,46 @@ class Relay:
         if self.on_failover is not None:
             self.on_failover(d.epoch)
         self.sink.failover(d.epoch)
+        self.timeline.mark(T.RUNNING)  # the sink returns once it runs, if it did not say
         secs = time.monotonic() - t0
         log.warning("failover: guest resumed from epoch %d in %.3f s", d.epoch, secs)
+        log.warning("%s", self.timeline.line())
         return Outcome("failover", d.epoch, d.offset, d.reason, secs, d.error)
 
 
 def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
-            chan: ReceiverChannel | None = None, fence: Fence | None = None,
-            generations: GenerationStore | None = None) -> Outcome:
+            chan: ReceiverChannel | None = None, fence: FailoverGate | None = None,
+            generations: GenerationStore | None = None,
+            timeline: T.FailoverTimeline | None = None,
+            metrics_file: Path | None = None) -> Outcome:
     """Run one receive to its end: banner, stream, then the handshake or the failover.
     With ``chan`` (checkpointed only) the offer follows the banner; if a xen-remus
     sender accepts, each committed epoch is ACKed and a silent primary is failed over
-    from after the agreed heartbeat timeout. With ``fence`` the failover waits for it
-    and does not happen if it fails (FenceFailed, the copy held). ``generations``: this
-    host's records (default: under STATE_DIR)."""
+    from after the agreed heartbeat timeout. With ``fence`` (a failover gate: the fence
+    command or the witness) the failover waits for it and does not happen if it fails
+    (FenceFailed, the copy held). ``generations``: this host's records (default: under
+    STATE_DIR). ``timeline``: the failover's phases, the sink's among them (default: the
+    driver's own, on time.monotonic). ``metrics_file``: the status also kept there in
+    Prometheus' format (`--metrics-file`)."""
     proto = ReceiverSide()
     rx = Relay(sink, checkpointed, max_epoch_bytes,
-               chan.on_record if chan is not None else None)
+               chan.on_record if chan is not None else None, timeline)
+    tl = rx.timeline
     link = ReceiverLink(chan, upstream.wfd) if chan is not None else None
     bstatus: StatusFile | None = None  # ours: the backup's status file
     images: dict[str, str] = {}  # the guest's disks (vdev -> image), from its config
     disks = DiskReplicas(images.get)
     store = generations if generations is not None else GenerationStore()
     check = _GenerationCheck(sink, store, link) if link is not None else None
-    rx.fence = _gate(sink, fence, check.refused if check is not None else [])
+    rx.fence = _gate(sink, fence, check.refused if check is not None else [], tl,
+                     lambda: chan.accepted.generation
+                     if chan is not None and chan.accepted is not None else None)
     if chan is not None and link is not None and check is not None:
-        chan.on_disk = disks.feed
+        def on_disk(vdev: str, frames: memoryview, where: str) -> None:
+            link.disk_back(vdev, disks.feed(vdev, frames, where))
+
+        chan.on_disk = on_disk
         chan.on_accept = check.on_accept
 
         def failing_over(epoch: int) -> None:
@@ -197,10 +221,14 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                     new = store.failed_over(name, acc.generation)
                     log.warning("failover: %s is generation %d on this host from now on",
                                 name, new)
+                    if bstatus is not None:
+                        bstatus.doc["generation"] = new
                 except GenerationError as exc:  # resume all the same: the guest comes first
                     log.error("failover: %s; a stale primary of %s will not be refused",
                               exc, name)
             disks.failover(epoch)
+            if bstatus is not None:
+                bstatus.doc["failovers"] += 1
 
         rx.on_failover = failing_over
 
@@ -214,6 +242,8 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                 for st in chan.take_stats():
                     bstatus.epoch(st)
                 bstatus.doc["committed"] = epoch
+                if bstatus.doc["generation"] is None and chan.accepted is not None:
+                    bstatus.doc["generation"] = chan.accepted.generation
                 bstatus.write()
 
         rx.on_commit = committed
@@ -235,7 +265,7 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
         with contextlib.suppress(TypeError, ValueError):
             images.update(disk_images(hdr.config_json()))
         if chan is not None and sink.domain_name:
-            bstatus = StatusFile(sink.domain_name, "backup")
+            bstatus = StatusFile(sink.domain_name, "backup", metrics=metrics_file)
             bstatus.state("receiving", "initial copy")
         if check is not None:
             check.header_seen()
@@ -251,7 +281,12 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
         while out is None:
             chunk = upstream.read() if link is None else upstream.read_beating(
                 link, armed=rx.committed is not None)
-            out = rx.feed(chunk) if chunk else rx.eof(upstream.gone)
+            if chunk:
+                tl.heard()
+                out = rx.feed(chunk)
+            else:
+                tl.mark(T.DECLARED_DEAD)
+                out = rx.eof(upstream.gone)
     except (FenceFailed, EpochRefused) as exc:
         if bstatus is not None:
             bstatus.state("held", str(exc))
@@ -288,10 +323,12 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
     return out
 
 
-def _gate(sink: GuestSink, fence: Fence | None, refused: list[str]
-          ) -> Callable[[int], None]:
+def _gate(sink: GuestSink, fence: FailoverGate | None, refused: list[str],
+          timeline: T.FailoverTimeline,
+          generation: Callable[[], int | None]) -> Callable[[int], None]:
     """What must hold before a failover goes ahead (Relay.fence): the sender was not
-    refused, and the fence, if any, succeeded."""
+    refused, and the failover gate, if any, let it (asked with the sender's
+    ``generation``)."""
 
     def gate(epoch: int) -> None:
         if refused:
@@ -300,13 +337,14 @@ def _gate(sink: GuestSink, fence: Fence | None, refused: list[str]
             raise ReceiveError(f"no failover from epoch {epoch}: {refused[0]}")
         if fence is None:
             return
-        why = fence.run(sink.domain_name, epoch)
+        why = fence.run(sink.domain_name, epoch, generation())
         if why is not None:
             sink.hold(epoch)
             raise FenceFailed(
-                f"failover from epoch {epoch} refused: the fence command `{fence.command}` "
+                f"failover from epoch {epoch} refused: {fence.what} "
                 f"{why}; the primary may still be running, so this host did not resume "
                 f"its copy: it stays paused as {sink.incoming_name()} (epoch {epoch} held)")
+        timeline.mark(T.FENCED)
 
     return gate
 

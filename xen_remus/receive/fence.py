@@ -1,4 +1,6 @@
-"""The fence: before a backup resumes its copy, make sure the primary is down.
+"""Failover gates: what must succeed before a backup resumes its copy (FailoverGate).
+Two of them: the fence here (the primary is made to be down) and the witness
+(witness/lease.py WitnessGate: a third party gives this host the next generation).
 
 `migrate-receive -r --fence CMD` runs CMD (a shell command: IPMI, a PDU, `ssh A xl
 destroy DOMAIN`...) once the primary is declared dead, bounded by `--fence-timeout`. The
@@ -17,17 +19,32 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
+from xen_remus.receive.limits import FENCE_TIMEOUT_S
 from xen_remus.restore_continuous import ReceiveError
 
 log = logging.getLogger("xen_remus.receive")
 
-FENCE_TIMEOUT_S = 60.0
-
 
 class FenceFailed(ReceiveError):
-    """The fence did not succeed: the copy was not resumed (names the command, how it
-    failed and the epoch held)."""
+    """A failover gate (the fence, the witness) did not let the copy resume (names the
+    gate, how it failed and the epoch held)."""
+
+
+class FailoverGate(Protocol):
+    """Asked once the primary is declared dead, before anything of the failover."""
+
+    @property
+    def what(self) -> str:
+        """The gate, for messages ("the fence command `...`", "the witness ...")."""
+        ...
+
+    def run(self, domain: str | None, epoch: int, generation: int | None = None
+            ) -> str | None:
+        """None if ``domain``'s copy of ``epoch`` (of protection ``generation``) may
+        resume, else why not."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +52,12 @@ class Fence:
     command: str
     timeout: float = FENCE_TIMEOUT_S
 
-    def run(self, domain: str | None, epoch: int) -> str | None:
+    @property
+    def what(self) -> str:
+        return f"the fence command `{self.command}`"
+
+    def run(self, domain: str | None, epoch: int, generation: int | None = None
+            ) -> str | None:
         """Run the command for ``domain`` (XEN_REMUS_DOMAIN) failing over from ``epoch``
         (XEN_REMUS_EPOCH): None once it exited 0, else what went wrong. Its output goes
         to our stderr: our stdout is the channel to the primary."""

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xen_remus.fdio import IoTimeout, read_some, write_all
+from xen_remus.paths import XEN_SCRIPTS_DIR
+from xen_remus.receive import timeline as T
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import ReceiveError
 from xen_remus.stream.events import Buffer
@@ -65,13 +67,46 @@ class SinkConfig:
     # tree has used no CPU for failover_stall s, or after failover_timeout s in all.
     failover_timeout: float = 300.0
     failover_stall: float = 30.0
+    failover_poll: float = 0.1  # how often the watchdog looks at xl's processes
+
+
+class ResumeWatch:
+    """The failover's phases inside xl, from its child processes' command lines at each
+    poll: libxl-save-helper (libxc's restore) ends, then the hotplug scripts run (the
+    devices), then xl renames and unpauses the copy and exits. A phase shorter than a
+    poll may pass unseen: then its end is marked when xl exits, if it was ever seen."""
+
+    HELPER = "libxl-save-helper"
+
+    def __init__(self, timeline: T.FailoverTimeline) -> None:
+        self.timeline = timeline
+        self.helper = self.scripts = False  # ever seen
+
+    def observe(self, cmdlines: Sequence[str]) -> None:
+        helper = any(self.HELPER in c for c in cmdlines)
+        scripts = any(f"{XEN_SCRIPTS_DIR}/" in c for c in cmdlines)
+        self.helper |= helper
+        self.scripts |= scripts
+        if (self.helper and not helper) or scripts:
+            self.timeline.mark(T.LIBXL_RESUME)
+        if self.scripts and not scripts:
+            self.timeline.mark(T.DEVICES)
+
+    def exited(self) -> None:
+        """xl exited (status 0): whatever was seen has ended, and the copy runs."""
+        if self.helper or self.scripts:
+            self.timeline.mark(T.LIBXL_RESUME)
+        if self.scripts:
+            self.timeline.mark(T.DEVICES)
+        self.timeline.mark(T.RUNNING)
 
 
 class XlSink:
     """Relays to `xl migrate-receive [-r] [-e]`: we are its sender, it builds the guest."""
 
-    def __init__(self, cfg: SinkConfig) -> None:
+    def __init__(self, cfg: SinkConfig, timeline: T.FailoverTimeline | None = None) -> None:
         self.cfg = cfg
+        self.timeline = timeline if timeline is not None else T.FailoverTimeline()
         self.argv = [cfg.xl, "migrate-receive"] + (["-r"] if cfg.remus else []) + (
             ["-e"] if cfg.no_daemon else [])
         self.domain_name: str | None = None  # set by the driver from the xl header
@@ -126,7 +161,9 @@ class XlSink:
 
     def failover(self, epoch: int) -> None:
         self._close_input()
-        rc, why = self._watch(self.cfg.failover_timeout, self.cfg.failover_stall)
+        self.timeline.mark(T.RELAY_END)
+        watch = ResumeWatch(self.timeline)
+        rc, why = self._watch(self.cfg.failover_timeout, self.cfg.failover_stall, watch)
         if rc is None:
             for line in _describe_tree(self.proc.pid):  # evidence of where stock hangs
                 log.warning("watchdog: %s", line)
@@ -138,6 +175,7 @@ class XlSink:
         if rc != 0:
             raise ReceiveError(f"failover from epoch {epoch}: {self} exited "
                                f"with status {rc}")
+        watch.exited()
 
     def hold(self, epoch: int) -> None:
         """Stop without resuming (a failed fence): kill xl and its helper while they still
@@ -162,16 +200,22 @@ class XlSink:
         log.warning("%s killed before it resumed; its paused copy %s (epoch %d) is left "
                     "in place", self, self.incoming_name(), epoch)
 
-    def _watch(self, timeout: float, stall: float) -> tuple[int | None, str]:
-        """Wait for xl to exit: (its status, "") or (None, why it was given up on)."""
-        t0 = last_t = time.monotonic()
+    def _watch(self, timeout: float, stall: float, watch: ResumeWatch
+               ) -> tuple[int | None, str]:
+        """Wait for xl to exit: (its status, "") or (None, why it was given up on). Its
+        children are looked at every failover_poll s, its CPU use every 0.5 s."""
+        t0 = last_t = next_cpu = time.monotonic()
         last_cpu = -1
         while True:
+            watch.observe(_children_cmdlines(self.proc.pid))
             try:
-                return self.proc.wait(timeout=0.5), ""
+                return self.proc.wait(timeout=self.cfg.failover_poll), ""
             except subprocess.TimeoutExpired:
                 pass
-            now, cpu = time.monotonic(), _tree_cpu(self.proc.pid)
+            now = time.monotonic()
+            if now < next_cpu:
+                continue
+            next_cpu, cpu = now + 0.5, _tree_cpu(self.proc.pid)
             if cpu != last_cpu:
                 last_cpu, last_t = cpu, now
             if now - t0 >= timeout:
@@ -218,6 +262,23 @@ class XlSink:
                 subprocess.run([self.cfg.xl, "destroy", self.incoming_name()],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, timeout=30, check=False)
+
+
+def _children_cmdlines(pid: int) -> list[str]:
+    """The command lines of ``pid``'s live children (none if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # it ended meanwhile
+    return out
 
 
 def _tree_cpu(pid: int) -> int:

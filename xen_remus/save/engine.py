@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,7 @@ from xen_remus.save.pages import DeferredPages, Pfns, batches, merge
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
+from xen_remus.stream.records import carries_data, valid_types
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ class SaveStats:
                 f"total {self.total_s:.2f} s")
 
 
+@dataclass(frozen=True)
+class CopyProgress:
+    """Where a copy round is, for a progress report: after each PAGE_DATA record of a
+    round and once at its end (``round_done``). Pages count those whose data went out."""
+
+    round: int  # 0: the first, full copy
+    live: bool  # False: the guest is suspended (the final round of a save)
+    pfns_done: int  # of this round
+    pfns_todo: int  # this round's pfns
+    pages_sent: int  # every round so far, this one included
+    nr_pfns: int  # the guest's
+    round_done: bool = False
+
+
 class SaveEngine:
     """Saves one domain into ``out``. One-shot: ``run()``; the guest is left suspended on
     success (the caller destroys or resumes it) and running as it was on failure."""
@@ -76,6 +91,10 @@ class SaveEngine:
         self.stats = SaveStats()
         self._logdirty = False
         self._suspended = False
+        # Told where each round is (a progress report); set to None once not wanted: the
+        # engine itself never prints.
+        self.progress: Callable[[CopyProgress], None] | None = None
+        self._pages_sent = 0
 
     # -- the figure ---------------------------------------------------------------------
     def run(self) -> SaveStats:
@@ -139,10 +158,18 @@ class SaveEngine:
     def send_pages(self, pfns: Pfns, live: bool) -> None:
         r = RoundStats(live=live)
         t = time.monotonic()
+        n = len(self.stats.rounds)
         for batch in batches(pfns):
             self.write_batch(batch, live, r)
+            if self.progress is not None:
+                self.progress(CopyProgress(n, live, r.pfns, len(pfns),
+                                           self._pages_sent + r.pages, self.nr_pfns))
         r.seconds = time.monotonic() - t
+        self._pages_sent += r.pages
         self.stats.rounds.append(r)
+        if self.progress is not None:
+            self.progress(CopyProgress(n, live, r.pfns, len(pfns), self._pages_sent,
+                                       self.nr_pfns, round_done=True))
         log.debug("round %d (%s): %d pfns, %d pages, %d deferred, %.3f s",
                   len(self.stats.rounds) - 1, "live" if live else "final", r.pfns, r.pages,
                   r.deferred, r.seconds)
@@ -159,7 +186,7 @@ class SaveEngine:
             self.defer(pfns[~ok], r)
         if ok.any():
             types[ok] = self.guest_types(pfns[ok], frames[ok])
-        data = C.carries_data(types)
+        data = carries_data(types)
         if not data.any():
             self.out.page_data(pfns, types, ())
             r.pfns += len(pfns)
@@ -192,7 +219,7 @@ class SaveEngine:
 
     def guest_types(self, pfns: Pfns, frames: Pfns) -> np.ndarray:
         types = self.dom.frame_types(frames)
-        bad = ~C.valid_types(types)
+        bad = ~valid_types(types)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise SaveError(f"domain {self.dom.domid}: pfn {int(pfns[i]):#x} has page type "
@@ -222,6 +249,16 @@ class SaveEngine:
                 self._suspended = False
             except XenRemusError as exc:
                 log.error("resuming domain %d after the failure: %s", self.dom.domid, exc)
+
+    def halt(self) -> None:
+        """After a failure once the backup holds a checkpoint: the guest is paused (and
+        stays suspended if it was), never resumed: the backup's copy takes over, and this
+        one must not run on beside it. Raises if the pause fails."""
+        try:
+            self.logdirty_off()
+        except XenRemusError as exc:
+            log.warning("turning log-dirty off after the failure: %s", exc)
+        self.dom.pause()
 
     def resume(self) -> None:
         """Let a guest saved with the checkpoint flag (-c) run on."""

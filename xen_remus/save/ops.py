@@ -56,6 +56,10 @@ class DomainOps(Protocol):
         """Fast resume ("suspend cancelled"): the guest continues where it was."""
         ...
 
+    def pause(self) -> None:
+        """Pause the domain (Xen's pause count; suspended or not, it runs no more)."""
+        ...
+
 
 @dataclass
 class Normalised:

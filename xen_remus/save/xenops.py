@@ -48,6 +48,9 @@ class XenDomain:
     def resume(self) -> None:
         self._suspender.resume(fast=True)
 
+    def pause(self) -> None:
+        self.xc.pause(self.domid)
+
     def close(self) -> None:
         if self._bitmap is not None:
             self._bitmap.close()

@@ -6,8 +6,8 @@ docs/specs/libxl-migration-stream.pandoc (revision 2), xl: tools/xl/xl.h.
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
+# The three framings a stream comes in: xl (save file, migration), libxl, bare libxc.
+FORMATS = ("xl", "libxl", "libxc")
 
 # --- xl save header (tools/xl/xl.h): 32-byte magic then 4 native-endian u32s.
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
@@ -139,26 +139,6 @@ PFINFO_NAMES = {
 # Types 5-8 are invalid; BROKEN, XALLOC and XTAB carry no page contents.
 PFINFO_INVALID = frozenset({0x5, 0x6, 0x7, 0x8})
 PFINFO_NO_DATA = frozenset({PFINFO_BROKEN, PFINFO_XALLOC, PFINFO_XTAB})
-
-# The two sets over the 16 types, as lookup tables for whole arrays of types.
-_VALID = np.ones(16, dtype=np.bool_)
-_VALID[list(PFINFO_INVALID)] = False
-_DATA = np.ones(16, dtype=np.bool_)
-_DATA[list(PFINFO_NO_DATA)] = False
-
-
-def valid_types(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Per entry: a type the stream may carry (0..15 but not 5..8)."""
-    ok: npt.NDArray[np.bool_] = (types <= 0xF) & _VALID[types & 0xF]
-    return ok
-
-
-def carries_data(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Per entry of a PAGE_DATA record: its page's contents follow (every type but BROKEN,
-    XALLOC and XTAB; callers reject the invalid types 5..8 first)."""
-    data: npt.NDArray[np.bool_] = _DATA[types & 0xF]
-    return data
-
 
 def pad8(n: int) -> int:
     """Length ``n`` rounded up to the 8-octet record alignment."""

@@ -35,7 +35,6 @@ _PHASE_ITEM = {XL_HDR: "xl header", LIBXL_HDR: "libxl header", IMAGE_HDR: "image
                DOMAIN_HDR: "domain header"}
 _HEAD = {XL_HDR: C.XL_HDR_SIZE, LIBXL_HDR: C.LIBXL_HDR_SIZE, IMAGE_HDR: C.IHDR_SIZE,
          DOMAIN_HDR: C.DHDR_SIZE, LIBXL_REC: C.REC_HDR_SIZE, LIBXC_REC: C.REC_HDR_SIZE}
-FORMATS = ("xl", "libxl", "libxc")
 # Header items: parser and the phase that follows.
 _HEADERS: dict[int, tuple[Callable[[Buffer], Event], int]] = {
     XL_HDR: (events.XlHeader.unpack, LIBXL_HDR),
@@ -70,7 +69,7 @@ class Decoder:
 
     def __init__(self, fmt: str | None = None, checkpointed: bool | None = None,
                  relay: bool = False) -> None:
-        if fmt is not None and fmt not in FORMATS:
+        if fmt is not None and fmt not in C.FORMATS:
             raise ValueError(f"unknown stream format {fmt!r}")
         self.fmt = fmt
         self.expect_checkpointed = checkpointed

@@ -57,6 +57,26 @@ class Empty:
         return {}
 
 
+# The two PFN type sets of consts, as lookup tables for whole arrays of types.
+_VALID = np.ones(16, dtype=np.bool_)
+_VALID[list(C.PFINFO_INVALID)] = False
+_DATA = np.ones(16, dtype=np.bool_)
+_DATA[list(C.PFINFO_NO_DATA)] = False
+
+
+def valid_types(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Per entry: a type the stream may carry (0..15 but not 5..8)."""
+    ok: npt.NDArray[np.bool_] = (types <= 0xF) & _VALID[types & 0xF]
+    return ok
+
+
+def carries_data(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Per entry of a PAGE_DATA record: its page's contents follow (every type but BROKEN,
+    XALLOC and XTAB; callers reject the invalid types 5..8 first)."""
+    data: npt.NDArray[np.bool_] = _DATA[types & 0xF]
+    return data
+
+
 @dataclass
 class PageData:
     """PAGE_DATA: count, pfn[count] with type in bits 63-60, then pages for data types.
@@ -85,7 +105,7 @@ class PageData:
     @property
     def data_pages(self) -> int:
         """How many of the pfns carry page contents."""
-        return int(C.carries_data(self.types).sum())
+        return int(carries_data(self.types).sum())
 
     def page_bytes(self) -> memoryview:
         """All page contents as one memoryview (decoded records)."""
@@ -121,11 +141,11 @@ class PageData:
         if len(bad):
             i = int(bad[0])
             raise FieldError(f"pfn[{i}]", "reserved bits 59-52 set", 8 + 8 * i)
-        bad = np.flatnonzero(~C.valid_types(types))
+        bad = np.flatnonzero(~valid_types(types))
         if len(bad):
             i = int(bad[0])
             raise FieldError(f"pfn[{i}]", f"invalid page type 0x{int(types[i]):x}", 8 + 8 * i)
-        ndata = int(C.carries_data(types).sum())
+        ndata = int(carries_data(types).sum())
         want = 8 + 8 * count + C.PAGE_SIZE * ndata
         if n != want:
             raise FieldError("length", f"{n}, expected {want} for {count} pfns of which "

@@ -24,6 +24,7 @@ from ctypes import (
 )
 from typing import Self
 
+from xen_remus.host import SONAMES
 from xen_remus.xen import structs as S
 from xen_remus.xen.errors import XenCallError, XenLibraryError
 
@@ -50,7 +51,7 @@ def _proto(lib: ctypes.CDLL, protos: dict[str, tuple[object, list[object]]]) -> 
 def xenctrl() -> ctypes.CDLL:
     """libxenctrl.so.4.17 with the prototypes of xenctrl.h (and xc_private.h's pfn types)."""
     u32 = c_uint32
-    return _proto(_load("libxenctrl.so.4.17"), {
+    return _proto(_load(SONAMES["xenctrl"]), {
         "xc_interface_open": (P, [P, P, c_uint]),
         "xc_interface_close": (c_int, [P]),
         "xc_version": (c_int, [P, c_int, P]),
@@ -82,7 +83,7 @@ def xenctrl() -> ctypes.CDLL:
 @functools.cache
 def xenguest() -> ctypes.CDLL:
     """libxenguest.so.4.17: only fast resume and the CPU policy (no public domctl for those)."""
-    return _proto(_load("libxenguest.so.4.17"), {
+    return _proto(_load(SONAMES["xenguest"]), {
         "xc_domain_resume": (c_int, [P, c_uint32, c_int]),
         "xc_cpu_policy_init": (P, []),
         "xc_cpu_policy_destroy": (None, [P]),
@@ -95,7 +96,7 @@ def xenguest() -> ctypes.CDLL:
 @functools.cache
 def foreignmemory() -> ctypes.CDLL:
     """libxenforeignmemory.so.1."""
-    return _proto(_load("libxenforeignmemory.so.1"), {
+    return _proto(_load(SONAMES["xenforeignmemory"]), {
         "xenforeignmemory_open": (P, [P, c_uint]),
         "xenforeignmemory_close": (c_int, [P]),
         "xenforeignmemory_map": (P, [P, c_uint32, c_int, c_size_t, POINTER(xen_pfn_t),
@@ -107,7 +108,7 @@ def foreignmemory() -> ctypes.CDLL:
 @functools.cache
 def evtchn() -> ctypes.CDLL:
     """libxenevtchn.so.1 (ports are evtchn_port_t = uint32; -1 on error)."""
-    return _proto(_load("libxenevtchn.so.1"), {
+    return _proto(_load(SONAMES["xenevtchn"]), {
         "xenevtchn_open": (P, [P, c_uint]),
         "xenevtchn_close": (c_int, [P]),
         "xenevtchn_fd": (c_int, [P]),
@@ -132,7 +133,7 @@ def logger() -> int | None:
     libc.fdopen.restype = c_void_p
     libc.fdopen.argtypes = [c_int, ctypes.c_char_p]
     stream = libc.fdopen(os.dup(2), b"w")
-    xtl = _load("libxentoollog.so.1")
+    xtl = _load(SONAMES["xentoollog"])
     xtl.xtl_createlogger_stdiostream.restype = c_void_p
     xtl.xtl_createlogger_stdiostream.argtypes = [c_void_p, c_int, c_uint]
     lg: int | None = xtl.xtl_createlogger_stdiostream(stream, XTL_CRITICAL, 0)

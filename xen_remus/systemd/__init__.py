@@ -1,0 +1,1 @@
+"""The systemd units `xen-remus service install` puts into /etc/systemd/system."""
