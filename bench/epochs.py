@@ -54,6 +54,9 @@ class _NullSink:
     def abort(self, why: str) -> None:
         pass
 
+    def hold(self, epoch: int) -> None:
+        pass
+
 
 def sender(compress: bool, epochs: int, dirty: int, out_fd: int,
            prof: cProfile.Profile | None) -> tuple[list[float], list[int]]:

@@ -4,19 +4,24 @@ One epoch on the backup, as in the Remus figure, is "buffer it whole, then commi
 
     bytes ─► Decoder ─► records of epoch N ──held──► CHECKPOINT_END ─► Forward(epoch N)
                                                                        Committed(N)  (ACK)
-    EOF / silence / an invalid record mid-epoch ──► PartialDropped(N+1) ─► FailOver(N)
+    EOF / silence mid-epoch ──► PartialDropped(N+1) ─► FailOver(N)
+    an invalid record or too big an epoch N+1 ──► PartialDropped(N+1) ─► Refused(N)
     END ──► Complete                              nothing committed yet ─► Abort
 
 ``ContinuousRestore.feed`` returns those decisions in the order to act on them; it never
 blocks and touches no fd, process or clock. The driver (xen_remus/receive/driver.py)
 carries them out on a Sink: Forward is ``send``, Committed is ``committed`` (then the ACK),
-FailOver is the (blocking, watched) ``failover``, Abort is ``abort``; it also logs and
-times them. The sink that builds the guest is stock `xl migrate-receive`
-(xen_remus/receive/xlsink.py says why).
+FailOver is the (blocking, watched) ``failover``, Refused is ``hold`` (the primary, alive
+since it is still sending, is told why and runs on; the copy is neither resumed nor
+destroyed), Abort is ``abort``; it also logs and times them. The sink that builds the
+guest is stock `xl migrate-receive` (xen_remus/receive/xlsink.py says why).
 
 Memory: the initial full copy (epoch 0) streams through, as it comes: there is nothing to
-fail over to before it completes. Every later epoch is held whole (one in flight) under
-``max_epoch_bytes``, and only a whole, fully validated epoch is forwarded.
+fail over to before it completes. Every later epoch is held whole (one in flight), and only
+a whole, fully validated epoch is forwarded. ``max_epoch_bytes`` bounds what the restore
+keeps alive at any time, in any epoch: the held records (by the memory they pin,
+restore_held.py), the decoder's reassembly buffers, and the pages a compressed record
+would expand to, checked before it is expanded (``rewrite`` gets what is left).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Protocol
 from xen_remus.channel.errors import ChannelError, CompressionError
 from xen_remus.errors import XenRemusError
 from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES
+from xen_remus.restore_held import Held
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.errors import StreamError
 from xen_remus.stream.events import Buffer, EpochEnd, Event, StreamEnd, XlHeader
@@ -41,10 +47,14 @@ class ReceiveError(XenRemusError):
 class EpochTooLarge(XenRemusError):
     """An epoch outgrew the ceiling before its end."""
 
-    def __init__(self, epoch: int, held: int, ceiling: int, offset: int) -> None:
-        super().__init__(f"epoch {epoch}: {held} bytes buffered at offset {offset} exceed "
-                         f"the ceiling of {ceiling} bytes (--max-epoch-mib)")
+    def __init__(self, epoch: int, held: int, ceiling: int, offset: int, record: str) -> None:
+        super().__init__(f"epoch {epoch}: {held} bytes buffered at offset {offset} ({record}) "
+                         f"exceed the ceiling of {ceiling} bytes (--max-epoch-mib)")
         self.epoch, self.offset = epoch, offset
+
+
+class EpochRefused(ReceiveError):
+    """An invalid epoch after committed ones: dropped; the copy was held, not resumed."""
 
 
 # What makes the epoch in flight unusable (the stream's own errors aside): too big, or one
@@ -62,6 +72,9 @@ class Sink(Protocol):
     def failover(self, epoch: int) -> None:
         """End the stream at the boundary after ``epoch`` and resume the guest there;
         returns once it runs, raises (bounded in time) if it does not."""
+
+    def hold(self, epoch: int) -> None:
+        """Stop without resuming: the paused copy of ``epoch`` stays as it is."""
 
     def abort(self, why: str) -> None:
         """Nothing to resume: tear the partial copy down."""
@@ -124,6 +137,18 @@ class FailOver:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """Epoch ``epoch`` + 1 is invalid (``error``) and was dropped, never forwarded; the
+    sink keeps ``epoch``. The primary is alive (it sent the epoch): tell it ``reason``
+    and neither resume nor destroy the copy."""
+
+    epoch: int
+    offset: int
+    reason: str
+    error: XenRemusError
+
+
+@dataclass(frozen=True)
 class Abort:
     """Nothing to resume: tear the partial copy down; the receive failed (``why``)."""
 
@@ -140,15 +165,18 @@ class Complete:
     offset: int
 
 
-Decision = HeaderSeen | Forward | Committed | PartialDropped | FailOver | Abort | Complete
-Rewrite = Callable[[Record], Sequence[Buffer] | None]
+Decision = (HeaderSeen | Forward | Committed | PartialDropped | FailOver | Refused | Abort
+            | Complete)
+# A record -> the buffers to forward instead (None: its own bytes). The int is how many
+# more bytes it may add under the ceiling (compressed pages are checked against it).
+Rewrite = Callable[[Record, int], Sequence[Buffer] | None]
 
 
 class ContinuousRestore:
     """Feed it the sender's bytes; it decides what reaches the sink and when.
 
-    ``feed`` returns the decisions for those bytes (the last one FailOver, Abort or
-    Complete once the stream ended; ``finished`` then). Bytes after the stream (the
+    ``feed`` returns the decisions for those bytes (the last one FailOver, Refused, Abort
+    or Complete once the stream ended; ``finished`` then). Bytes after the stream (the
     sender's GO) are left in ``trailing``. ``rewrite`` maps a record to the buffers to
     forward instead of its wire bytes (the xen-remus channel: our records vanish,
     compressed pages become PAGE_DATA); it may raise ChannelError/CompressionError.
@@ -159,14 +187,14 @@ class ContinuousRestore:
         self.checkpointed = checkpointed
         self.max_epoch_bytes = max_epoch_bytes
         self.rewrite = rewrite
-        self.dec = Decoder(fmt=None, checkpointed=checkpointed)
+        self.dec = Decoder(fmt=None, checkpointed=checkpointed, relay=True)
+        self.dec.max_item = max_epoch_bytes
         self.committed: int | None = None  # last epoch the sink has whole
         self.offset = 0  # bytes received
         self.trailing = b""
         self.finished = False
         self._out: list[Decision] = []
-        self._held: list[Buffer] = []
-        self._held_bytes = 0
+        self._held = Held()  # epoch 0: this feed's records; later: the epoch in flight
         self._committed_end = 0  # stream offset just past the last whole epoch
         self._eof_why = "EOF"  # what ended the input, for the failover's reason
 
@@ -217,60 +245,57 @@ class ContinuousRestore:
         return out
 
     def _take(self, events: Sequence[Event]) -> None:
-        through: list[Buffer] = []
         for ev in events:
             if isinstance(ev, XlHeader):
                 self._out.append(HeaderSeen(ev))
             if isinstance(ev, StreamEnd):
-                self._forward(through)
+                self._forward()
                 if ev.complete:
-                    self._commit_held()
                     self._end(Complete(self.committed, ev.offset))
                 else:
                     self._failover(f"stream ended at offset {ev.offset} ({self._eof_why} "
                                    "at an epoch boundary)", None)
                 return
-            bufs = self._bufs(ev)
-            if self.streaming:
-                through += bufs
-                if isinstance(ev, EpochEnd):
-                    self._forward(through)
-                    self._set_committed(ev.epoch, ev.offset)
-                continue
-            if bufs:
-                self._held += bufs
-                self._held_bytes += sum(len(b) for b in bufs)
-                if self._held_bytes > self.max_epoch_bytes:
-                    raise EpochTooLarge(ev.epoch, self._held_bytes, self.max_epoch_bytes,
-                                        ev.offset)
+            for b in self._bufs(ev):
+                self._held.add(b)
+            self._check(ev.epoch, ev.offset, getattr(ev, "name", type(ev).__name__), False)
             if isinstance(ev, EpochEnd):
-                self._commit_held()
+                self._forward()
                 self._set_committed(ev.epoch, ev.offset)
-        self._forward(through)
+        if self.streaming:
+            self._forward()
+        # The item the decoder is collecting now (after these events) counts too.
+        self._check(self.dec.epoch, self.dec.offset,
+                    f"{self.dec.collecting() or 'next item'}, being received", True)
+
+    def cost(self, partial: bool = True) -> int:
+        """The memory the restore keeps alive now: what it holds, by the memory that
+        pins, and the decoder's reassembly buffers (each counted once)."""
+        return self._held.cost + sum(a.nbytes for a in self.dec.buffers(partial)
+                                     if not self._held.holds(a))
+
+    def _check(self, epoch: int, offset: int, what: str, partial: bool) -> None:
+        cost = self.cost(partial)
+        if cost > self.max_epoch_bytes:
+            raise EpochTooLarge(epoch, cost, self.max_epoch_bytes, offset, what)
 
     def _bufs(self, ev: Event) -> list[Buffer]:
         """What goes to the sink for ``ev``: its wire bytes, or what ``rewrite`` returns."""
         if self.rewrite is not None and isinstance(ev, Record):
-            rep = self.rewrite(ev)
+            rep = self.rewrite(ev, max(0, self.max_epoch_bytes - self.cost(False)))
             if rep is not None:
                 return [b for b in rep if len(b)]
         return [ev.wire] if len(ev.wire) else []
 
-    def _forward(self, through: list[Buffer]) -> None:
-        if through:
-            self._out.append(Forward(list(through)))
-            through.clear()
-
-    def _commit_held(self) -> None:
-        if self._held:
-            self._out.append(Forward(self._held))
-        self._held, self._held_bytes = [], 0
+    def _forward(self) -> None:
+        if len(self._held):
+            self._out.append(Forward(self._held.take()))
 
     def _set_committed(self, epoch: int, end: int) -> None:
         self.committed, self._committed_end = epoch, end
         self._out.append(Committed(epoch))
 
-    def _end(self, last: FailOver | Abort | Complete) -> None:
+    def _end(self, last: FailOver | Refused | Abort | Complete) -> None:
         self._out.append(last)
         self.finished = True
 
@@ -280,17 +305,24 @@ class ContinuousRestore:
                    else f"stream broken, the guest was not received: {exc}")
             self._end(Abort(self.offset, why, exc))
             return
-        # EOF mid-epoch is the primary dying mid-send: a normal failover, no error.
-        kind = f"{self._eof_why} mid-epoch" if eof else "invalid stream"
-        self._failover(f"{kind}: {exc}", None if eof else exc)
+        if eof:  # EOF mid-epoch is the primary dying mid-send: a normal failover
+            self._failover(f"{self._eof_why} mid-epoch: {exc}", None)
+            return
+        epoch = self.committed
+        self._drop_partial()
+        self._end(Refused(epoch, self.offset, f"epoch {epoch + 1} refused: {exc}", exc))
+
+    def _drop_partial(self) -> None:
+        assert self.committed is not None
+        partial = self.offset - self._committed_end
+        if partial:
+            self._out.append(PartialDropped(self.committed + 1, partial, self._committed_end))
+        self._held.take()
 
     def _failover(self, reason: str, error: XenRemusError | None) -> None:
         epoch = self.committed
         if epoch is None:
             self._end(Abort(self.offset, f"{reason}; no complete epoch to resume from", error))
             return
-        partial = self.offset - self._committed_end
-        if partial:
-            self._out.append(PartialDropped(epoch + 1, partial, self._committed_end))
-        self._held, self._held_bytes = [], 0
+        self._drop_partial()
         self._end(FailOver(epoch, self.offset, reason, error))

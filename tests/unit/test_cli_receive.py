@@ -43,9 +43,11 @@ FAKE_XL = textwrap.dedent("""\
         nap = [sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))"]
         helper = subprocess.Popen(nap + ["60", "libxl-save-helper"])
     if "-r" in argv:
-        while chunk := os.read(0, 65536):
-            got += chunk
-        open(os.path.join(d, "received"), "wb").write(got)
+        with open(os.path.join(d, "received"), "wb") as f:  # as it comes: xl may be killed
+            while chunk := os.read(0, 65536):
+                f.write(chunk)
+                f.flush()
+        open(os.path.join(d, "resumed"), "w").close()  # EOF: stock xl resumes the guest
         if phases:
             restore, scripts = (float(x) for x in phases.split(","))
             time.sleep(restore)
@@ -159,6 +161,7 @@ def test_remus_cut_mid_epoch_resumes_from_previous_epoch(tmp_path: Path) -> None
     assert "discarding partial epoch 3" in err
     assert "resuming from epoch 2" in err
     assert "guest resumed from epoch 2 in" in err
+    assert (tmp_path / "resumed").exists()
 
 
 def test_remus_invalid_record_one_line_error_last_good_epoch(tmp_path: Path) -> None:
@@ -173,8 +176,13 @@ def test_remus_invalid_record_one_line_error_last_good_epoch(tmp_path: Path) -> 
     rc, err = finish(p)
     assert rc == 1
     assert "Traceback" not in err
-    assert f"at offset {ends[1]}" in err.splitlines()[-1]
+    last = err.splitlines()[-1]
+    assert f"at offset {ends[1]}" in last and "epoch 2 refused" in last
+    assert "copy of epoch 1 stays paused" in last
+    # Held: xl got epochs 0 and 1 and was stopped before it could resume the guest (no
+    # EOF), and nothing was destroyed.
     assert (tmp_path / "received").read_bytes() == bytes(data[:ends[1]])
+    assert not (tmp_path / "resumed").exists() and not (tmp_path / "destroyed").exists()
 
 
 def _fail_over_into_hung_sink(tmp_path: Path, hang: str, *opts: str) -> tuple[str, float]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from xen_remus.receive.driver import Relay
-from xen_remus.restore_continuous import EpochTooLarge, Outcome, ReceiveError
+from xen_remus.restore_continuous import EpochRefused, EpochTooLarge, Outcome, ReceiveError
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.errors import StreamError
 from xen_remus.stream.events import Buffer, EpochEnd
@@ -25,6 +25,7 @@ class FakeSink:
         self.commits: list[tuple[int, int]] = []  # (epoch, bytes received by then)
         self.failed_over: int | None = None
         self.aborted: str | None = None
+        self.held: int | None = None
 
     def send(self, bufs: Sequence[Buffer]) -> None:
         assert self.failed_over is None and self.aborted is None
@@ -39,6 +40,9 @@ class FakeSink:
 
     def abort(self, why: str) -> None:
         self.aborted = why
+
+    def hold(self, epoch: int) -> None:
+        self.held = epoch
 
 
 XTAB = 0xF  # PFINFO type without page data: keeps the every-offset test small
@@ -63,15 +67,19 @@ def run(data: bytes, checkpointed: bool, chunks: Sequence[int] = (),
     sink = FakeSink()
     rx = Relay(sink, checkpointed, ceiling)
     pos, out = 0, None
-    for n in chunks:
-        if out is not None or pos >= len(data):
-            break
-        out = rx.feed(data[pos:pos + n])
-        pos += n
-    if out is None and pos < len(data):
-        out = rx.feed(data[pos:])
-    if out is None:
-        out = rx.eof()
+    try:
+        for n in chunks:
+            if out is not None or pos >= len(data):
+                break
+            out = rx.feed(data[pos:pos + n])
+            pos += n
+        if out is None and pos < len(data):
+            out = rx.feed(data[pos:])
+        if out is None:
+            out = rx.eof()
+    except EpochRefused:
+        assert rx.outcome is not None and rx.outcome.kind == "refused"
+        return sink, rx.outcome
     return sink, out
 
 
@@ -153,19 +161,20 @@ def test_invalid_record_mid_epoch_keeps_last_good_epoch() -> None:
     bad = ends[1] + 4  # inside epoch 2's first record header: its length field
     data[bad:bad + 4] = (0xFFFFFFF0).to_bytes(4, "little")
     sink, out = run(bytes(data), True, [1000] * 100)
-    assert out.kind == "failover" and out.epoch == 1
+    assert out.kind == "refused" and out.epoch == 1
+    assert sink.held == 1 and sink.failed_over is None and sink.aborted is None
     assert isinstance(out.error, StreamError)
     assert f"offset {bad}" in str(out.error)  # the length field of the bad header
-    assert "invalid stream" in out.reason
+    assert "epoch 2 refused" in out.reason
     assert bytes(sink.data) == bytes(data[:ends[1]])
 
 
-def test_epoch_over_the_ceiling_fails_over_with_a_clear_error() -> None:
-    small = stream(3, end=False, pages=1)
-    size = epoch_ends(small)[1] - epoch_ends(small)[0]
-    data = stream(4, end=False, pages=4)  # epochs 1.. hold 4 pages: > 2 small epochs
-    sink, out = run(data, True, [8192] * 100, ceiling=2 * size)
-    assert out.kind == "failover" and out.epoch == 0
+def test_epoch_over_the_ceiling_is_refused_with_a_clear_error() -> None:
+    eps = [make_epoch([1, 2, 3])] + [make_epoch(range(1, 41), seed=n) for n in (1, 2, 3)]
+    # epochs 1.. hold 40 pages in records of 4, epoch 0 three
+    data = b"".join(bytes(b) for b in synthetic_stream("xl", True, eps, end=False, batch=4))
+    sink, out = run(data, True, [8192] * 100, ceiling=100_000)
+    assert out.kind == "refused" and out.epoch == 0 and sink.held == 0
     assert isinstance(out.error, EpochTooLarge)
     assert "epoch 1" in str(out.error) and "ceiling" in str(out.error)
     assert bytes(sink.data) == data[:epoch_ends(data)[0]]
@@ -206,14 +215,15 @@ def test_bad_last_record_of_an_epoch_keeps_all_of_that_epoch_out() -> None:
     assert int.from_bytes(data[last:last + 4], "little") == 4  # LIBXL_CHECKPOINT_END
     data[last + 4:last + 8] = (3).to_bytes(4, "little")  # length 3: body + bad padding
     sink, out = run(bytes(data), True, [4096] * 100)
-    assert out.kind == "failover" and out.epoch == 1
+    assert out.kind == "refused" and out.epoch == 1 and sink.held == 1
     assert isinstance(out.error, StreamError)
     assert bytes(sink.data) == bytes(data[:ends[1]])
 
 
-def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> None:
+def test_undecodable_channel_record_is_refused_keeping_the_last_good_epoch() -> None:
     """A compressed-pages record of ours that does not decode (the channel's rewrite raises)
-    spoils its epoch like an invalid standard record: failover, never an escaping error."""
+    spoils its epoch like an invalid standard record: refused, the copy held, the reason
+    given to the primary (on_stop), never an escaping error of another kind."""
     from xen_remus.channel.errors import CompressionError
     from xen_remus.stream.records import Record
 
@@ -221,13 +231,23 @@ def test_undecodable_channel_record_fails_over_from_the_last_good_epoch() -> Non
     ends = epoch_ends(data)
     sink = FakeSink()
 
-    def rewrite(rec: Record) -> None:
+    def rewrite(rec: Record, room: int) -> None:
         if rec.offset >= ends[1] and rec.name == "PAGE_DATA":
             raise CompressionError("checksum mismatch", rec.epoch, 1, rec.offset)
         return None
 
     rx = Relay(sink, True, rewrite=rewrite)
-    out = rx.feed(data) or rx.eof()
-    assert out.kind == "failover" and out.epoch == 1
-    assert isinstance(out.error, CompressionError) and "checksum" in str(out.error)
+    told: list[str] = []
+
+    def stop(why: str) -> bool:
+        told.append(why)
+        return True
+
+    rx.on_stop = stop
+    with pytest.raises(EpochRefused, match="epoch 2 refused.*checksum.*was told why") as exc:
+        rx.feed(data)
+    out = rx.outcome
+    assert out is not None and out.kind == "refused" and out.epoch == 1 and sink.held == 1
+    assert isinstance(exc.value.__cause__, CompressionError)
+    assert len(told) == 1 and told[0].startswith("epoch 2 refused") and "checksum" in told[0]
     assert bytes(sink.data) == data[:ends[1]]

@@ -103,9 +103,10 @@ def test_cli_a_failed_fence_leaves_the_copy_paused(tmp_path: Path) -> None:
                     "command `exit 7` exited with status 7; the primary may still be "
                     "running, so this host did not resume its copy: it stays paused as "
                     "guest--incoming (epoch 2 held)"), err
-    # xl was killed while it still waited for the stream: it never saw the EOF that
-    # makes it resume (it writes "received" only then), and the copy was not destroyed.
-    assert not (tmp_path / "received").exists()
+    # xl was killed while it still waited for the stream: it had every epoch but never
+    # saw the EOF that makes it resume, and the copy was not destroyed.
+    assert (tmp_path / "received").read_bytes() == make_stream(3, end=False)
+    assert not (tmp_path / "resumed").exists()
     assert not (tmp_path / "destroyed").exists()
     assert not running(int((tmp_path / "pid").read_text()))
     assert "warning: no --fence" not in err
@@ -120,6 +121,7 @@ def test_cli_a_fenced_failover_resumes(tmp_path: Path) -> None:
     assert "the primary is fenced" in err and "guest resumed from epoch 2" in err
     data = make_stream(3, end=False)
     assert (tmp_path / "received").read_bytes() == data  # every epoch, then the EOF
+    assert (tmp_path / "resumed").exists()
 
 
 def test_cli_without_a_fence_warns_once(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ def test_a_receiver_the_witness_cannot_decide_for_holds_its_copy(tmp_path: Path)
         "cannot be asked: the sender's protection carries no generation; the primary may "
         "still be running, so this host did not resume its copy: it stays paused as "
         "guest--incoming (epoch 2 held)"), err
-    assert not (tmp_path / "received").exists() and not (tmp_path / "destroyed").exists()
+    # held: xl never saw the EOF that makes it resume, and nothing was destroyed
+    assert not (tmp_path / "resumed").exists() and not (tmp_path / "destroyed").exists()
     assert "warning: no --fence" not in err
 
 

@@ -104,6 +104,18 @@ def _bases(cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> U8:
     return out
 
 
+def _undo_delta(new: U8, cache: PageCache, slots: I64, use: npt.NDArray[np.bool_]) -> None:
+    """XOR the cached bases into ``new`` where ``use``, a batch of pages at a time: the
+    gathered bases then take at most a batch of memory, not a second copy of the record."""
+    for i in range(0, len(new), C.MAX_BATCH_SIZE):
+        idx = np.flatnonzero(use[i:i + C.MAX_BATCH_SIZE]) + i
+        if len(idx) == len(use[i:i + C.MAX_BATCH_SIZE]):
+            sl = slice(i, i + len(idx))
+            np.bitwise_xor(new[sl], cache.data[slots[sl]], out=new[sl])
+        elif len(idx):
+            new[idx] ^= cache.data[slots[idx]]
+
+
 @dataclass
 class Encoded:
     """One compressed record: buffers for writev and the byte counts for the stats."""
@@ -170,9 +182,12 @@ class Decompressor:
         self.cache.store(page_data.pfns[has],
                          as_pages(page_data.page_bytes(), int(has.sum())))
 
-    def decode(self, body: Buffer, epoch: int, offset: int) -> list[Buffer]:
+    def decode(self, body: Buffer, epoch: int, offset: int,
+               room: int | None = None) -> list[Buffer]:
         """The standard PAGE_DATA record (buffers) that ``body`` stands for; ``offset``
-        (of the record in the stream) and ``epoch`` only name the place in errors."""
+        (of the record in the stream) and ``epoch`` only name the place in errors.
+        ``room``: the bytes the caller can still hold; a record that would expand to
+        more is refused before anything is expanded."""
 
         def fail(msg: str, pfn: int | None = None) -> CompressionError:
             return CompressionError(msg, epoch, pfn, offset)
@@ -207,6 +222,14 @@ class Decompressor:
         need = at + C.pad8(nd) + 8 * nd + blob_len
         if need != n:
             raise fail(f"length {n}, expected {need}", first)
+        # What it expands to, before expanding it: a few MiB of lz4 can claim 4 GiB.
+        plain = 8 + 8 * count + raw_len
+        if plain > C.REC_LENGTH_MAX:
+            raise fail(f"would expand to a PAGE_DATA of {plain} bytes, over REC_LENGTH_MAX "
+                       f"({C.REC_LENGTH_MAX})", first)
+        if room is not None and plain > room:
+            raise fail(f"would expand to {plain} bytes, but only {room} are left under the "
+                       "ceiling (--max-epoch-mib)", first)
         base8 = np.frombuffer(body, np.uint8, C.pad8(nd), at)
         if base8[:nd].max(initial=0) > BASE_ZERO_CACHED or base8[nd:].any():
             i = int(np.flatnonzero(base8 > BASE_ZERO_CACHED)[0]) \
@@ -222,7 +245,7 @@ class Decompressor:
             try:
                 raw = lz4.block.decompress(blob, uncompressed_size=raw_len,
                                            return_bytearray=True)
-            except lz4.block.LZ4BlockError as exc:
+            except (lz4.block.LZ4BlockError, ValueError, OverflowError, MemoryError) as exc:
                 raise fail(f"lz4 block of pfns 0x{first:x}.. does not decompress ({exc})",
                            first) from None
             if len(raw) != raw_len:
@@ -241,7 +264,7 @@ class Decompressor:
             theirs, ours = ("had", "does not have") if base[i] else ("had no", "has")
             raise fail(f"page cache out of step: the sender {theirs} a cached copy, ours "
                        f"{ours} one", int(dp[i]))
-        np.bitwise_xor(new, _bases(self.cache, slots, base == BASE_CACHED), out=new)
+        _undo_delta(new, self.cache, slots, base == BASE_CACHED)
         bad = np.flatnonzero(checksums(new) != check)
         if len(bad):
             raise fail("page contents do not match their checksum (corrupt record or "

@@ -387,7 +387,9 @@ class ReceiverChannel:
         if self.detector is not None:
             self.detector.seen(now)
 
-    def on_record(self, rec: Record) -> list[Buffer] | None:
+    def on_record(self, rec: Record, room: int | None = None) -> list[Buffer] | None:
+        """``room``: the bytes the receiver can still hold (a compressed record that
+        would expand to more is refused unexpanded)."""
         if not wire.is_ours(rec.rtype):
             if (self._decompressor is not None and rec.layer == LIBXC
                     and rec.rtype == C.REC_TYPE_PAGE_DATA):
@@ -404,7 +406,7 @@ class ReceiverChannel:
         if rec.rtype == wire.REC_REMUS_PAGE_DATA_LZ4XOR:
             if self._decompressor is None:
                 raise ChannelError(f"{where}: compression was not agreed")
-            return self._decompressor.decode(rec.body, rec.epoch, rec.offset)
+            return self._decompressor.decode(rec.body, rec.epoch, rec.offset, room)
         if rec.rtype == wire.REC_REMUS_DISK:
             if not self.agreed.disk or self.on_disk is None:
                 raise ChannelError(f"{where}: disk replication was not agreed")

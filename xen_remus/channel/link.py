@@ -302,6 +302,7 @@ class ReceiverLink(_Heartbeats):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.closed = False  # a CLOSE went out: the first reason is the one that counts
 
     def _send(self, data: bytes) -> None:
         if data:  # small frames: the pipe/socket takes them whole or the primary is gone
@@ -337,9 +338,11 @@ class ReceiverLink(_Heartbeats):
                 self._send(self.chan.disk_back(vdev, frames))
 
     def close(self, reason: str) -> None:
-        """Tell the primary this backup stops, and why (nothing to a stock sender)."""
+        """Tell the primary this backup stops, and why (nothing to a stock sender); once."""
         with self._lock:
-            self._send(self.chan.close(reason))
+            if not self.closed:
+                self.closed = True
+                self._send(self.chan.close(reason))
 
     def timeout(self) -> float | None:
         with self._lock:

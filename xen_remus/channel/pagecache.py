@@ -89,4 +89,5 @@ class PageCache:
             self._slot_of = grown
         self._slot_of[mp] = new
         self._owner[new] = mp
-        self.data[new] = pages[miss]
+        # All new (a first copy): no gathered copy of the batch, which can be 128 MiB.
+        self.data[new] = pages if len(miss) == len(pages) else pages[miss]

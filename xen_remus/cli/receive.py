@@ -33,8 +33,10 @@ def register(sub: Any) -> None:
         "migrate`, `xl remus`, `xen-remus migrate` or `xen-remus protect`, check it, and "
         "pass it on to stock `xl migrate-receive` on this host, which builds the domain. "
         "With -r the stream is a series of Remus checkpoints: each is held until it is "
-        "complete and valid, and when the stream ends or breaks, the domain starts from "
-        "the last complete checkpoint (failover). Without --fence that failover is "
+        "complete and valid, and when the stream ends, the domain starts from the last "
+        "complete checkpoint (failover); an invalid checkpoint after a complete one is "
+        "refused: the copy stays paused and the primary is told why. Without --fence that "
+        "failover is "
         "automatic, as with xl: if only the link to the primary broke, the guest then runs "
         "on both hosts (split brain).",
         epilog="Senders run it as their transport command, e.g. `xl migrate -s '' DOMAIN "
@@ -49,8 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--xl", default="xl", metavar="PATH",
                    help="the xl command that builds the domain (default %(default)s)")
     p.add_argument("--max-epoch-mib", type=int, default=DEFAULT_MAX_EPOCH_BYTES >> 20,
-                   metavar="MIB", help="with -r: largest checkpoint held in memory, in "
-                   "MiB; a larger one is an error (default %(default)s)")
+                   metavar="MIB", help="memory the stream may hold at once, in MiB: a "
+                   "checkpoint being held, reassembly buffers, pages a compressed record "
+                   "expands to; a checkpoint needing more is refused (default %(default)s)")
     p.add_argument("--failover-timeout", type=float, default=300.0, metavar="S",
                    help="with -r: give xl at most S seconds to start the domain from the last "
                    "checkpoint after the stream ends, then kill it (default %(default)s)")
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from xen_remus.receive.timeline import FailoverTimeline
     from xen_remus.receive.upstream import Upstream
     from xen_remus.receive.xlsink import SinkConfig, XlSink
+    from xen_remus.restore_continuous import EpochRefused
 
     gate = failover_gate(args)
     logging.basicConfig(stream=sys.stderr, format="xen-remus migrate-receive: %(message)s",
@@ -158,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                                           fence=gate is not None), time.monotonic())
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, gate,
                       timeline=timeline, metrics_file=args.metrics_file)
-    except FenceFailed:
+    except (FenceFailed, EpochRefused):
         raise  # xl was stopped before it resumed: its paused copy stays (XlSink.hold)
     except BaseException:
         if sink.proc.poll() is None:

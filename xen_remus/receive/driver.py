@@ -1,6 +1,13 @@
 """The receive's driver: reads the sender, feeds the continuous restore
 (restore_continuous.py) and carries out its decisions on the sink, in order: forward,
-commit (then ACK), fail over (timed, logged), abort; then the plain stream's handshake.
+commit (then ACK), fail over (timed, logged), hold a refused epoch's predecessor, abort;
+then the plain stream's handshake.
+
+Nothing committed is lost to a bad stream or a failure here: an invalid epoch after
+committed ones is dropped and the paused copy of the last committed one is held (not
+resumed: the primary that sent the epoch is alive; not destroyed), and a xen-remus
+primary is told why in a CLOSE frame, so it reports that reason and runs on unprotected.
+Any other failure after a commit holds the copy the same way.
 
 Split brain (README, "Split brain and fencing"): with a xen-remus sender the driver
 checks its generation at the accept (generation.py: a stale primary is refused, told so
@@ -34,12 +41,14 @@ from xen_remus.restore_continuous import (
     Complete,
     ContinuousRestore,
     Decision,
+    EpochRefused,
     FailOver,
     Forward,
     HeaderSeen,
     Outcome,
     PartialDropped,
     ReceiveError,
+    Refused,
     Rewrite,
     Sink,
 )
@@ -59,10 +68,6 @@ class GuestSink(Sink, Protocol):
         """Relay the handshake after a plain stream; the restore's status (0: ok)."""
         ...
 
-    def hold(self, epoch: int) -> None:
-        """Stop without resuming: the paused copy of ``epoch`` stays as it is."""
-        ...
-
     def incoming_name(self) -> str:
         """The name of the paused copy while it is received."""
         ...
@@ -76,6 +81,8 @@ class Relay:
     (the guest's config) before its bytes go on; ``on_commit`` each epoch the sink has
     whole, after ``sink.committed``. At a failover, ``fence`` first (it raises to refuse
     the resume, leaving the sink as it leaves it), then ``on_failover``, then the sink.
+    ``on_stop`` gets the reason before a refusal or an abort and returns whether the
+    primary was told it (a CLOSE frame).
     ``timeline`` gets the failover's phases (the sink marks its own on it too) and is
     logged once the guest runs.
     """
@@ -92,6 +99,7 @@ class Relay:
         self.on_commit: Callable[[int], None] | None = None
         self.on_failover: Callable[[int], None] | None = None  # before the sink resumes
         self.fence: Callable[[int], None] | None = None  # before anything of a failover
+        self.on_stop: Callable[[str], bool] | None = None
 
     @property
     def committed(self) -> int | None:
@@ -123,14 +131,26 @@ class Relay:
                     if self.on_commit is not None:
                         self.on_commit(epoch)
                 case PartialDropped(epoch, nbytes, offset):
-                    self.timeline.mark(T.DECLARED_DEAD)  # unless the driver saw it first
-                    self.timeline.mark(T.DROPPED)
-                    log.warning("failover: discarding partial epoch %d (%d bytes from "
-                                "offset %d)", epoch, nbytes, offset)
+                    refused = isinstance(decisions[-1], Refused)  # no failover then
+                    if not refused:
+                        self.timeline.mark(T.DECLARED_DEAD)  # unless the driver saw it first
+                        self.timeline.mark(T.DROPPED)
+                    log.warning("%s: discarding partial epoch %d (%d bytes from offset %d)",
+                                "refusing" if refused else "failover", epoch, nbytes, offset)
                 case FailOver():
                     self.timeline.mark(T.DECLARED_DEAD)
                     self.outcome = self._fail_over(d)
+                case Refused(epoch, offset, reason, error):
+                    told = self.on_stop is not None and self.on_stop(reason)
+                    self.sink.hold(epoch)
+                    self.outcome = Outcome("refused", epoch, offset, reason, error=error)
+                    raise EpochRefused(
+                        f"{reason}; it was dropped, never applied. The copy of epoch {epoch} "
+                        "stays paused here, not resumed: the primary sent that epoch, so it "
+                        "is alive" + (" and was told why" if told else "")) from error
                 case Abort(offset, why, error):
+                    if self.on_stop is not None:
+                        self.on_stop(why)
                     self.sink.abort(why)
                     self.outcome = Outcome("aborted", None, offset, why, error=error)
                     if error is not None:
@@ -227,6 +247,14 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
                 bstatus.write()
 
         rx.on_commit = committed
+
+        def stop(why: str) -> bool:
+            if chan.agreed is None:
+                return False
+            link.close(f"the backup stops: {why}")
+            return True
+
+        rx.on_stop = stop
     upstream.write(proto.banner() + (chan.offer_line() if chan is not None else b""))
     log.info("ready to receive (%s stream) into %s",
              "checkpointed" if checkpointed else "plain", sink)
@@ -259,10 +287,24 @@ def receive(upstream: Upstream, sink: GuestSink, checkpointed: bool,
             else:
                 tl.mark(T.DECLARED_DEAD)
                 out = rx.eof(upstream.gone)
-    except FenceFailed as exc:
+    except (FenceFailed, EpochRefused) as exc:
         if bstatus is not None:
             bstatus.state("held", str(exc))
         raise
+    except Exception as exc:
+        if rx.committed is None or rx.core.finished:
+            raise
+        # A failure here (the sink, the disks, a bug) after epochs were committed: keep
+        # the committed copy rather than lose it, and tell the primary.
+        why = f"receive failed after epoch {rx.committed} was committed: {exc}"
+        log.debug("%s", why, exc_info=True)
+        if rx.on_stop is not None:
+            rx.on_stop(why)
+        sink.hold(rx.committed)
+        if bstatus is not None:
+            bstatus.state("held", why)
+        raise ReceiveError(f"{why}; the copy of epoch {rx.committed} is left as it is "
+                           f"({sink.incoming_name()}), not resumed") from exc
     finally:
         if link is not None:
             link.stop_heartbeats()

@@ -29,10 +29,13 @@ killed and the error names the epoch it held.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +49,10 @@ from xen_remus.stream.events import Buffer
 from xen_remus.xlproto import Message, ReceiverSide, SenderSide
 
 log = logging.getLogger("xen_remus.receive")
+
+
+HOLD_DRAIN_S = 10.0  # XlSink.hold: how long xl gets to read what it was sent
+HOLD_SETTLE_S = 0.2  # and to act on what it read last
 
 
 @dataclass
@@ -173,7 +180,22 @@ class XlSink:
     def hold(self, epoch: int) -> None:
         """Stop without resuming (a failed fence): kill xl and its helper while they still
         wait for more of the stream, since the end of it is their signal to resume. The
-        paused copy of ``epoch`` stays as it is, under incoming_name()."""
+        paused copy of ``epoch`` stays as it is, under incoming_name(). First let xl read
+        what was sent to it (the committed epochs; bounded): killed with them still in
+        its pipe, its copy would lag behind what was ACKed."""
+        deadline = time.monotonic() + HOLD_DRAIN_S
+        waited = False
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                left = struct.unpack("i", fcntl.ioctl(self._in, termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                break
+            if not left:
+                if waited:  # it just read the last of it: let it act on that
+                    time.sleep(HOLD_SETTLE_S)
+                break
+            waited = True
+            time.sleep(0.01)
         self._kill()
         log.warning("%s killed before it resumed; its paused copy %s (epoch %d) is left "
                     "in place", self, self.incoming_name(), epoch)

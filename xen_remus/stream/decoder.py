@@ -4,7 +4,7 @@ Feed bytes of any chunking, get events (headers, records, epoch ends, stream end
 with its absolute offset and the exact bytes it occupied. Items wholly inside a fed chunk
 are returned as memoryviews of that chunk (no copy: do not modify a buffer after feeding it
 while its events are alive); an item split across chunks is copied once into a buffer of
-its exact size. Nothing else is held, so memory is bounded by REC_LENGTH_MAX (128 MiB).
+its exact size (``buffers`` lists those the decoder holds, for its caller's accounting).
 
 Layering (libxl-migration-stream.pandoc): after LIBXC_CONTEXT the libxc stream is inline.
 libxc records run until libxc END (then libxl records again until libxl END) or libxc
@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.stream import consts as C
-from xen_remus.stream import events
+from xen_remus.stream import events, libxl_rules
 from xen_remus.stream.errors import FieldError, StreamError
 from xen_remus.stream.events import Buffer, EpochEnd, Event, StreamEnd
 from xen_remus.stream.records import BODY_TYPES, LIBXC, LIBXL, Record, record_name
@@ -50,6 +50,9 @@ _VCPU = {C.REC_TYPE_X86_PV_VCPU_BASIC, C.REC_TYPE_X86_PV_VCPU_EXTENDED,
 _PV_ONLY = _VCPU | {C.REC_TYPE_X86_PV_INFO, C.REC_TYPE_X86_PV_P2M_FRAMES,
                     C.REC_TYPE_SHARED_INFO}
 _HVM_ONLY = {C.REC_TYPE_HVM_CONTEXT, C.REC_TYPE_HVM_PARAMS}
+# Reassembly buffers up to this size are kept for reuse (a PAGE_DATA of MAX_BATCH_SIZE
+# pages fits); a larger one is freed once its record is.
+SPARE_MAX = 8 << 20
 
 
 class Decoder:
@@ -60,13 +63,21 @@ class Decoder:
     (a plain receiver); True additionally accepts EOF at an epoch boundary as the end of a
     checkpointed stream (the primary went away: failover), reported as
     StreamEnd(complete=False).
+    ``relay``: also refuse the libxl records stock libxl would refuse (libxl_rules.py),
+    as the stream goes on into it.
     """
 
-    def __init__(self, fmt: str | None = None, checkpointed: bool | None = None) -> None:
+    def __init__(self, fmt: str | None = None, checkpointed: bool | None = None,
+                 relay: bool = False) -> None:
         if fmt is not None and fmt not in C.FORMATS:
             raise ValueError(f"unknown stream format {fmt!r}")
         self.fmt = fmt
         self.expect_checkpointed = checkpointed
+        self.relay = relay
+        # Largest item collected (a caller's memory ceiling): refused at its header,
+        # before its buffer is allocated.
+        self.max_item = C.REC_HDR_SIZE + C.REC_LENGTH_MAX
+        self.guest: str | None = None  # "pv", "hvm", "pvh" as libxl knows it, if known
         self.checkpointed = False
         self.epoch = 0
         self.offset = 0  # absolute offset of the next item
@@ -96,6 +107,26 @@ class Decoder:
     @property
     def done(self) -> bool:
         return self._phase == DONE
+
+    def collecting(self) -> str | None:
+        """The item whose bytes are being collected (at ``offset``), if one is."""
+        if self._partial is None:
+            return None
+        what = _PHASE_ITEM.get(self._phase)
+        if what is None:  # a record
+            rtype = _RH.unpack_from(self._partial)[0] if self._pfill >= 8 else None
+            layer = LIBXL if self._phase == LIBXL_REC else LIBXC
+            what = record_name(layer, rtype) if rtype is not None else "record header"
+        return what
+
+    def buffers(self, partial: bool = True) -> list[npt.NDArray[np.uint8]]:
+        """The reassembly buffers the decoder holds: kept for reuse, and (``partial``)
+        the one the item at ``offset`` is being collected in."""
+        part: object = self._partial.obj if self._partial is not None else None
+        out = [a for a in self._spares if a is not part]
+        if partial and isinstance(part, np.ndarray):
+            out.append(part)
+        return out
 
     def feed(self, data: Buffer) -> list[Event]:
         """Decode ``data``; returns the events it completes. Raises StreamError (whose
@@ -179,7 +210,8 @@ class Decoder:
                 break
         else:
             arr = np.empty(max(size, 64), np.uint8)
-            self._spares = [*self._spares[-1:], arr]
+            if size <= SPARE_MAX:
+                self._spares = [*self._spares[-1:], arr]
         buf = arr.data[:size]
         buf[:len(data)] = data
         return buf
@@ -201,17 +233,28 @@ class Decoder:
         phase = self._phase
         if phase == XL_HDR:
             try:
-                return events.XlHeader.total_size(head)
+                total = events.XlHeader.total_size(head)
             except FieldError as exc:
                 raise self._field_error("xl header", exc, 0) from None
+            if total > self.max_item:
+                raise StreamError(f"{total} bytes exceed the receiver's ceiling of "
+                                  f"{self.max_item} bytes (--max-epoch-mib)", self.offset + 44,
+                                  "xl header", "optional_data_len", self.epoch)
+            return total
         if phase in (LIBXL_REC, LIBXC_REC):
             rtype, length = _RH.unpack_from(head)
+            layer = LIBXL if phase == LIBXL_REC else LIBXC
             if length > C.REC_LENGTH_MAX:
-                layer = LIBXL if phase == LIBXL_REC else LIBXC
                 raise StreamError(f"{length} exceeds REC_LENGTH_MAX ({C.REC_LENGTH_MAX})",
                                   self.offset + 4, record_name(layer, rtype), "length",
                                   self.epoch)
-            return int(C.REC_HDR_SIZE + C.pad8(length))
+            total = int(C.REC_HDR_SIZE + C.pad8(length))
+            if total > self.max_item:
+                raise StreamError(f"{length}: the record alone exceeds the receiver's ceiling "
+                                  f"of {self.max_item} bytes (--max-epoch-mib)",
+                                  self.offset + 4, record_name(layer, rtype), "length",
+                                  self.epoch)
+            return total
         return _HEAD[phase]
 
     def _field_error(self, record: str, exc: FieldError, base: int) -> StreamError:
@@ -241,6 +284,10 @@ class Decoder:
             self.image = ev
         elif isinstance(ev, events.DomainHeader):
             self.domain = ev
+            if self.guest is None and ev.is_pv:
+                self.guest = "pv"
+        elif isinstance(ev, events.XlHeader):
+            self.guest = ev.guest_type()
         out.append(ev)
         self._phase = nxt
 
@@ -251,6 +298,10 @@ class Decoder:
         if any(item[end:]):
             raise StreamError("padding not zero", self.offset + end, name, "padding",
                               self.epoch)
+        if layer == LIBXL and self.relay:
+            why = libxl_rules.refusal(rtype, self._in_checkpoint, self.guest)
+            if why is not None:
+                raise self._fail(name, why)
         known = (layer, rtype) in BODY_TYPES
         if not known and not rtype & C.REC_TYPE_OPTIONAL:
             raise StreamError(f"unknown mandatory record type 0x{rtype:08x}", self.offset,
@@ -378,13 +429,8 @@ class Decoder:
         if self._partial is not None:
             have = self._pfill
             want = self._ptotal or _HEAD[self._phase]
-            what = _PHASE_ITEM.get(self._phase)
-            if what is None:  # a record
-                rtype = _RH.unpack_from(self._partial)[0] if have >= 8 else None
-                layer = LIBXL if self._phase == LIBXL_REC else LIBXC
-                what = record_name(layer, rtype) if rtype is not None else "record header"
             raise StreamError(f"truncated: stream ends after {have} of {want} bytes",
-                              self.offset, what, None, self.epoch)
+                              self.offset, self.collecting(), None, self.epoch)
         if self._phase == DETECT:
             raise StreamError("empty stream", 0, field="magic")
         if self.checkpointed and self._at_epoch_boundary and self.expect_checkpointed:

@@ -89,7 +89,7 @@ class XlHeader(Event):
                                  "NUL-terminated", rel)
             try:
                 json.loads(config[:-1].decode())
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise FieldError("config", f"invalid JSON: {exc}", rel) from None
         return cls(mandatory_flags=mand, optional_flags=optf, config=config, extra=extra)
 
@@ -98,6 +98,20 @@ class XlHeader(Event):
         if not self.config or not self.mandatory_flags & C.XL_MANDATORY_FLAG_JSON:
             return None
         return json.loads(self.config.rstrip(b"\0").decode())
+
+    def guest_type(self) -> str | None:
+        """The guest's type as libxl sees it ("pv", "hvm", "pvh"): the key of b_info's
+        type union ("type.hvm": {...}), else c_info.type; None if the config says neither."""
+        cfg = self.config_json()
+        if not isinstance(cfg, dict):
+            return None
+        b_info, c_info = cfg.get("b_info"), cfg.get("c_info")
+        if isinstance(b_info, dict):
+            for key in b_info:
+                if isinstance(key, str) and key.startswith("type."):
+                    return key[5:]
+        kind = c_info.get("type") if isinstance(c_info, dict) else None
+        return kind if isinstance(kind, str) else None
 
     def describe(self) -> dict[str, Any]:
         return {"mandatory_flags": self.mandatory_flags, "optional_flags": self.optional_flags,

@@ -321,18 +321,25 @@ class X86TscInfo:
 
 @dataclass
 class HvmParams:
-    """HVM_PARAMS: count, reserved, {index, value} x count. Empty body accepted (errata)."""
+    """HVM_PARAMS: count, reserved, {index, value} x count. Empty body accepted (errata).
 
-    params: list[tuple[int, int]] = field(default_factory=list)
+    ``params`` is a (count x 2) uint64 array, a view of the body when decoded: a record
+    of 128 MiB is 8 Mi pairs, which as Python tuples would cost seconds and ~20x its
+    size."""
+
+    params: npt.NDArray[np.uint64] | Sequence[tuple[int, int]] = ()
+
+    def __post_init__(self) -> None:
+        self.params = np.asarray(self.params, dtype="<u8").reshape(-1, 2)
 
     def pack(self) -> list[Buffer]:
         arr = np.asarray(self.params, dtype="<u8").reshape(-1, 2)
-        return [_II.pack(len(self.params), 0), arr.tobytes()]
+        return [_II.pack(len(arr), 0), arr.tobytes()]
 
     @classmethod
     def unpack(cls, body: Buffer) -> HvmParams:
         if len(body) == 0:
-            return cls([])
+            return cls()
         if len(body) < 8:
             raise FieldError("length", f"{len(body)}: shorter than count/reserved", LENGTH_REL)
         count, res = _II.unpack_from(body)
@@ -341,8 +348,7 @@ class HvmParams:
         if len(body) != 8 + 16 * count:
             raise FieldError("count", f"{count} entries need {8 + 16 * count} bytes, "
                              f"body has {len(body)}", 0)
-        arr = np.frombuffer(body, dtype="<u8", offset=8).reshape(-1, 2)
-        return cls([(int(i), int(v)) for i, v in arr])
+        return cls(np.frombuffer(body, dtype="<u8", offset=8).reshape(-1, 2))
 
     def describe(self) -> dict[str, Any]:
         return {"count": len(self.params)}
