@@ -43,9 +43,10 @@ class Case:
     meaning: dict[str, object] = field(default_factory=dict)  # parsed by xen-remus
 
 
-PLAIN = {"interval_ms": 200, "uncompressed": False, "no_netbuf": False, "no_disk": False,
-         "unsafe": False, "blackhole": False, "no_daemon": False, "ssh": None,
-         "verbose": 0, "domain": "vm1", "host": "hostb"}
+PLAIN: dict[str, object] = {
+    "interval_ms": 200, "uncompressed": False, "no_netbuf": False, "no_disk": False,
+    "unsafe": False, "blackhole": False, "no_daemon": False, "ssh": None, "verbose": 0,
+    "domain": "vm1", "host": "hostb"}
 
 CASES = [
     Case("plain", ["remus", "vm1", "hostb"], ["protect", "--", "vm1", "hostb"],
@@ -145,10 +146,10 @@ def run_case(xl: Path, shim: Path, tmp: Path, case: Case) -> list[str]:
     problems = []
     if r.returncode != case.rc:
         problems.append(f"exit status {r.returncode}, expected {case.rc}")
-    for want, got, name in ((case.stderr, r.stderr, "stderr"),
-                            (case.stdout, r.stdout, "stdout")):
-        if want and want not in got:
-            problems.append(f"{name} lacks {want!r}: {got[-400:]!r}")
+    for part, text, stream in ((case.stderr, r.stderr, "stderr"),
+                               (case.stdout, r.stdout, "stdout")):
+        if part and part not in text:
+            problems.append(f"{stream} lacks {part!r}: {text[-400:]!r}")
     ran = out.read_bytes().split(b"\0")[:-1] if out.exists() else None
     argv = [a.decode() for a in ran] if ran is not None else None
     if case.engine_argv is None:
