@@ -32,9 +32,29 @@ def transport(p: argparse.ArgumentParser) -> None:
     g.add_argument("-e", dest="no_daemon", action="store_true",
                    help="pass -e to the receiver: it stays in the foreground instead of "
                    "waiting in the background for the domain to end")
+    g.add_argument("--tcp", type=int, default=None, metavar="PORT",
+                   help="no ssh: connect straight to PORT on HOST, where `xen-remus "
+                   "migrate-receive --listen PORT --key-file FILE` (with -r to protect) "
+                   "waits; both ends prove they hold the --key-file key before anything "
+                   "else is sent (not encrypted: see the README)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="give up when the receiver has not answered within S seconds "
                    "(default 120)")
+
+
+def check_tcp(args: argparse.Namespace) -> None:
+    """--tcp: a port, a key to authenticate with, and no receiver command to run."""
+    if args.tcp is None:
+        return
+    if not 0 < args.tcp < 65536:
+        raise UsageError(f"--tcp {args.tcp}: a TCP port is 1..65535")
+    if args.key_file is None:
+        raise UsageError("--tcp needs --key-file: the key both hosts authenticate with")
+    if args.ssh is not None:
+        raise UsageError("--tcp connects straight to the listener: no -s")
+    if args.no_daemon:
+        raise UsageError("-e is the receiver's option: with --tcp give it to "
+                         "`migrate-receive --listen` on HOST")
 
 
 def precopy(p: argparse.ArgumentParser) -> None:
@@ -119,12 +139,15 @@ def authentication(p: argparse.ArgumentParser) -> None:
         "heartbeats) carries a MAC, so a forged ACK cannot release the guest's output. By "
         "default protect makes a key for each protection and sends it over the transport "
         "(ssh): over a plain TCP transport (-s) that only stops frames forged by someone "
-        "who cannot read the stream; give both ends --key-file then.")
+        "who cannot read the stream; give both ends --key-file then. With --tcp the key "
+        "authenticates the connection too, and the MAC key is derived from it per "
+        "connection.")
     g.add_argument("--key-file", metavar="FILE",
                    help=f"use the key in FILE (at least {KEY_MIN} bytes, e.g. from `head -c "
                    "32 /dev/urandom`; surrounding whitespace ignored; readable by its owner "
                    "only), the same file at the same path on both hosts (protect passes "
-                   "the path on to the receiver it starts, unless -s ''); it is never sent")
+                   "the path on to the receiver it starts, unless -s '' or --tcp); it is "
+                   "never sent")
 
 
 def monitoring(p: argparse.ArgumentParser, progress: bool = False) -> None:

@@ -24,8 +24,9 @@ DESCRIPTION = (
     "changed, lets the guest go on and sends the checkpoint to HOST. The guest's network "
     "output is held back until HOST has the checkpoint it depends on (until it is sent, "
     "with --stock-backup), so after a failover no client has seen anything the copy does "
-    "not know. HOST runs `xen-remus migrate-receive -r` (reached through ssh, or -s CMD), "
-    "or stock `xl migrate-receive -r` with --stock-backup. `xen-remus status` shows the "
+    "not know. HOST runs `xen-remus migrate-receive -r` (reached through ssh, or -s CMD, "
+    "or waiting with --listen for --tcp), or stock `xl migrate-receive -r` with "
+    "--stock-backup. `xen-remus status` shows the "
     "figures of the last checkpoint; -v prints them for each one.")
 EPILOG = (
     "Exit status: 0 when stopped, 3 when the backup was lost (the domain then keeps "
@@ -103,6 +104,9 @@ def check_args(args: argparse.Namespace) -> None:
                          "to accept that (as xl remus)")
     if args.key_file is not None and (args.stock_backup or args.blackhole):
         raise UsageError("--key-file is for a xen-remus backup (not --stock-backup or -b)")
+    if args.tcp is not None and (args.stock_backup or args.blackhole):
+        raise UsageError("--tcp is for a xen-remus backup (not --stock-backup or -b)")
+    options.check_tcp(args)
     options.check_heartbeat(args)
 
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import ExitStack
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, TextIO
@@ -30,7 +31,12 @@ from xen_remus.generation import GenerationStore
 from xen_remus.save.engine import CopyProgress, SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.session import SaveSession, domain_config_json, domain_lock
-from xen_remus.save.transport import MigrationRefused, ReceiverProcess
+from xen_remus.save.transport import (
+    DirectReceiver,
+    MigrationRefused,
+    Receiver,
+    ReceiverProcess,
+)
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
 from xen_remus.supervisor import Supervisor
 from xen_remus.witness.lease import OutputGate
@@ -113,9 +119,20 @@ class Summary:
                 f"{self.send / self.n:.1f} ms{ack}")
 
 
+def direct_receiver(args: argparse.Namespace, key: bytes | None) -> DirectReceiver:
+    """The authenticated connection of --tcp to the listener on HOST (cli/protect.py
+    checked that a key was given)."""
+    from xen_remus.direct.conn import connect
+
+    assert key is not None
+    conn = connect(args.host, args.tcp, key, args.timeout)
+    log.info("direct transport to %s: authenticated", conn.peer)
+    return DirectReceiver(conn)
+
+
 def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) -> int:
     """Protect ``args.domain`` (arguments checked by cli/protect.py, which read the key)."""
-    with SaveSession(args.domain) as s, domain_lock(s.target.domid):
+    with SaveSession(args.domain) as s, domain_lock(s.target.domid), ExitStack() as early:
         domid, name = s.target.domid, s.target.name
         disks = [] if args.no_disk or args.blackhole else read_disks(domid)
         if (why := unreplicable(disks)) is not None:
@@ -123,6 +140,13 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
         if disks and args.stock_backup:
             raise UsageError("a stock backup (`xl migrate-receive -r`) cannot replicate "
                              f"disks ({', '.join(d.vdev for d in disks)}): add -d -F")
+        recv: Receiver | None = None
+        if args.tcp is not None:
+            # Before anything changes here (generation, lease, the guest's mappings): a
+            # backup that fails the handshake is refused with the guest untouched.
+            direct = direct_receiver(args, key)
+            early.callback(direct.close)  # also on a failure before the try below
+            recv, key = direct, direct.conn.session_key  # the MAC key, per connection
         config = domain_config_json(domid)
         # Under the domain's lock: no other protect of it counts at the same time.
         generation = None if args.blackhole else GenerationStore().start_protection(name)
@@ -135,7 +159,6 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             gate = take_lease(witness, name, generation, holder_of(args),
                               args.witness_timeout, lambda: xc.pause(domid),
                               lambda: xc.unpause(domid))
-        recv: ReceiverProcess | None = None
         report: CopyReport | None = None
         hole: list[int] = []
         if args.blackhole:
@@ -143,11 +166,12 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             hole = [os.open(os.devnull, os.O_WRONLY), rfd, wfd]
             send_fd, recv_fd, rest, peer = hole[0], rfd, b"", "(black hole)"
         else:
-            rune = receiver_rune(args.host, args.ssh, args.stock_backup, args.no_daemon,
-                                 args.key_file, witness_rune(args))
-            recv = ReceiverProcess(rune)
+            if recv is None:
+                recv = ReceiverProcess(receiver_rune(
+                    args.host, args.ssh, args.stock_backup, args.no_daemon, args.key_file,
+                    witness_rune(args)))
             send_fd, recv_fd, peer = recv.send_fd, recv.recv_fd, args.host
-            rest = read_banner(recv_fd, args.timeout, rune)
+            rest = read_banner(recv_fd, args.timeout, recv.rune)
         chan = SenderChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                     compression=not args.uncompressed,
                                     initial_grace_ms=args.initial_grace,

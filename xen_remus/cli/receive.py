@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from xen_remus.cli import options
 from xen_remus.cli.witness import client_of, holder_of
+from xen_remus.direct.conn import HANDSHAKE_TIMEOUT_S
 from xen_remus.errors import UsageError
 from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES, FENCE_TIMEOUT_S
 from xen_remus.witness.lease import GATE_TIMEOUT_S
 
 if TYPE_CHECKING:
+    from xen_remus.direct.conn import Connection
     from xen_remus.receive.fence import FailoverGate
 
 
@@ -68,6 +70,21 @@ def register(sub: Any) -> None:
                    "heartbeats, compression, authentication): behave exactly as stock xl")
     options.heartbeat(p)
     options.authentication(p)
+    d = p.add_argument_group(
+        "direct transport", "Instead of stdin/stdout: wait for the sender's `--tcp PORT` "
+        "connection. Each peer must prove it holds the --key-file key (and is shown that "
+        "this end does) before anything else happens; one that fails is logged with its "
+        "address and dropped. The first that succeeds is served alone (the listener closes) "
+        "and the command exits when its stream ends, as when run over ssh.")
+    d.add_argument("--listen", metavar="[HOST:]PORT",
+                   help="listen on PORT (of HOST's address only, if given; `[v6]:PORT` for "
+                   "IPv6); needs --key-file")
+    d.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S,
+                   metavar="S", help="drop a peer that has not authenticated within S "
+                   "seconds (default %(default)g)")
+    d.add_argument("--exit-on-refusal", action="store_true",
+                   help="exit (status 1) after the first peer that fails to authenticate, "
+                   "instead of listening on for the right one")
     options.monitoring(p)
     g = p.add_argument_group("fencing", "With -r: make sure the primary is down before "
                              "this host resumes its copy.")
@@ -106,6 +123,21 @@ def failover_gate(args: argparse.Namespace) -> FailoverGate | None:
     return Fence(args.fence, args.fence_timeout) if args.fence is not None else None
 
 
+def accept_direct(args: argparse.Namespace, key: bytes) -> Connection:
+    """--listen: the first peer that authenticates (the listener then closes: one
+    connection at a time); HandshakeRefused with --exit-on-refusal."""
+    from xen_remus.direct.conn import Listener, listen_address
+
+    host, port = listen_address(args.listen)
+    with Listener(host, port, key, args.handshake_timeout) as listener:
+        print(f"xen-remus migrate-receive: listening on {listener.address}",
+              file=sys.stderr, flush=True)
+        conn = listener.accept(args.exit_on_refusal)
+    print(f"xen-remus migrate-receive: {conn.peer} authenticated; receiving",
+          file=sys.stderr, flush=True)
+    return conn
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_epoch_mib <= 0 or args.failover_timeout <= 0 or args.failover_stall <= 0:
         raise UsageError("--max-epoch-mib, --failover-timeout and --failover-stall must "
@@ -116,9 +148,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--fence-timeout must be positive")
     if args.fence is not None and not args.remus:
         raise UsageError("--fence needs -r: only a Remus stream fails over")
-    if args.key_file is not None and (not args.remus or args.no_extensions):
+    if args.key_file is not None and args.listen is None and (
+            not args.remus or args.no_extensions):
         raise UsageError("--key-file needs -r and the xen-remus extensions "
-                         "(not --no-extensions)")
+                         "(not --no-extensions), or --listen")
+    if args.listen is not None and args.key_file is None:
+        raise UsageError("--listen needs --key-file: the key both hosts authenticate with")
+    if args.handshake_timeout <= 0:
+        raise UsageError("--handshake-timeout must be positive")
     if args.metrics_file is not None:
         if not args.remus or args.no_extensions:
             raise UsageError("--metrics-file needs -r and the xen-remus extensions (not "
@@ -151,7 +188,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = SinkConfig(xl=args.xl, remus=args.remus, no_daemon=args.no_daemon,
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
-    upstream = Upstream(sys.stdin.fileno(), sys.stdout.fileno(), args.idle_timeout)
+    conn = None
+    if args.listen is not None:
+        assert key is not None
+        conn = accept_direct(args, key)
+        key = conn.session_key  # the control frames' MAC key, this connection's own
+        rfd = wfd = conn.sock.fileno()
+    else:
+        rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+    upstream = Upstream(rfd, wfd, args.idle_timeout)
     timeline = FailoverTimeline()  # the driver's and the sink's phases, on one clock
     sink = XlSink(cfg, timeline)
     try:

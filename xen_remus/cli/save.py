@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from xen_remus.cli import options
 from xen_remus.errors import UsageError, XenRemusError
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save.transport import MigrationRefused, ReceiverProcess, receiver_command
+from xen_remus.save.transport import (
+    DirectReceiver,
+    MigrationRefused,
+    Receiver,
+    ReceiverProcess,
+    receiver_command,
+)
 from xen_remus.xlproto import SenderSide
 
 if TYPE_CHECKING:
@@ -49,7 +55,8 @@ def register(sub: Any) -> None:
     m = sub.add_parser(
         "migrate", help="live-migrate a domain to HOST, which runs stock `xl migrate-receive`",
         description="Move DOMAIN to HOST while it runs. HOST runs stock `xl "
-        "migrate-receive`, reached through ssh as `xl migrate` does (or -s CMD). On success "
+        "migrate-receive`, reached through ssh as `xl migrate` does (or -s CMD), or `xen-remus "
+        "migrate-receive --listen` reached with --tcp. On success "
         "the domain here is destroyed; if the move fails before HOST takes the domain over, "
         "it resumes here. With --remus, DOMAIN is protected instead of moved: see "
         "`xen-remus protect --help`.")
@@ -131,6 +138,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     policy = options.precopy_policy(args)
+    options.check_tcp(args)
+    key = options.read_key(args.key_file) if args.tcp is not None else None
     rune = receiver_command(args.host, args.ssh, ["-e"] if args.no_daemon else [])
     # As for save: the engine only to migrate.
     from xen_remus.save.session import SaveSession, domain_config_json, domain_lock, xl
@@ -138,7 +147,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with SaveSession(args.domain) as s, domain_lock(s.target.domid):
         domid, name = s.target.domid, s.target.name
         config = domain_config_json(domid)
-        recv = ReceiverProcess(rune)
+        recv: Receiver
+        if key is not None:  # --tcp: authenticated before the guest is touched
+            from xen_remus.direct.conn import connect
+
+            recv = DirectReceiver(connect(args.host, args.tcp, key, args.timeout))
+        else:
+            recv = ReceiverProcess(rune)
         try:
             migrate(s, recv, config, policy, args.timeout, xl)
         finally:
@@ -161,7 +176,7 @@ class Saver(Protocol):
     def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None: ...
 
 
-def migrate(s: Saver, recv: ReceiverProcess, config: str, policy: PrecopyPolicy,
+def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
             timeout: float, xl: Callable[..., str]) -> None:
     """xl's sender side: banner, stream, ready, rename away, GO, report; destroy on success.
     Before GO any failure resumes the guest here; after GO the receiver owns it, unless it
