@@ -19,7 +19,7 @@ from tests.unit.test_protect_loop import PAGES, Devices, Sink, primary, start_ba
 from xen_remus.channel.ends import Config, ReceiverChannel
 from xen_remus.channel.mac import MacError
 from xen_remus.direct import handshake as H
-from xen_remus.direct.conn import Connection, ConnectFailed, Listener, connect, listen_address
+from xen_remus.direct.conn import ConnectFailed, Connection, Listener, connect, listen_address
 from xen_remus.direct.handshake import HandshakeRefused
 from xen_remus.errors import UsageError
 from xen_remus.restore_continuous import Outcome
@@ -118,7 +118,8 @@ def test_listen_address() -> None:
     assert listen_address(":7400") == ("", 7400)
     assert listen_address("10.0.0.2:7400") == ("10.0.0.2", 7400)
     assert listen_address("[::1]:7400") == ("::1", 7400)
-    for bad in ("unix:/x", "host:", "host:99999", "x"):
+    assert listen_address("[::]:0") == ("::", 0)
+    for bad in ("unix:/x", "host:", "host:99999", "x", "::1:7400"):
         with pytest.raises(UsageError, match="--listen"):
             listen_address(bad)
 

@@ -11,8 +11,8 @@ import signal
 import sys
 import time
 from collections import deque
-from contextlib import ExitStack
 from collections.abc import Callable
+from contextlib import ExitStack
 from types import FrameType
 from typing import Any, TextIO
 

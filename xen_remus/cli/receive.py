@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from xen_remus.cli import options
 from xen_remus.cli.witness import client_of, holder_of
-from xen_remus.direct.conn import HANDSHAKE_TIMEOUT_S
+from xen_remus.direct.conn import HANDSHAKE_TIMEOUT_S, listen_address
 from xen_remus.errors import UsageError
 from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES, FENCE_TIMEOUT_S
 from xen_remus.witness.lease import GATE_TIMEOUT_S
@@ -123,13 +123,13 @@ def failover_gate(args: argparse.Namespace) -> FailoverGate | None:
     return Fence(args.fence, args.fence_timeout) if args.fence is not None else None
 
 
-def accept_direct(args: argparse.Namespace, key: bytes) -> Connection:
+def accept_direct(args: argparse.Namespace, listen: tuple[str, int], key: bytes
+                  ) -> Connection:
     """--listen: the first peer that authenticates (the listener then closes: one
     connection at a time); HandshakeRefused with --exit-on-refusal."""
-    from xen_remus.direct.conn import Listener, listen_address
+    from xen_remus.direct.conn import Listener
 
-    host, port = listen_address(args.listen)
-    with Listener(host, port, key, args.handshake_timeout) as listener:
+    with Listener(*listen, key, args.handshake_timeout) as listener:
         print(f"xen-remus migrate-receive: listening on {listener.address}",
               file=sys.stderr, flush=True)
         conn = listener.accept(args.exit_on_refusal)
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                          "(not --no-extensions), or --listen")
     if args.listen is not None and args.key_file is None:
         raise UsageError("--listen needs --key-file: the key both hosts authenticate with")
+    listen = listen_address(args.listen) if args.listen is not None else None
     if args.handshake_timeout <= 0:
         raise UsageError("--handshake-timeout must be positive")
     if args.metrics_file is not None:
@@ -189,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
                      failover_timeout=args.failover_timeout,
                      failover_stall=args.failover_stall)
     conn = None
-    if args.listen is not None:
+    if listen is not None:
         assert key is not None
-        conn = accept_direct(args, key)
+        conn = accept_direct(args, listen, key)
         key = conn.session_key  # the control frames' MAC key, this connection's own
         rfd = wfd = conn.sock.fileno()
     else:

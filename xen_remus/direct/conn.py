@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from xen_remus.direct import handshake as H
 from xen_remus.direct.handshake import HandshakeRefused
 from xen_remus.errors import UsageError, XenRemusError
-from xen_remus.witness.address import parse as parse_address
 
 log = logging.getLogger("xen_remus.direct")
 
@@ -140,16 +139,16 @@ def connect(host: str, port: int, key: bytes, connect_timeout: float,
 
 
 def listen_address(text: str) -> tuple[str, int]:
-    """``--listen [HOST:]PORT`` as (host, port); "" listens on every address."""
-    if text.isdigit():
-        text = f":{text}"
+    """``--listen [HOST:]PORT`` (``[v6]:PORT``) as (host, port); host "" listens on
+    every address, port 0 on one the kernel picks (the listener says which)."""
     host, sep, port = text.rpartition(":")
-    if sep and not host and port.isdigit() and 0 < int(port) < 65536:
-        return "", int(port)
-    addr = parse_address(text, "--listen")
-    if addr.unix is not None:
-        raise UsageError(f"--listen {text}: expected [HOST:]PORT (a TCP address)")
-    return addr.host, addr.port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) < 65536 or (sep and ":" in host and
+                                                              not text.startswith("[")):
+        raise UsageError(f"--listen {text}: expected [HOST:]PORT (a TCP address; "
+                         "[v6]:PORT for IPv6)")
+    return host, int(port)
 
 
 class Listener:
