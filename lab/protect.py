@@ -38,6 +38,11 @@ WITNESS_OPTS = (f"--witness-via 'exec socat - {WITNESS_DEV}' "
                 f"--witness-key-file {WITNESS_KEY}")
 
 
+# The direct transport (--tcp): no socat, no ssh, both ends authenticated by the key both
+# dom0s hold at DIRECT_KEY (tests/lab/test_tcp_direct.py writes it).
+DIRECT_KEY = "/root/direct.key"
+
+
 @dataclasses.dataclass(frozen=True)
 class Protector:
     receiver: str  # run on B; {port}
@@ -108,6 +113,12 @@ PROTECTORS = {
         sender=OURS + f" -F -d {WITNESS_OPTS} --witness-id A -s '' {{name}} "
                "'socat - TCP:{bip}:{port}'",
     ),
+    # The direct transport: B listens itself (keepalive on its socket), A connects to it.
+    "xen-remus-tcp": Protector(
+        receiver=f"exec python3 -m xen_remus migrate-receive -r --heartbeat-timeout {HB_MS} "
+                 f"--listen {{port}} --key-file {DIRECT_KEY}",
+        sender=OURS + f" -F -d --tcp {{port}} --key-file {DIRECT_KEY} {{name}} {{bip}}",
+    ),
     # Our sender, stock `xl migrate-receive -r` as the backup: the plain standard stream.
     "xen-remus-stock": Protector(
         receiver=f"exec {KA_EXEC} {{port}} xl migrate-receive -r",
@@ -127,6 +138,14 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
     recv = b.spawn(p.receiver.format(port=port))
     recv.wait_output(r"listening", 30, stderr=True)
     send = a.spawn(p.sender.format(name=spec.name, bip=b.ip, port=port))
+    wait_copy(b, spec, recv, send, port, timeout)
+    return recv, send
+
+
+def wait_copy(b: Host, spec: GuestSpec, recv: Job, send: Job, port: int,
+              timeout: float = 420.0) -> None:
+    """Wait until B holds a whole first copy of ``spec`` (the receiver ``recv`` on
+    ``port``, the sender ``send`` already started)."""
     deadline = time.monotonic() + timeout
     while guest.domain_state(b, f"{spec.name}--incoming") is None:
         if send.done() or recv.done():
@@ -157,7 +176,6 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
                            f"\n--- sender stderr\n{send.stderr()[-2000:]}"
                            f"--- receiver stderr\n{recv.stderr()[-2000:]}")
         time.sleep(2)
-    return recv, send
 
 
 def wait_failover(b: Host, spec: GuestSpec, recv: Job, timeout: float = 90.0) -> float:

@@ -52,6 +52,8 @@ def tune(sock: socket.socket) -> None:
 
 def _name(addr: tuple[object, ...]) -> str:
     host, port = str(addr[0]), addr[1]
+    if host.startswith("::ffff:") and "." in host:  # IPv4 on a dual-stack listener
+        host = host[len("::ffff:"):]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
