@@ -26,12 +26,17 @@ from xen_remus import xlproto as X
 from xen_remus.cli import protect_run
 from xen_remus.cli.protect import check_args
 from xen_remus.cli.save import migrate
-from xen_remus.direct.conn import Listener, connect
+from xen_remus.channel.ends import Config, SenderChannel
+from xen_remus.channel.link import SenderLink
+from xen_remus.channel.mac import MacError
+from xen_remus.direct.conn import Connection, Listener, connect
 from xen_remus.direct.handshake import HandshakeRefused
 from xen_remus.errors import UsageError
 from xen_remus.migrate_hook import build_parser, main
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save.transport import DirectReceiver
+from xen_remus.stream.decoder import Decoder
+from xen_remus.stream.events import DomainHeader, EpochEnd
 
 KEY = b"the pre-shared key of both hosts"
 OTHER = b"another key, on the wrong host.."
@@ -120,6 +125,52 @@ def test_wrong_key_refused_then_the_right_primary_fails_over(listener: Any) -> N
     assert rc == 0, err
     assert "resuming from epoch 2" in err and "Traceback" not in err
     assert (lp.tmp / "received").read_bytes() == data[:ends[2]]
+
+
+def send_checkpoints(conn: Connection, cfg: Config, epochs: int) -> list[int]:
+    """Our sender's channel over ``conn``: a synthetic checkpointed stream, each epoch
+    sent and its ACK awaited; the epochs acknowledged."""
+    fd = conn.sock.fileno()
+    got = b""
+    while len(got) < len(X.BANNER):
+        got += os.read(fd, len(X.BANNER) - len(got))
+    assert got == X.BANNER
+    link = SenderLink(SenderChannel(cfg, time.monotonic()), fd, fd)
+    acked: list[int] = []
+    try:
+        for ev in Decoder(checkpointed=True).feed(make_stream(epochs, end=False)):
+            if len(ev.wire):
+                link.send([ev.wire])
+            if isinstance(ev, DomainHeader):
+                link.start_heartbeats()
+            if isinstance(ev, EpochEnd):
+                link.epoch_sent(ev.epoch, 0.1, 1, 0.1)
+                link.wait_ack(ev.epoch)
+                acked.append(ev.epoch)
+    finally:
+        link.stop_heartbeats()
+    agreed = link.chan.agreed
+    assert agreed is not None and agreed.mac is not None and agreed.psk
+    return acked
+
+
+def test_protect_over_tcp_acks_under_the_session_key(listener: Any) -> None:
+    """Our channel into `migrate-receive -r --listen`: the ACKs verify under the
+    handshake's session key (the key file's key itself would not), then the failover."""
+    lp = listener("-r", "-e")
+    conn = connect("127.0.0.1", lp.port, KEY, 5)
+    acked = send_checkpoints(conn, Config(mac=True, key=conn.session_key), 4)
+    assert acked == [0, 1, 2, 3]
+    conn.close()
+    rc, err = lp.finish()
+    assert rc == 0, err
+    assert "resuming from epoch 3" in err and "Traceback" not in err
+    lp2 = listener("-r", "-e")
+    conn = connect("127.0.0.1", lp2.port, KEY, 5)
+    with pytest.raises(MacError, match="bad MAC"):
+        send_checkpoints(conn, Config(mac=True, key=KEY), 2)
+    conn.close()
+    lp2.finish()
 
 
 def test_exit_on_refusal(listener: Any) -> None:

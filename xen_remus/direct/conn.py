@@ -177,7 +177,10 @@ class Listener:
         with the reason, dropped, and (unless ``exit_on_refusal``: HandshakeRefused)
         the listener waits for the next."""
         while True:
-            conn, addr = self.sock.accept()
+            try:
+                conn, addr = self.sock.accept()
+            except ConnectionAbortedError:  # gone before we took it
+                continue
             peer = _name(addr)
             try:
                 tune(conn)
