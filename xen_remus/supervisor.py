@@ -9,10 +9,12 @@ each, what it would have to do:
                   paused after a failure)
 
 When the pipe ends (protect exited in any way, SIGKILL included: the kernel closes its
-end) while armed, the supervisor runs ``xl pause DOMID`` and marks the status file. The
-guest's output held in its netbuf plug stays held: nobody releases it, and the next
-netbuf setup of that vif drops it. `xl` rather than our ctypes bindings: this process
-must start fast and stay small, and the bindings pull in numpy.
+end) while armed, the supervisor runs ``xl pause DOMID``, then removes the dead protect's
+network buffers (netbuf.recover), which DROPS the output they held (never released: the
+backup lacks it), and marks the status file. Dropping matters beyond safety: the held
+packets pin the guest's grant-mapped pages in netback, and while they are held the
+domain cannot be destroyed nor a new vif be added. `xl` rather than our ctypes bindings:
+this process must start fast and stay small, and the bindings pull in numpy.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def watch(lines: IO[bytes], pause: list[str], status: Path | None) -> int | None
     except (OSError, subprocess.TimeoutExpired) as exc:
         failed = str(exc)
     took = time.monotonic() - t0
+    if not failed:
+        drop_held_output()
     if failed:
         what = f"could NOT pause domain {armed} (`{' '.join(cmd)}` {failed})"
     else:
@@ -110,6 +114,22 @@ def watch(lines: IO[bytes], pause: list[str], status: Path | None) -> int | None
     if status is not None:
         mark(status, "failed" if failed else "halted", what)
     return None if failed else armed
+
+
+def drop_held_output() -> None:
+    """Remove the network buffers of dead xen-remus runs (protect's, now): what they held
+    is dropped, never released."""
+    try:
+        from xen_remus.devices.netbuf import recover
+
+        cleaned = recover()
+    except Exception as exc:  # the pause is done; this is cleanup, said and left
+        print(f"xen-remus supervisor: could not remove the network buffers ({exc}); "
+              "`xen-remus` recovers them at its next protect", file=sys.stderr, flush=True)
+        return
+    if cleaned:
+        print(f"xen-remus supervisor: dropped the held output of {', '.join(cleaned)}",
+              file=sys.stderr, flush=True)
 
 
 def mark(path: Path, state: str, detail: str) -> None:

@@ -83,8 +83,7 @@ def copies(a: Host, b: Host, name: str) -> list[str]:
 
 
 def ended(job: Job, timeout: float) -> str:
-    job.wait(timeout)
-    return job.stderr()
+    return job.wait(timeout).stderr  # wait() files the job's output away
 
 
 @pytest.mark.lab(timeout=2400)

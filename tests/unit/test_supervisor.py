@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from xen_remus.supervisor import Supervisor, watch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +104,35 @@ def test_a_failing_pause_is_said() -> None:
     assert watch(lines, ["false"], None) is None
     lines = io.BytesIO(b"arm 3\ndisarm\narm 4\n")
     assert watch(lines, ["true"], None) == 4
+
+
+def test_after_the_pause_the_held_output_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once paused, the dead protect's network buffers are removed (their output dropped,
+    never released); a failure there is said, not raised."""
+    import io
+
+    from xen_remus.devices import netbuf
+
+    done: list[str] = []
+
+    def recover(what: str) -> list[str]:
+        done.append(what)
+        return ["vif3.0"]
+
+    monkeypatch.setattr(netbuf, "recover", lambda: recover("recover"))
+    assert watch(io.BytesIO(b"arm 3\n"), ["true"], None) == 3
+    assert done == ["recover"]
+
+    def broken() -> list[str]:
+        raise OSError("no netlink")
+
+    monkeypatch.setattr(netbuf, "recover", broken)
+    assert watch(io.BytesIO(b"arm 3\n"), ["true"], None) == 3
+    monkeypatch.setattr(netbuf, "recover", lambda: recover("again"))
+    assert watch(io.BytesIO(b"arm 3\n"), ["false"], None) is None
+    assert done == ["recover"]  # not paused: the buffers stay (they hold its output)
+
+
+@pytest.fixture(autouse=True)
+def _run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XEN_REMUS_RUN_DIR", str(tmp_path / "run"))

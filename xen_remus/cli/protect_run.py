@@ -76,6 +76,7 @@ class Summary:
         self.ack: deque[float] = deque(maxlen=10_000)
         self.pauses: deque[float] = deque(maxlen=10_000)
         self.first: float | None = None
+        self.detail = ""  # the "protecting" state's detail (interval, pipeline depth)
         self.last = 0.0
 
     def epoch(self, st: EpochStats) -> None:
@@ -87,6 +88,8 @@ class Summary:
             if self.status is not None and self.chan is not None:
                 agreed = self.chan.agreed
                 self.status.doc["extensions"] = agreed.tokens() if agreed else None
+            if self.status is not None:  # protected from the first commit on, not before
+                self.status.state("protecting", self.detail)
         else:
             self.n += 1
             self.pause += st.pause_ms
@@ -291,7 +294,7 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
                              on_sent=on_sent)
             try:
                 depth = f", pipeline depth {args.pipeline}" if args.pipeline > 1 else ""
-                status.state("protecting", f"interval {args.interval_ms} ms{depth}")
+                summary.detail = f"interval {args.interval_ms} ms{depth}"
                 loop.run()
             except BackupLost as exc:
                 if not claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
