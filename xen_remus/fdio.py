@@ -8,8 +8,10 @@ fds both work: a non-blocking fd that is not ready is waited on, not spun on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -119,3 +121,28 @@ def write_all(fd: int, bufs: Sequence[Buffer] | Iovecs, timeout: float | None,
         except BlockingIOError:
             if deadline is None:  # else the wait above comes next
                 wait_fd(fd, select.POLLOUT, None, what)
+
+
+def replace_durably(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over
+    ``path`` and fsync the directory: after a crash the file is the old one or the new
+    one, never a mix. Raises OSError."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

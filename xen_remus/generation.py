@@ -18,15 +18,13 @@ accepted: protect and its receiver on one host (a loopback test) share the recor
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from xen_remus.channel.errors import ChannelError
 from xen_remus.errors import XenRemusError
+from xen_remus.fdio import replace_durably
 from xen_remus.paths import state_dir
 
 ORIGINS = ("protect", "received", "failover")
@@ -107,29 +105,11 @@ class GenerationStore:
             return old
         new = Generation(number, origin)
         path = self.path(name)
-        tmp = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            try:
-                os.write(fd, f"{number} {origin}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            tmp = None
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            replace_durably(path, f"{number} {origin}\n".encode())
         except OSError as exc:
             raise GenerationError(f"cannot write the generation record {path}: {exc}"
                                   ) from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
         return new
 
     def start_protection(self, name: str) -> int:

@@ -267,17 +267,10 @@ class SenderLink(_Heartbeats):
     def wait_ack(self, epoch: int) -> Acked | None:
         """Wait for the ACK of ``epoch`` (None at once if the backup does not ACK);
         raises BackupLost if it stops answering."""
-        if not self.chan.acks:
-            return None
-        while True:
-            with self._lock:
-                self._check()
-                for i, ev in enumerate(self.events):
-                    if isinstance(ev, Acked) and ev.epoch >= epoch:
-                        del self.events[:i + 1]
-                        return ev
-                self.write(self.chan.pending(self.clock()))
-                self._wait(False, None)
+        while (ack := self.next_ack(None)) is not None:
+            if ack.epoch >= epoch:
+                return ack
+        return None
 
 
 class ReceiverLink(_Heartbeats):

@@ -4,14 +4,12 @@ witness that crashes and restarts never hands a lease it granted to someone else
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from xen_remus.errors import XenRemusError
+from xen_remus.fdio import replace_durably
 from xen_remus.paths import state_dir
 from xen_remus.witness.core import Saved
 
@@ -49,26 +47,8 @@ class WitnessStore:
         path = self.path(guest)
         doc = {"holder": saved.holder, "generation": saved.generation,
                "duration_ms": saved.duration_ms, "released": saved.released}
-        tmp = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            try:
-                os.write(fd, (json.dumps(doc) + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            tmp = None
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            replace_durably(path, (json.dumps(doc) + "\n").encode())
         except OSError as exc:
             raise WitnessStoreError(f"cannot write the witness record {path}: {exc}"
                                     ) from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
