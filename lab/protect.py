@@ -215,3 +215,31 @@ class HeldConnection:
         return (f"{len(self.pre)} replies before, {len(self.post)} after, longest silence "
                 f"{self.gap:.1f} s, went back {self.backwards or 'never'}, connection "
                 f"{'broke: ' + str(self.breaks) if self.breaks else 'survived'}")
+
+
+def kill_a_and_check(a: Host, b: Host, spec: GuestSpec, recv: Job, client: Job,
+                     tag: str) -> float:
+    """Kill host A (its QEMU) while ``client`` in B's dom0 holds one connection to the
+    guest; check what output commit promises: the same guest runs on B, the counter never
+    goes back from the highest value any client saw, the connection survives. Returns
+    the seconds from the kill to the guest running on B."""
+    seen = [e for e in client_events(client.output()) if "counter" in e]
+    assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
+    before = guest.Counter(seen[-1]["counter"], seen[-1]["bootid"])
+    top = max(e["counter"] for e in seen)
+    a.kill()
+    t_kill = time.time()
+    running = wait_failover(b, spec, recv, timeout=240)
+    after = guest.counter(b, spec)
+    assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
+    time.sleep(6)
+    held = HeldConnection.of(client.output(), t_kill)
+    print(f"[{tag}] failover: guest running on B {running:.1f} s after the kill; counter "
+          f"seen up to {top}, first on B {after.value}; client: {held.text()}")
+    assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
+    assert not held.backwards, f"the held connection saw the counter go back: {held}"
+    assert not held.breaks, f"the client's connection broke: {held.breaks}"
+    assert held.post, "no reply on the held connection after the failover"
+    later = guest.counter(b, spec)
+    assert later.value > after.value and later.bootid == after.bootid
+    return running
