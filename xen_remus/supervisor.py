@@ -102,8 +102,6 @@ def watch(lines: IO[bytes], pause: list[str], status: Path | None) -> int | None
     except (OSError, subprocess.TimeoutExpired) as exc:
         failed = str(exc)
     took = time.monotonic() - t0
-    if not failed:
-        drop_held_output()
     if failed:
         what = f"could NOT pause domain {armed} (`{' '.join(cmd)}` {failed})"
     else:
@@ -113,7 +111,10 @@ def watch(lines: IO[bytes], pause: list[str], status: Path | None) -> int | None
     print(f"xen-remus supervisor: {what}", file=sys.stderr, flush=True)
     if status is not None:
         mark(status, "failed" if failed else "halted", what)
-    return None if failed else armed
+    if failed:
+        return None
+    drop_held_output()  # after the word: importing pyroute2 takes seconds in a slow dom0
+    return armed
 
 
 def drop_held_output() -> None:
