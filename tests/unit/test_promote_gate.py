@@ -16,8 +16,8 @@ from tests.unit.test_trust_fence import _fail_over
 from xen_remus.cli.receive import failover_gate
 from xen_remus.cli.status import with_promotion
 from xen_remus.errors import UsageError, XenRemusError
-from xen_remus.receive.promote import PromoteGate, promote, read_wait, release_path, wait_path
 from xen_remus.migrate_hook import build_parser
+from xen_remus.receive.promote import PromoteGate, promote, read_wait, release_path, wait_path
 
 
 def test_the_gate_opens_on_this_waits_token_only(tmp_path: Path) -> None:
