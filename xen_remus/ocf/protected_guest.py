@@ -318,7 +318,7 @@ class Agent:
         if obs is None:
             return OCF_ERR_GENERIC
         v = assess(obs)
-        self.log("DEBUG" if v.code in (OCF_SUCCESS, OCF_RUNNING_PROMOTED) else "WARNING",
+        self.log("WARNING" if v.code in (OCF_ERR_GENERIC, OCF_FAILED_PROMOTED) else "DEBUG",
                  f"{self.domain}: {v.protection}: {v.detail}")
         if v.code != OCF_NOT_RUNNING or not self.is_probe():
             self.score(v.score)
@@ -401,7 +401,8 @@ class Agent:
                      "received here, and no `config` to boot it")
             return OCF_ERR_GENERIC
         self.score(SCORE_RUNNING)
-        self.launch_protect("promoted")
+        if obs.primary is None:
+            self.launch_protect("promoted")
         return OCF_SUCCESS
 
     def demote(self) -> int:
