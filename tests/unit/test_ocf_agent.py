@@ -360,7 +360,7 @@ def test_notify_protects_to_a_peer_that_started(node: Node, kind: str, op: str,
     assert node.run("notify", OCF_RESKEY_CRM_meta_notify_type=kind,
                     OCF_RESKEY_CRM_meta_notify_operation=op)[0] == 0
     if launch:
-        assert node.launched()[-3] == "g1"
+        assert node.launched()[-2] == "g1"
     else:
         time.sleep(1)
         assert not (node.dir / "protect.argv").exists()
