@@ -27,8 +27,8 @@ def set_domains(doms: dict[str, str]) -> None:
 
 def main() -> int:
     tool, args = Path(sys.argv[0]).name, sys.argv[1:]
-    with open(D / "calls.log", "a") as f:
-        f.write(json.dumps([tool, *args]) + "\n")
+    with open(D / "calls.log", "a") as log:
+        log.write(json.dumps([tool, *args]) + "\n")
     doms = domains()
     if tool == "xl":
         cmd, name = args[0], args[-1]
@@ -54,8 +54,8 @@ def main() -> int:
         return 0
     # xen-remus
     if args[:2] == ["status", "--json"]:
-        f = D / "status.json"
-        print(f.read_text() if f.exists() else "[]")
+        st = D / "status.json"
+        print(st.read_text() if st.exists() else "[]")
         return 0
     if args[0] == "promote":
         if not (D / "waiting").exists():
