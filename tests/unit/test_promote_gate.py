@@ -126,5 +126,6 @@ def test_cli_without_a_promotion_the_copy_is_held(tmp_path: Path) -> None:
         f"{tmp_path}/guest.promote with this failover's token); the primary may still be "
         "running, so this host did not resume its copy: it stays paused as guest--incoming "
         "(epoch 2 held)"), err
-    assert not (tmp_path / "received").exists()
+    assert not (tmp_path / "resumed").exists()  # xl never saw the EOF that resumes it
+    assert not (tmp_path / "destroyed").exists()
     assert json.loads((tmp_path / "guest.backup.json").read_text())["state"] == "held"
