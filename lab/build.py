@@ -46,6 +46,9 @@ DOM0_MODULES = (
     "bridge ifb sch_plug act_mirred cls_u32 cls_matchall sch_ingress nbd tun loop "
     "virtio_pci virtio_net 9p 9pnet_virtio virtio_console"
 ).split()
+# Only in the cluster lab's dom0s (Lab(cluster=True), lab/cluster.py): Pacemaker and
+# corosync, and ssh, the transport `xen-remus protect` starts the receiver through.
+CLUSTER_PACKAGES = "corosync pacemaker pacemaker-cli-utils openssh-server openssh-client".split()
 GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko")
 # Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP.
 PATTERN_LINES = 4096
@@ -206,11 +209,11 @@ def build_debs(dst: Path, kpkg: str) -> None:
     shutil.rmtree(debs)
 
 
-def build_rootfs(dst: Path, debs: Path, mirror: str) -> None:
+def build_rootfs(dst: Path, debs: Path, mirror: str, extra: tuple[str, ...] = ()) -> None:
     root = dst / "root"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     t0 = time.monotonic()
-    sh(["debootstrap", "--variant=minbase", f"--include={','.join(DOM0_PACKAGES)}",
+    sh(["debootstrap", "--variant=minbase", f"--include={','.join(DOM0_PACKAGES + list(extra))}",
         SUITE, str(root), mirror], env=env, stdout=subprocess.DEVNULL)
     print(f"lab build:   debootstrap {time.monotonic() - t0:.1f} s", flush=True)
     # Kernel modules: only what dom0 needs, with their dependencies.
@@ -270,8 +273,10 @@ def build_dom0(dst: Path, rootfs: Path) -> None:
     shutil.rmtree(d)
 
 
-def build() -> Images:
-    """Build (or find in the cache) everything a lab host boots."""
+def build(cluster: bool = False) -> Images:
+    """Build (or find in the cache) everything a lab host boots; ``cluster``: with
+    CLUSTER_PACKAGES in dom0 (a rootfs and dom0 stage of their own)."""
+    extra = tuple(CLUSTER_PACKAGES) if cluster else ()
     t0 = time.monotonic()
     with cache_lock():
         mirror = apt_mirror()
@@ -279,8 +284,8 @@ def build() -> Images:
         debs = cached("debs", key_of(build_debs, HV_VERSION, kpkg),
                       lambda p: build_debs(p, kpkg))
         rootfs = cached("rootfs", key_of(build_rootfs, debs.name, mirror, *DOM0_PACKAGES,
-                                         *DOM0_MODULES, SUITE),
-                        lambda p: build_rootfs(p, debs, mirror))
+                                         *DOM0_MODULES, SUITE, *extra),
+                        lambda p: build_rootfs(p, debs, mirror, extra))
         guest = cached("guest", key_of(build_guest, debs.name, rootfs.name,
                                        files_digest(HERE / "guest"), *GUEST_MODULES),
                        lambda p: build_guest(p, debs, rootfs))

@@ -68,12 +68,14 @@ class Lab:
     """
 
     def __init__(self, nhosts: int = 1, project: Path | None = None,
-                 shared: bool = False, witness: Path | None = None) -> None:
+                 shared: bool = False, witness: Path | None = None,
+                 cluster: bool = False) -> None:
         if nhosts not in (1, 2):
             raise LabError(f"a lab has 1 or 2 hosts, not {nhosts}")
         self.nhosts = nhosts
         self.shared = shared  # may other processes attach()? (`python -m lab up`: yes)
         self.witness = witness  # a Unix socket each host reaches as host.WITNESS_DEV
+        self.cluster = cluster  # dom0s with Pacemaker (build.CLUSTER_PACKAGES)
         self.project = project or project_dir()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.rundir = STATE_DIR / "runs" / f"{stamp}-{os.getpid()}"
@@ -133,7 +135,7 @@ class Lab:
         try:
             # Under the lock: a build never competes with a running lab for the 2 cores, and
             # the images are the current ones when we boot (not pruned while we queued).
-            self.images = build()
+            self.images = build(self.cluster)
             self._boot()
         except BaseException:
             self.stop()

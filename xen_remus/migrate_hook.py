@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "save": "xen_remus.cli.save",
     "migrate": "xen_remus.cli.save",
     "migrate-receive": "xen_remus.cli.receive",
+    "promote": "xen_remus.cli.promote",
     "status": "xen_remus.cli.status",
     "protect": "xen_remus.cli.protect",
     "disk": "xen_remus.cli.disk",

@@ -207,9 +207,15 @@ def test_install_puts_units_and_script_in_place(tmp_path: Path,
     scripts.mkdir()
     ran: list[list[str]] = []
     monkeypatch.setattr(shutil, "which", lambda n, path=None: f"/usr/bin/{n}")
+    ocf = tmp_path / "ocf" / "xen-remus"
     args = argparse.Namespace(unit_dir=str(units), scripts_dir=str(scripts),
-                              conf_dir=str(conf), no_script=False, no_reload=False)
+                              conf_dir=str(conf), no_script=False, no_reload=False,
+                              ocf_dir=str(ocf), no_ocf=False)
     assert service.cmd_install(args, run=ran.append) == 0
+    agent = ocf / "protected-guest"
+    assert agent.read_bytes() == (Path(service.__file__).parent.parent / "ocf" /
+                                  "protected_guest.py").read_bytes()
+    assert agent.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in units.iterdir()) == sorted(service.UNITS)
     for name in service.UNITS:
         assert (units / name).read_bytes() == service.unit_text(name)

@@ -19,7 +19,11 @@ from xen_remus.cli import options
 from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.direct.conn import HANDSHAKE_TIMEOUT_S, listen_address
 from xen_remus.errors import UsageError
-from xen_remus.receive.limits import DEFAULT_MAX_EPOCH_BYTES, FENCE_TIMEOUT_S
+from xen_remus.receive.limits import (
+    DEFAULT_MAX_EPOCH_BYTES,
+    FENCE_TIMEOUT_S,
+    PROMOTE_TIMEOUT_S,
+)
 from xen_remus.witness.lease import GATE_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -102,15 +106,35 @@ def register(sub: Any) -> None:
                     "paused, say so and exit 1.")
     p.add_argument("--witness-timeout", type=float, default=GATE_TIMEOUT_S, metavar="S",
                    help="with --witness: wait at most S seconds for it (default %(default)g)")
+    c = p.add_argument_group("cluster", "With -r, instead of --fence or --witness: a "
+                             "cluster manager (Pacemaker) decides; it fences the primary, "
+                             "then promotes this host.")
+    c.add_argument("--failover-on-promote", action="store_true",
+                   help="when the primary is declared dead, resume the copy only once "
+                   "`xen-remus promote DOMAIN` (the OCF agent's promote action) lets it; "
+                   "otherwise leave it paused, say so and exit 1")
+    c.add_argument("--promote-timeout", type=float, default=PROMOTE_TIMEOUT_S, metavar="S",
+                   help="with --failover-on-promote: wait at most S seconds for it (default "
+                   "%(default)g)")
     p.set_defaults(func=run)
 
 
 def failover_gate(args: argparse.Namespace) -> FailoverGate | None:
-    """The fence or the witness of ``args`` (None: neither)."""
+    """The fence, the witness or the cluster's promotion of ``args`` (None: none)."""
     from xen_remus.receive.fence import Fence
+    from xen_remus.receive.promote import PromoteGate
     from xen_remus.witness.lease import WitnessGate
 
     client = client_of(args)
+    if args.failover_on_promote:
+        if client is not None or args.fence is not None:
+            raise UsageError("--failover-on-promote, --fence and --witness are three ways "
+                             "of deciding a failover: give one")
+        if not args.remus:
+            raise UsageError("--failover-on-promote needs -r: only a Remus stream fails over")
+        if args.promote_timeout <= 0:
+            raise UsageError("--promote-timeout must be positive")
+        return PromoteGate(args.promote_timeout)
     if client is not None and args.fence is not None:
         raise UsageError("--fence and --witness are two ways of deciding a failover: give one")
     if client is not None:

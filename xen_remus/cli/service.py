@@ -26,6 +26,8 @@ from xen_remus.paths import XEN_SCRIPTS_DIR as SCRIPTS_DIR
 
 CONF_DIR = "/etc/xen-remus"
 UNIT_DIR = "/etc/systemd/system"
+OCF_DIR = "/usr/lib/ocf/resource.d/xen-remus"  # Pacemaker's agent xen-remus:protected-guest
+OCF_AGENT = "protected-guest"
 UNITS = ("xen-remus-protect@.service", "xen-remus-metrics.service", "xen-remus-metrics.timer")
 WAIT_DEFAULT_S = 300
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
@@ -186,6 +188,18 @@ def unit_text(name: str) -> bytes:
     return (resources.files("xen_remus.systemd") / name).read_bytes()
 
 
+def install_ocf_agent(ocf_dir: Path) -> Path:
+    """The OCF resource agent (xen_remus/ocf/protected_guest.py, stdlib-only Python run
+    by the system's python3) into ``ocf_dir``, executable."""
+    ocf_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    dst = ocf_dir / OCF_AGENT
+    tmp = ocf_dir / f".{OCF_AGENT}.new"
+    tmp.write_bytes((resources.files("xen_remus.ocf") / "protected_guest.py").read_bytes())
+    tmp.chmod(0o755)
+    tmp.replace(dst)
+    return dst
+
+
 def cmd_install(args: argparse.Namespace,
                 run: Callable[[list[str]], Any] = subprocess.run) -> int:
     unit_dir, conf_dir = Path(args.unit_dir), Path(args.conf_dir)
@@ -199,6 +213,9 @@ def cmd_install(args: argparse.Namespace,
         print(f"installed {unit_dir / name}")
     if not args.no_script:
         print(f"installed {install_script(Path(args.scripts_dir))}")
+    if not args.no_ocf:
+        print(f"installed {install_ocf_agent(Path(args.ocf_dir))} (Pacemaker: "
+              "ocf:xen-remus:protected-guest)")
     conf_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     if not args.no_reload and shutil.which("systemctl"):
         run(["systemctl", "daemon-reload"])
@@ -224,10 +241,11 @@ def register(sub: Any) -> None:
                    help="print the protect command and exit, without waiting or running it")
     r.set_defaults(func=cmd_run)
     i = cmds.add_parser(
-        "install", help="install the systemd units and the block-remus script",
+        "install", help="install the systemd units, the block-remus script and the OCF agent",
         description=f"Copy the units ({', '.join(UNITS)}) into --unit-dir, the block-remus "
-        f"hotplug script into --scripts-dir, create --conf-dir and reload systemd. Nothing "
-        "is enabled or started.")
+        f"hotplug script into --scripts-dir, the OCF resource agent {OCF_AGENT} (for "
+        "Pacemaker) into --ocf-dir, create --conf-dir and reload systemd. Nothing is "
+        "enabled or started.")
     i.add_argument("--unit-dir", default=UNIT_DIR, metavar="DIR",
                    help="default %(default)s")
     i.add_argument("--scripts-dir", default=SCRIPTS_DIR, metavar="DIR",
@@ -235,6 +253,11 @@ def register(sub: Any) -> None:
     i.add_argument("--conf-dir", default=CONF_DIR, metavar="DIR",
                    help="default %(default)s")
     i.add_argument("--no-script", action="store_true", help="do not install block-remus")
+    i.add_argument("--ocf-dir", default=OCF_DIR, metavar="DIR",
+                   help=f"where the OCF resource agent {OCF_AGENT} goes (default "
+                   "%(default)s)")
+    i.add_argument("--no-ocf", action="store_true",
+                   help="do not install the OCF resource agent")
     i.add_argument("--no-reload", action="store_true",
                    help="do not run `systemctl daemon-reload`")
     i.set_defaults(func=cmd_install)

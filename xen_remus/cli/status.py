@@ -62,8 +62,24 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def with_promotion(docs: list[dict[str, Any]], directory: Path | None
+                   ) -> list[dict[str, Any]]:
+    """Each live backup's ``promote_wait``: the wait file of a receiver that declared its
+    primary dead and waits for `xen-remus promote` (--failover-on-promote), else None."""
+    from xen_remus.receive.promote import read_wait
+
+    for d in docs:
+        if d.get("role") == "backup" and "error" not in d:
+            w = read_wait(str(d.get("domain")), directory) if d.get("alive") else None
+            d["promote_wait"] = ({k: w[k] for k in ("pid", "epoch", "since")}
+                                 if w is not None and w["alive"] else None)
+    return docs
+
+
 def state_text(doc: dict[str, Any]) -> str:
     state = str(doc.get("state", "?"))
+    if doc.get("promote_wait"):
+        state += f" (primary lost: waiting for promotion, epoch {doc['promote_wait']['epoch']})"
     if not doc.get("alive") and state not in FINAL_STATES:
         state += f" (stale: pid {doc.get('pid')} gone)"
     return state
@@ -123,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     if args.watch:
         return Watch(args.dir, args.domain, args.interval, args.count).run()
-    docs = read_all(args.dir)
+    docs = with_promotion(read_all(args.dir), args.dir)
     if args.domain:
         docs = [d for d in docs if d.get("domain") == args.domain]
         if not docs and not args.prometheus:
@@ -184,7 +200,7 @@ class Watch:
 
     def frame(self) -> list[str]:
         now = self.clock()
-        docs = read_all(self.directory)
+        docs = with_promotion(read_all(self.directory), self.directory)
         if self.domain:
             docs = [d for d in docs if d.get("domain") == self.domain]
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
