@@ -88,6 +88,8 @@ def test_protect_with_disk_failover_on_host_kill(lab_two: Lab) -> None:
         t_kill = time.time()
         print(f"\nkilled host A at tick {before.value}; clients saw up to {max(seen)}")
         running = protect.wait_failover(b, spec, recv, timeout=240)
+        # The copy ran on B only since the failover: its first tick there, then the check.
+        guest.wait_console(b, spec.name, r"XRGUEST tick \d+ ", 60)
         last = check_paused(b, spec.name, image)
         print(f"failover with a disk: running on B {running:.1f} s after the kill; the disk "
               f"holds ticks 1..{last - 1}, nothing newer")

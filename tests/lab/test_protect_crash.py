@@ -35,7 +35,9 @@ BETWEEN = "s=$(" + STATE + "); " + KILL + "; echo \"STATE $s\""
 @pytest.mark.parametrize("moment", ["between-epochs", "in-pause"])
 def test_protect_sigkilled_leaves_one_copy(lab_two: Lab, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
-    spec = GuestSpec(name="pk", ip="169.254.20.9", mac="00:16:3e:00:00:09")
+    # A name per moment: the lab's hosts are shared by both, and after the first B holds
+    # a failover generation record for its guest, which refuses an older protection of it.
+    spec = GuestSpec(name=f"pk{moment[:2]}", ip="169.254.20.9", mac="00:16:3e:00:00:09")
     how = "xen-remus"
     if moment == "between-epochs":
         how = "xen-remus-i2000"
