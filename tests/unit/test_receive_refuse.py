@@ -48,23 +48,31 @@ class HoldingSink(Sink):
         return "g--incoming"
 
 
+def backup(sock: socket.socket, sink: HoldingSink, cfg: Config
+           ) -> tuple[threading.Thread, list[object]]:
+    """The real receiver on ``sock`` in a thread; its outcome or exception lands in the
+    list."""
+    result: list[object] = []
+    up = Upstream(sock.fileno(), sock.fileno(), idle_timeout=20.0, io_timeout=20.0)
+
+    def run() -> None:
+        try:
+            result.append(receive(up, cast(Any, sink), True,
+                                  chan=ReceiverChannel(cfg, time.monotonic())))
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, result
+
+
 @pytest.mark.parametrize("mac", [True, False])
 def test_a_bad_epoch_is_dropped_held_and_the_primary_told_why(mac: bool) -> None:
     dom = FakeDomain(PAGES)
     sink = HoldingSink()
-    result: list[object] = []
     a, b = socket.socketpair()
-    up = Upstream(b.fileno(), b.fileno(), idle_timeout=20.0, io_timeout=20.0)
-
-    def backup() -> None:
-        try:
-            result.append(receive(up, cast(Any, sink), True,
-                                  chan=ReceiverChannel(Config(mac=mac), time.monotonic())))
-        except BaseException as exc:  # handed to the test
-            result.append(exc)
-
-    th = threading.Thread(target=backup, daemon=True)
-    th.start()
+    th, result = backup(b, sink, Config(mac=mac))
     engine, out, link = primary(a, dom, Config(mac=mac), 5.0)
 
     def on_epoch(st: EpochStats) -> None:
@@ -101,19 +109,8 @@ class BrokenSink(HoldingSink):
 def test_a_failure_after_a_commit_holds_the_copy_and_tells_the_primary() -> None:
     dom = FakeDomain(PAGES)
     sink = BrokenSink()
-    result: list[object] = []
     a, b = socket.socketpair()
-    up = Upstream(b.fileno(), b.fileno(), idle_timeout=20.0, io_timeout=20.0)
-
-    def backup() -> None:
-        try:
-            result.append(receive(up, cast(Any, sink), True,
-                                  chan=ReceiverChannel(Config(), time.monotonic())))
-        except BaseException as exc:  # handed to the test
-            result.append(exc)
-
-    th = threading.Thread(target=backup, daemon=True)
-    th.start()
+    th, result = backup(b, sink, Config())
     engine, out, link = primary(a, dom, Config(), 5.0)
     loop = RemusLoop(engine, out, link, Devices(dom, sink, acks=False), 0.005,
                      on_epoch=lambda st: dom.dirty.add(st.epoch % PAGES))

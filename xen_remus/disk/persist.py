@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from xen_remus.disk.errors import DiskError
+from xen_remus.fdio import replace_durably
 from xen_remus.paths import state_dir
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,6 @@ def _name(image: str, suffix: str) -> Path:
     real = os.path.realpath(image)
     tag = hashlib.sha256(real.encode()).hexdigest()[:16]
     return state_dir() / "disk" / f"{os.path.basename(real)}.{tag}.{suffix}"
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably (temporary file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class DirtyBitmap:
@@ -107,7 +90,7 @@ class DirtyBitmap:
 
     def _write(self, state: int) -> None:
         gen, epoch = self.base if self.base is not None else (NO_BASE, NO_BASE)
-        _replace(self.path, _HEAD.pack(_MAGIC, self.block, state, self.size, gen, epoch)
+        replace_durably(self.path, _HEAD.pack(_MAGIC, self.block, state, self.size, gen, epoch)
                  + bytes(self.bits))
 
     @property
@@ -181,7 +164,7 @@ class ReplicaRecord:
     def write(self, generation: int | None, state: str, size: int,
               epoch: int | None = None) -> None:
         try:
-            _replace(self.path, json.dumps({"generation": generation, "state": state,
+            replace_durably(self.path, json.dumps({"generation": generation, "state": state,
                                             "size": size, "epoch": epoch}).encode())
         except OSError as exc:
             raise DiskError(f"replica record {self.path}: {exc.strerror}") from exc
