@@ -19,12 +19,16 @@ $(VENV)/.done: setup.py pyproject.toml
 
 venv: $(VENV)/.done
 
-# Real NBD clients for the disk tests (tests/unit/test_disk_clients.py): Debian packages.
-HOST_TOOLS := nbdinfo nbdcopy qemu-io fio
+# Real NBD clients for the disk tests (tests/unit/test_disk_clients.py); xmllint and the
+# OCF resource agent DTD for the agent's meta-data (tests/unit/test_ocf_agent.py).
+HOST_TOOLS := nbdinfo nbdcopy qemu-io fio xmllint
+RA_DTD := /usr/share/resource-agents/ra-api-1.dtd
 host-deps:
 	@missing=; for t in $(HOST_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	test -e $(RA_DTD) || missing=1; \
 	if [ -n "$$missing" ]; then apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnbd-bin qemu-utils fio; fi
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	  libnbd-bin qemu-utils fio libxml2-utils resource-agents; fi
 
 lint: venv
 	$(VENV)/bin/ruff check xen_remus lab tests bench
