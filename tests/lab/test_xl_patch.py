@@ -1,6 +1,6 @@
 """The patched xl (patches/, built by patches/build-xl.sh) handing `xl remus` over to
-xen-remus on real Xen: a PV guest protected from host A to host B by `xl -v remus`, host A
-killed, the guest goes on on B.
+xen-remus on real Xen: a PV guest protected from host A to host B by `xl -v remus` (and,
+in a second case, by `xl -v migrate --remus`), host A killed, the guest goes on on B.
 
 On A the patched xl runs in a mount namespace of its own whose /etc/xen/xl.conf is the
 host's plus remus.engine naming a wrapper that records its arguments and runs
@@ -40,7 +40,9 @@ RUN = """#!/bin/sh
 exec unshare -m sh -c 'mount --bind {dir}/xl.conf /etc/xen/xl.conf && exec {dir}/xl "$@"' \\
     xl "$@"
 """
-SENDER = f"exec {DIR}/run -v remus -F -d -s '' {{name}} 'socat - TCP:{{bip}}:{{port}}'"
+# `xl remus` (patch 0001) and `xl migrate --remus` (0002: the same command, as xm had it).
+SENDER = ("exec {dir}/run -v {cmd} -F -d -s '' {{name}} 'socat - TCP:{{bip}}:{{port}}'")
+HOW = {"remus": ("remus", "px", 51), "migrate--remus": ("migrate --remus", "pm", 52)}
 
 
 def build_xl() -> Path:
@@ -51,7 +53,8 @@ def build_xl() -> Path:
 
 
 @pytest.mark.lab(timeout=1500)
-def test_patched_xl_remus_hands_over_and_fails_over(lab_two: Lab,
+@pytest.mark.parametrize("how", list(HOW))
+def test_patched_xl_remus_hands_over_and_fails_over(lab_two: Lab, how: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = lab_two.a, lab_two.b
     xl = build_xl()
@@ -67,16 +70,17 @@ def test_patched_xl_remus_hands_over_and_fails_over(lab_two: Lab,
     # The binary runs on this dom0 (its libxl) and is the patched one.
     h = a.run(f"{DIR}/run migrate -h", timeout=60)
     assert h.rc == 0 and "--remus" in h.stdout, h.stdout + h.stderr
-    monkeypatch.setitem(protect.PROTECTORS, "xl-patched",
-                        protect.Protector(receiver=protect.OURS_RECEIVER, sender=SENDER))
+    cmd, name, n = HOW[how]
+    monkeypatch.setitem(protect.PROTECTORS, "xl-patched", protect.Protector(
+        receiver=protect.OURS_RECEIVER, sender=SENDER.format(dir=DIR, cmd=cmd)))
 
-    spec = GuestSpec(name="px", ip="169.254.20.51", mac="00:16:3e:00:00:51")
+    spec = GuestSpec(name=name, ip=f"169.254.20.{n}", mac=f"00:16:3e:00:00:{n}")
     try:
         guest.create(a, spec)
         t0 = time.monotonic()
         recv, send = protect.protect(a, b, spec, "xl-patched", port=PORT)
         send.wait_output(r"protecting", 240, stderr=True)  # epoch 0 committed on B
-        print(f"\n[xl-patched] initial copy committed on B after "
+        print(f"\n[xl {cmd}] initial copy committed on B after "
               f"{time.monotonic() - t0:.1f} s")
         argv = a.run(f"cat {DIR}/engine-argv", timeout=30, check=True).stdout.split("\n")
         want = ["-v", "protect", "-d", "-F", "-s", "", "--", spec.name,
