@@ -58,7 +58,8 @@ from xen_remus.channel.pagecache import PageCache
 from xen_remus.channel.stats import EpochStats
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import LIBXC, PageData, Record
+from xen_remus.stream.libxc_bodies import PageData
+from xen_remus.stream.records import LIBXC, Record
 
 
 @dataclass(frozen=True)
