@@ -25,7 +25,9 @@ import lz4.block
 import numpy as np
 
 from xen_remus.channel import compress, wire
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.restore_continuous import ContinuousRestore, FailOver
 
 try:  # absent before the receiver refused bad epochs: run against older checkouts too
