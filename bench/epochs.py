@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.remus import fake_loop
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import ReceiverLink
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.fdio import write_all
 from xen_remus.receive.driver import Relay
 from xen_remus.receive.upstream import Upstream

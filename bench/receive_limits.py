@@ -25,7 +25,9 @@ import lz4.block
 import numpy as np
 
 from xen_remus.channel import compress, wire
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.restore_continuous import ContinuousRestore, FailOver
 
 try:  # absent before the receiver refused bad epochs: run against older checkouts too
@@ -34,7 +36,7 @@ except ImportError:
     Refused = FailOver  # type: ignore[misc,assignment]
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
-from xen_remus.stream import records as R
+from xen_remus.stream import libxc_bodies as XC
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.records import Record
@@ -120,7 +122,7 @@ def case_pages_over_ceiling() -> bytes:
     out = []
     for i in range(256):
         pfns = np.arange(i * C.MAX_BATCH_SIZE, (i + 1) * C.MAX_BATCH_SIZE, dtype=np.uint64)
-        out.append(_join(E.record(C.REC_TYPE_PAGE_DATA, R.PageData.make(pfns, None, pages))))
+        out.append(_join(E.record(C.REC_TYPE_PAGE_DATA, XC.PageData.make(pfns, None, pages))))
     return b"".join(out)
 
 

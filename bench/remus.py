@@ -28,9 +28,10 @@ import numpy as np
 import numpy.typing as npt
 
 from tests.fakes import MemDomain, MemGuest, NoDevices
-from xen_remus.channel.ends import Config, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import SenderLink
 from xen_remus.channel.negotiate import Extensions
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy

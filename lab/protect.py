@@ -217,16 +217,31 @@ class HeldConnection:
                 f"{'broke: ' + str(self.breaks) if self.breaks else 'survived'}")
 
 
+def seen_before_kill(client: Job) -> tuple[guest.Counter, int]:
+    """What ``client`` saw so far: the guest as its last reply showed it, and the highest
+    counter any reply showed."""
+    seen = [e for e in client_events(client.output()) if "counter" in e]
+    assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
+    return guest.Counter(seen[-1]["counter"], seen[-1]["bootid"]), max(e["counter"] for e in seen)
+
+
+def check_output_commit(top: int, after: guest.Counter, held: HeldConnection) -> None:
+    """What output commit promises across a failover: the counter on B (``after``) never
+    goes back from the highest any client saw (``top``), and the connection held across
+    it survives, never sees the counter go back, and has replies after the failover."""
+    assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
+    assert not held.backwards, f"the held connection saw the counter go back: {held}"
+    assert not held.breaks, f"the client's connection broke: {held.breaks}"
+    assert held.post, "no reply on the held connection after the failover"
+
+
 def kill_a_and_check(a: Host, b: Host, spec: GuestSpec, recv: Job, client: Job,
                      tag: str) -> float:
     """Kill host A (its QEMU) while ``client`` in B's dom0 holds one connection to the
     guest; check what output commit promises: the same guest runs on B, the counter never
     goes back from the highest value any client saw, the connection survives. Returns
     the seconds from the kill to the guest running on B."""
-    seen = [e for e in client_events(client.output()) if "counter" in e]
-    assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
-    before = guest.Counter(seen[-1]["counter"], seen[-1]["bootid"])
-    top = max(e["counter"] for e in seen)
+    before, top = seen_before_kill(client)
     a.kill()
     t_kill = time.time()
     running = wait_failover(b, spec, recv, timeout=240)
@@ -236,10 +251,7 @@ def kill_a_and_check(a: Host, b: Host, spec: GuestSpec, recv: Job, client: Job,
     held = HeldConnection.of(client.output(), t_kill)
     print(f"[{tag}] failover: guest running on B {running:.1f} s after the kill; counter "
           f"seen up to {top}, first on B {after.value}; client: {held.text()}")
-    assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
-    assert not held.backwards, f"the held connection saw the counter go back: {held}"
-    assert not held.breaks, f"the client's connection broke: {held.breaks}"
-    assert held.post, "no reply on the held connection after the failover"
+    check_output_commit(top, after, held)
     later = guest.counter(b, spec)
     assert later.value > after.value and later.bootid == after.bootid
     return running

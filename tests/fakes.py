@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from xen_remus.channel.ends import Acked
 from xen_remus.channel.link import BackupLost
+from xen_remus.channel.sender import Acked
 from xen_remus.channel.stats import EpochStats
 from xen_remus.devices.base import Device, DeviceError
 from xen_remus.save.hvm import HvmGuest

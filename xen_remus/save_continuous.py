@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from xen_remus.channel.ends import Acked
 from xen_remus.channel.link import BackupLost, SenderLink
+from xen_remus.channel.sender import Acked
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import GuestHeld, XenRemusError
 from xen_remus.save.engine import SaveEngine

@@ -111,17 +111,24 @@ def arp_probe(guest_ip: str, timeout: float, sock: socket.socket | None = None) 
         frame = (b"\xff" * 6 + mac + b"\x08\x06"
                  + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + src + b"\0" * 6 + tgt)
         s.send(frame)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([s], [], [], left)[0]:
-                return False
-            pkt = s.recv(2048)
-            if pkt[12:14] == b"\x08\x06" and pkt[20:22] == b"\x00\x02" and pkt[28:32] == tgt:
-                return True
-        return False
+        return arp_reply(s, guest_ip, timeout)
     finally:
         if own:
             s.close()
+
+
+def arp_reply(sock: socket.socket, guest_ip: str, timeout: float) -> bool:
+    """Whether the guest's reply to a who-has already sent on ``sock`` comes within
+    ``timeout`` s (no new request is sent)."""
+    tgt = socket.inet_aton(guest_ip)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            return False
+        pkt = sock.recv(2048)
+        if pkt[12:14] == b"\x08\x06" and pkt[20:22] == b"\x00\x02" and pkt[28:32] == tgt:
+            return True
+    return False
 
 
 def link_local(mac: str) -> str:
@@ -251,7 +258,7 @@ def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None
     ds.postsuspend(3)
     ds.commit(3)
     out["ping6_after_commit3"] = ping6.replies(QUIET)
-    out["arp_after_commit3"] = arp_probe_wait(arp, guest_ip)
+    out["arp_after_commit3"] = arp_reply(arp, guest_ip, QUIET)  # to the request held
     arp.close()
 
     # Out-of-order commit is refused and changes nothing.
@@ -322,19 +329,6 @@ def main(domid: int, guest_ip: str, guest_mac: str, out: dict[str, Any]) -> None
         out["missing_module"] = str(exc)
     except Exception as exc:
         out["missing_module"] = f"wrong type {type(exc).__name__}: {exc}"
-
-
-def arp_probe_wait(sock: socket.socket, guest_ip: str) -> bool:
-    """The reply to the who-has sent while held; no new request is sent."""
-    tgt = socket.inet_aton(guest_ip)
-    deadline = time.monotonic() + QUIET
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([sock], [], [], left)[0]:
-            return False
-        pkt = sock.recv(2048)
-        if pkt[12:14] == b"\x08\x06" and pkt[20:22] == b"\x00\x02" and pkt[28:32] == tgt:
-            return True
-    return False
 
 
 def crash(domid: int) -> None:

@@ -673,17 +673,25 @@ def test_depth_one_never_moves_the_redirect(kernel: FakeKernel, state: StateDir)
                 c[3] != "xrifb5.0"]
 
 
+def two_epochs_sealed(kernel: FakeKernel, nb: NetBuffer, n1: int,
+                      n2: int) -> tuple[list[str], list[str]]:
+    """Set up ``nb`` (depth 2), with IFBs that drain only at kernel.softirq(); the guest
+    sends ``n1`` packets in epoch 1 and ``n2`` in epoch 2, both sealed."""
+    nb.setup()
+    kernel.lazy = True
+    e1 = send(kernel, "e1", n1)
+    nb.postsuspend(1)
+    e2 = send(kernel, "e2", n2)
+    nb.postsuspend(2)
+    return e1, e2
+
+
 def test_release_of_an_epoch_waits_for_the_one_before(kernel: FakeKernel,
                                                      state: StateDir) -> None:
     """Each IFB drains in its own softirq: released back to back, epoch 2 could reach the
     bridge before epoch 1 (the fake runs the IFB released last first)."""
     nb = make(kernel, state, depth=2)
-    nb.setup()
-    kernel.lazy = True
-    e1 = send(kernel, "e1", 4)
-    nb.postsuspend(1)
-    e2 = send(kernel, "e2", 4)
-    nb.postsuspend(2)
+    e1, e2 = two_epochs_sealed(kernel, nb, 4, 4)
     nb.commit(1)
     nb.commit(2)  # polls xrifb5.0 until epoch 1's packets have left it
     kernel.softirq()
@@ -699,12 +707,7 @@ def test_order_wait_is_bounded(kernel: FakeKernel, state: StateDir) -> None:
         now[0] += s
 
     nb = make(kernel, state, depth=2, clock=lambda: now[0], sleep=sleep)
-    nb.setup()
-    kernel.lazy = True
-    e1 = send(kernel, "e1", 2)
-    nb.postsuspend(1)
-    e2 = send(kernel, "e2", 1)
-    nb.postsuspend(2)
+    e1, e2 = two_epochs_sealed(kernel, nb, 2, 1)
     nb.commit(1)
     kernel.releasing.clear()  # epoch 1's softirq never runs: its packets stay queued
     nb.commit(2)

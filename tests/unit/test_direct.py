@@ -16,8 +16,9 @@ import pytest
 
 from tests.fakes import FakeDomain
 from tests.unit.test_protect_loop import PAGES, Devices, Sink, primary, start_backup
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.mac import MacError
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.direct import handshake as H
 from xen_remus.direct.conn import ConnectFailed, Connection, Listener, connect, listen_address
 from xen_remus.direct.handshake import HandshakeRefused

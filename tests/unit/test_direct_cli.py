@@ -23,9 +23,10 @@ import pytest
 from tests.unit.test_cli_receive import FAKE_XL, ROOT, ends_of, make_stream
 from tests.unit.test_save_migrate import FakeSaver
 from xen_remus import xlproto as X
-from xen_remus.channel.ends import Config, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import SenderLink
 from xen_remus.channel.mac import MacError
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.cli import protect_run
 from xen_remus.cli.protect import check_args
 from xen_remus.cli.save import migrate

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from xen_remus.channel import wire
-from xen_remus.channel.ends import Config, DiskBack, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import DiskBack, SenderChannel
 from xen_remus.disk.errors import ReplicaStreamError
 from xen_remus.disk.persist import BLOCK, DirtyBitmap
 from xen_remus.disk.replica import BEGIN, CHUNK, NEED, SEAL, SUMS, BackupStream, frame_bytes

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeDomain, FakeGuest, RecordingEmitter
 from tests.unit.test_protect_loop import PAGES, Devices, Sink, primary
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.channel.stats import BUCKETS_MS, EpochStats, StatusFile, read_all
 from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect_run import watch_copy

@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeDomain, FakeGuest, swallow
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost, SenderLink
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect_run import Summary, _await_offer, read_banner
 from xen_remus.receive.driver import receive

@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 import pytest
 
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.errors import XenRemusError
 from xen_remus.restore_continuous import (
     Abort,

@@ -19,6 +19,7 @@ from xen_remus.restore_continuous import ContinuousRestore, EpochTooLarge, Refus
 from xen_remus.restore_held import COPY_BELOW, SEGMENT, Held
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
+from xen_remus.stream import libxc_bodies as XC
 from xen_remus.stream import records as R
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.errors import StreamError
@@ -192,13 +193,13 @@ def test_a_record_of_128_mib_parses_within_a_second(rtype: int, body: object) ->
     parsed = R.unpack_body("libxc", rtype, data)
     assert time.process_time() - t0 < 1.0
     if rtype == C.REC_TYPE_HVM_PARAMS:
-        assert isinstance(parsed, R.HvmParams) and len(parsed.params) == (n - 8) // 16
+        assert isinstance(parsed, XC.HvmParams) and len(parsed.params) == (n - 8) // 16
 
 
 def test_hvm_params_round_trip_as_pairs() -> None:
-    p = R.HvmParams([(1, 0x1234), (2, 0xFEED)])
+    p = XC.HvmParams([(1, 0x1234), (2, 0xFEED)])
     body = b"".join(bytes(b) for b in p.pack())
-    back = R.HvmParams.unpack(body)
+    back = XC.HvmParams.unpack(body)
     assert back.params.tolist() == [[1, 0x1234], [2, 0xFEED]]  # type: ignore[union-attr]
 
 

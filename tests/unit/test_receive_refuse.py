@@ -16,8 +16,9 @@ import pytest
 
 from tests.fakes import FakeDomain
 from tests.unit.test_protect_loop import PAGES, Devices, Sink, primary
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream

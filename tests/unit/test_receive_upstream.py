@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from xen_remus.channel import wire
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import ReceiverLink
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.receive import upstream as upstream_mod
 from xen_remus.receive.upstream import Upstream
 from xen_remus.stream.records import Record

@@ -11,16 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xen_remus.channel import wire
-from xen_remus.channel.ends import (
-    Acked,
-    Closed,
-    Config,
-    Offered,
-    ReceiverChannel,
-    SenderChannel,
-)
+from xen_remus.channel.ends import Config
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.negotiate import OFFER_PREFIX, Extensions
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import Acked, Closed, Offered, SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.stream import consts as C
 from xen_remus.stream.decoder import Decoder

@@ -15,7 +15,7 @@ from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import PageData
+from xen_remus.stream.libxc_bodies import PageData
 
 
 def body_of(buffers: list[Buffer]) -> bytes:

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from xen_remus.channel import wire
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost, ReceiverLink, SenderLink
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.stream.records import Record
 
 TIMEOUT_MS = 400

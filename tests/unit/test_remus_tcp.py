@@ -15,8 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost, ReceiverLink, SenderLink
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.stream import consts as C
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.events import DomainHeader, EpochEnd

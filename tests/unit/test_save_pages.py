@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from xen_remus.save import pages as P
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.stream.records import carries_data, valid_types
+from xen_remus.stream.libxc_bodies import carries_data, valid_types
 from xen_remus.xen.hcbuf import bitmap_pfns
 
 

@@ -11,8 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_stream_support import decode, small_stream
+from xen_remus.stream import bodies as B
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
+from xen_remus.stream import libxc_bodies as XC
+from xen_remus.stream import libxl_bodies as XL
 from xen_remus.stream import records as R
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.errors import StreamError
@@ -62,51 +65,51 @@ page_types = st.sampled_from(sorted(C.PFINFO_NAMES))
 
 
 @st.composite
-def page_data(draw: Any) -> R.PageData:
+def page_data(draw: Any) -> XC.PageData:
     n = draw(st.integers(1, 12))
     pfns = draw(st.lists(st.integers(0, C.PFN_MASK), min_size=n, max_size=n))
     types = draw(st.lists(page_types, min_size=n, max_size=n))
     ndata = sum(1 for t in types if t not in C.PFINFO_NO_DATA)
     pages = [bytes([draw(st.integers(0, 255))]) * 4096 for _ in range(ndata)]
-    return R.PageData.make(pfns, types, pages)
+    return XC.PageData.make(pfns, types, pages)
 
 
 BODIES: list[tuple[str, int, Any]] = [
     ("libxc", C.REC_TYPE_PAGE_DATA, page_data()),
     ("libxc", C.REC_TYPE_X86_PV_INFO,
-     st.sampled_from([(4, 3), (8, 4)]).map(lambda wl: R.X86PvInfo(*wl))),
+     st.sampled_from([(4, 3), (8, 4)]).map(lambda wl: XC.X86PvInfo(*wl))),
     ("libxc", C.REC_TYPE_X86_PV_P2M_FRAMES,
      st.tuples(u32, u32, st.lists(u64, min_size=1, max_size=8)).map(
-         lambda t: R.X86PvP2mFrames(min(t[:2]), max(t[:2]), np.array(t[2], np.uint64)))),
-    *[("libxc", rt, st.builds(R.X86PvVcpu, u32, blob)) for rt in (
+         lambda t: XC.X86PvP2mFrames(min(t[:2]), max(t[:2]), np.array(t[2], np.uint64)))),
+    *[("libxc", rt, st.builds(XC.X86PvVcpu, u32, blob)) for rt in (
         C.REC_TYPE_X86_PV_VCPU_BASIC, C.REC_TYPE_X86_PV_VCPU_EXTENDED,
         C.REC_TYPE_X86_PV_VCPU_XSAVE)],
     ("libxc", C.REC_TYPE_X86_PV_VCPU_MSRS, st.builds(
-        R.X86PvVcpuMsrs, u32, st.binary(max_size=4).map(lambda b: b * 16))),
+        XC.X86PvVcpuMsrs, u32, st.binary(max_size=4).map(lambda b: b * 16))),
     ("libxc", C.REC_TYPE_SHARED_INFO, st.binary(min_size=1, max_size=8).map(
-        lambda b: R.SharedInfo((b * 4096)[:4096]))),
-    ("libxc", C.REC_TYPE_X86_TSC_INFO, st.builds(R.X86TscInfo, u32, u32, u64, u32)),
-    ("libxc", C.REC_TYPE_HVM_CONTEXT, st.binary(min_size=1, max_size=64).map(R.HvmContext)),
+        lambda b: XC.SharedInfo((b * 4096)[:4096]))),
+    ("libxc", C.REC_TYPE_X86_TSC_INFO, st.builds(XC.X86TscInfo, u32, u32, u64, u32)),
+    ("libxc", C.REC_TYPE_HVM_CONTEXT, st.binary(min_size=1, max_size=64).map(XC.HvmContext)),
     ("libxc", C.REC_TYPE_HVM_PARAMS, st.lists(st.tuples(u64, u64), max_size=6).map(
-        R.HvmParams)),
+        XC.HvmParams)),
     ("libxc", C.REC_TYPE_CHECKPOINT_DIRTY_PFN_LIST,
-     st.lists(u64, max_size=8).map(lambda p: R.PfnList(np.array(p, np.uint64)))),
+     st.lists(u64, max_size=8).map(lambda p: XC.PfnList(np.array(p, np.uint64)))),
     ("libxc", C.REC_TYPE_X86_CPUID_POLICY, st.binary(max_size=3).map(
-        lambda b: R.X86CpuidPolicy(b * 24))),
+        lambda b: XC.X86CpuidPolicy(b * 24))),
     ("libxc", C.REC_TYPE_X86_MSR_POLICY, st.binary(max_size=3).map(
-        lambda b: R.X86MsrPolicy(b * 16))),
-    *[("libxc", rt, st.just(R.Empty())) for rt in (
+        lambda b: XC.X86MsrPolicy(b * 16))),
+    *[("libxc", rt, st.just(B.Empty())) for rt in (
         C.REC_TYPE_END, C.REC_TYPE_VERIFY, C.REC_TYPE_CHECKPOINT, C.REC_TYPE_STATIC_DATA_END)],
     ("libxl", C.LIBXL_EMULATOR_XENSTORE_DATA, st.builds(
-        R.EmulatorXenstoreData.from_pairs,
+        XL.EmulatorXenstoreData.from_pairs,
         st.lists(st.tuples(st.text("abc/", min_size=1, max_size=8),
                            st.text("xyz0", max_size=8)), max_size=4),
         st.sampled_from(C.EMULATOR_IDS), u32)),
     ("libxl", C.LIBXL_EMULATOR_CONTEXT, st.builds(
-        R.Emulator, st.sampled_from(C.EMULATOR_IDS), u32, blob)),
+        XL.Emulator, st.sampled_from(C.EMULATOR_IDS), u32, blob)),
     ("libxl", C.LIBXL_CHECKPOINT_STATE, st.sampled_from(sorted(C.CHECKPOINT_STATES)).map(
-        R.CheckpointState)),
-    *[("libxl", rt, st.just(R.Empty())) for rt in (
+        XL.CheckpointState)),
+    *[("libxl", rt, st.just(B.Empty())) for rt in (
         C.LIBXL_END, C.LIBXL_LIBXC_CONTEXT, C.LIBXL_CHECKPOINT_END)],
 ]
 
@@ -303,9 +306,9 @@ def test_type_and_ordering_rules() -> None:
     _expect(_insert(hvm, pd, E.record(C.REC_TYPE_TOOLSTACK, [b"x"])), "TOOLSTACK", "type", pd)
     _expect(_insert(hvm, pd, E.record(C.REC_TYPE_CHECKPOINT_DIRTY_PFN_LIST)),
             "CHECKPOINT_DIRTY_PFN_LIST", "type", pd)
-    _expect(_insert(hvm, pd, E.record(C.REC_TYPE_X86_PV_INFO, R.X86PvInfo())),
+    _expect(_insert(hvm, pd, E.record(C.REC_TYPE_X86_PV_INFO, XC.X86PvInfo())),
             "X86_PV_INFO", "type", pd)
-    _expect(_insert(hvm, pd, E.record(C.REC_TYPE_X86_MSR_POLICY, R.X86MsrPolicy())),
+    _expect(_insert(hvm, pd, E.record(C.REC_TYPE_X86_MSR_POLICY, XC.X86MsrPolicy())),
             "X86_MSR_POLICY", "type", pd)
     _expect(_insert(hvm, pd, E.empty(C.REC_TYPE_STATIC_DATA_END)), "STATIC_DATA_END",
             "type", pd)
@@ -313,7 +316,7 @@ def test_type_and_ordering_rules() -> None:
     _expect(hvm[:sde] + hvm[sde + 8:], "PAGE_DATA", "type", sde)  # v3 needs it
     pv = small_stream("libxc", pv=True, epochs=1)
     pd = _at(pv, "PAGE_DATA")
-    _expect(_insert(pv, pd, E.record(C.REC_TYPE_HVM_CONTEXT, R.HvmContext(b"x"))),
+    _expect(_insert(pv, pd, E.record(C.REC_TYPE_HVM_CONTEXT, XC.HvmContext(b"x"))),
             "HVM_CONTEXT", "type", pd)
     p2m = _at(pv, "X86_PV_P2M_FRAMES")
     _expect(pv[:p2m] + pv[pd:], "PAGE_DATA", "type", p2m)
@@ -323,11 +326,11 @@ def test_type_and_ordering_rules() -> None:
     pv2 = small_stream("libxc", pv=True, epochs=1, version=2)
     info2 = _at(pv2, "X86_PV_INFO")
     _expect(pv2[:info2] + pv2[info2 + 16:], "X86_PV_P2M_FRAMES", "type", info2)
-    _expect(_insert(pv, vb, E.record(C.REC_TYPE_X86_PV_INFO, R.X86PvInfo())), "X86_PV_INFO",
+    _expect(_insert(pv, vb, E.record(C.REC_TYPE_X86_PV_INFO, XC.X86PvInfo())), "X86_PV_INFO",
             "type", vb)
     assert info < vb
     # VCPU state before any memory.
-    _expect(_insert(pv, pd, E.record(C.REC_TYPE_X86_PV_VCPU_BASIC, R.X86PvVcpu(0, b"c"))),
+    _expect(_insert(pv, pd, E.record(C.REC_TYPE_X86_PV_VCPU_BASIC, XC.X86PvVcpu(0, b"c"))),
             "X86_PV_VCPU_BASIC", "type", pd)
 
 

@@ -10,7 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from xen_remus.channel.ends import Config, Offered
+from xen_remus.channel.ends import Config
+from xen_remus.channel.sender import Offered
 from xen_remus.cli import options
 from xen_remus.cli.protect import check_args, receiver_rune
 from xen_remus.cli.protect_run import _warn_unfenced

@@ -10,9 +10,10 @@ from typing import Any, cast
 
 import pytest
 
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import ReceiverLink
 from xen_remus.channel.negotiate import Accept
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.generation import (
     Generation,
     GenerationError,

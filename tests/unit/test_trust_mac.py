@@ -1,4 +1,4 @@
-"""Authenticated control frames (channel/mac.py wired into channel/ends.py): both ends
+"""Authenticated control frames (channel/mac.py wired into the channel ends): both ends
 agree on mac=hmac-sha256 and a key (sent in the accept, or pre-shared), every control
 frame is sealed and checked, and a frame that is forged, replayed, reflected or from
 another protection is refused by name and never acted on. Stock peers see none of it."""
@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from tests.unit.test_remus_channel import Pair, _feed_records, join, std_stream
 from xen_remus.channel import mac, wire
-from xen_remus.channel.ends import Acked, Closed, Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.errors import ChannelError
 from xen_remus.channel.mac import MacError
 from xen_remus.channel.negotiate import Accept, Extensions
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import Acked, Closed, SenderChannel
 from xen_remus.errors import XenRemusError
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.records import Record

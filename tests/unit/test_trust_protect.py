@@ -17,9 +17,10 @@ import pytest
 from tests.fakes import FakeDomain, swallow
 from tests.unit.test_protect_loop import PAGES, Devices, Sink, memory_at_each_epoch, primary
 from xen_remus.channel import wire
-from xen_remus.channel.ends import Config, ReceiverChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost
 from xen_remus.channel.mac import MacError
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.generation import Generation, GenerationStore
 from xen_remus.receive.driver import receive

@@ -40,7 +40,7 @@ from xen_remus.channel.errors import CompressionError
 from xen_remus.channel.pagecache import I64, U8, PageCache
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import PageData, carries_data, valid_types
+from xen_remus.stream.libxc_bodies import PageData, carries_data, valid_types
 
 _HEAD = struct.Struct("<IIIIQ")
 # Page contents: one contiguous buffer or array, or one buffer per page.

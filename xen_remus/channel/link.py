@@ -31,15 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.channel.compress import PagesIn
-from xen_remus.channel.ends import (
-    Acked,
-    BackEvent,
-    Closed,
-    DiskBack,
-    ReceiverChannel,
-    SenderChannel,
-)
 from xen_remus.channel.mac import MacError
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import Acked, BackEvent, Closed, DiskBack, SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.errors import XenRemusError
 from xen_remus.fdio import READ_SIZE, Iovecs, readable

@@ -13,7 +13,9 @@ import time
 import lz4
 import numpy as np
 
-from xen_remus.channel.ends import Acked, Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import Acked, SenderChannel
 from xen_remus.stream import consts as C
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.events import Buffer, DomainHeader, EpochEnd

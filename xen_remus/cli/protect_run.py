@@ -16,8 +16,9 @@ from contextlib import ExitStack
 from types import FrameType
 from typing import Any, TextIO
 
-from xen_remus.channel.ends import Config, Offered, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost, SenderLink
+from xen_remus.channel.sender import Offered, SenderChannel
 from xen_remus.channel.stats import EpochStats, StatusFile
 from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune, witness_rune

@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     key = options.read_key(args.key_file)
     # The receiver itself (stream decoder, channel: numpy, lz4) only to receive, not for
     # --help or a usage error.
-    from xen_remus.channel.ends import Config, ReceiverChannel
+    from xen_remus.channel.ends import Config
+    from xen_remus.channel.receiver import ReceiverChannel
     from xen_remus.receive.driver import receive
     from xen_remus.receive.fence import FenceFailed
     from xen_remus.receive.timeline import FailoverTimeline

@@ -21,32 +21,30 @@ class MissingKernelModule(DeviceError):
             f"{device} needs {', '.join(needed)}")
 
 
+def _run_modprobe(flags: list[str], name: str, missing: str) -> str | None:
+    """`modprobe FLAGS NAME`: None if it succeeded, else why not (``missing``: there is no
+    modprobe)."""
+    cmd = " ".join(["modprobe", *flags])
+    try:
+        r = subprocess.run(["modprobe", *flags, name], capture_output=True, text=True,
+                           timeout=60, check=False)
+    except FileNotFoundError:
+        return missing
+    except subprocess.TimeoutExpired:
+        return f"{cmd} timed out"
+    if r.returncode != 0:
+        return (r.stderr.strip().splitlines() or [f"{cmd} exited {r.returncode}"])[-1]
+    return None
+
+
 def _modprobe(name: str) -> str | None:
     """Load ``name``; None if it worked, else why not."""
-    try:
-        r = subprocess.run(["modprobe", name], capture_output=True, text=True, timeout=60,
-                           check=False)
-    except FileNotFoundError:
-        return "no modprobe to load it"
-    except subprocess.TimeoutExpired:
-        return "modprobe timed out"
-    if r.returncode != 0:
-        return (r.stderr.strip().splitlines() or [f"modprobe exited {r.returncode}"])[-1]
-    return None
+    return _run_modprobe([], name, "no modprobe to load it")
 
 
 def _modprobe_dry(name: str) -> str | None:
     """Could ``name`` be loaded (modprobe -n: nothing is loaded)? None if so, else why not."""
-    try:
-        r = subprocess.run(["modprobe", "-n", name], capture_output=True, text=True,
-                           timeout=60, check=False)
-    except FileNotFoundError:
-        return "no modprobe (apt-get install kmod)"
-    except subprocess.TimeoutExpired:
-        return "modprobe -n timed out"
-    if r.returncode != 0:
-        return (r.stderr.strip().splitlines() or [f"modprobe -n exited {r.returncode}"])[-1]
-    return None
+    return _run_modprobe(["-n"], name, "no modprobe (apt-get install kmod)")
 
 
 class Modules:

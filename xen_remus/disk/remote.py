@@ -87,23 +87,13 @@ class SocketControl:
             for data in relay():
                 prog.back(data)
                 self._send(sock, data, "relaying the backup's answer")
-            sock.settimeout(0.05)
-            try:
-                data = sock.recv(READ_CHUNK)
-            except TimeoutError:
+            frames = self._recv(sock, 0.05, "during the initial synchronisation")
+            if frames is None:
                 if time.monotonic() > deadline:
                     raise DeviceError(f"{self.name}: no synchronisation frame from the "
-                                      f"server for {SYNC_SILENCE:g} s") from None
+                                      f"server for {SYNC_SILENCE:g} s")
                 continue
-            except OSError as exc:
-                raise DeviceError(f"{self.name}: reading its replication socket: "
-                                  f"{exc.strerror}") from None
-            if not data:
-                raise DeviceError(f"{self.name}: the server closed the replication socket "
-                                  "during the initial synchronisation")
             deadline = time.monotonic() + SYNC_SILENCE
-            self._raw += data
-            frames = self._dec.feed(data)
             if frames:
                 self._hand_on(frames)
                 prog.forward(frames)
@@ -111,6 +101,23 @@ class SocketControl:
                 if progress is not None:
                     progress(prog)
         return prog
+
+    def _recv(self, sock: socket.socket, timeout: float, during: str) -> list[Frame] | None:
+        """The frames completed by what the server sends within ``timeout`` (None: it sent
+        nothing); ``during`` says when, should it close the socket."""
+        sock.settimeout(timeout)
+        try:
+            data = sock.recv(READ_CHUNK)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: reading its replication socket: "
+                              f"{exc.strerror}") from None
+        if not data:
+            raise DeviceError(f"{self.name}: the server closed the replication socket "
+                              f"{during}")
+        self._raw += data
+        return self._dec.feed(data)
 
     def _send(self, sock: socket.socket, data: bytes, what: str) -> None:
         try:
@@ -142,19 +149,9 @@ class SocketControl:
             if left <= 0:
                 raise DeviceError(f"{self.name}: the server did not seal epoch {epoch} "
                                   f"within {timeout:g} s")
-            sock.settimeout(left)
-            try:
-                data = sock.recv(READ_CHUNK)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                raise DeviceError(f"{self.name}: reading its replication socket: "
-                                  f"{exc.strerror}") from None
-            if not data:
-                raise DeviceError(f"{self.name}: the server closed the replication "
-                                  f"socket before sealing epoch {epoch}")
-            self._raw += data
-            self._frames += self._dec.feed(data)
+            frames = self._recv(sock, left, f"before sealing epoch {epoch}")
+            if frames is not None:
+                self._frames += frames
         self.sealed = epoch
         self._hand_on(done)
 

@@ -157,6 +157,12 @@ class Agent:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout} s")
 
+    def failed(self, r: subprocess.CompletedProcess[str], what: str,
+               level: str = "ERROR") -> bool:
+        if r.returncode:
+            self.log(level, f"{what}: {r.stderr.strip() or r.returncode}")
+        return r.returncode != 0
+
     @property
     def xr(self) -> list[str]:
         return shlex.split(self.p["xen_remus"])
@@ -175,16 +181,13 @@ class Agent:
     def score(self, value: int | None) -> None:
         argv = (["crm_attribute", "--promotion", "-D"] if value is None else
                 ["crm_attribute", "--promotion", "-v", str(value)])
-        r = self.run(argv, 30)
-        if r.returncode:
-            self.log("WARNING", f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
+        self.failed(self.run(argv, 30), " ".join(argv), "WARNING")
 
     # --- what is here --------------------------------------------------------------------
     def domains(self) -> dict[str, str] | None:
         """`xl list`: name -> state letters; None if xl failed."""
         r = self.run(["xl", "list"], 30)
-        if r.returncode:
-            self.log("ERROR", f"xl list: {r.stderr.strip() or r.returncode}")
+        if self.failed(r, "xl list"):
             return None
         out = {}
         for line in r.stdout.splitlines()[1:]:
@@ -195,8 +198,7 @@ class Agent:
 
     def status(self) -> list[dict[str, Any]] | None:
         r = self.run([*self.xr, "status", "--json"], 60)
-        if r.returncode:
-            self.log("ERROR", f"xen-remus status --json: {r.stderr.strip() or r.returncode}")
+        if self.failed(r, "xen-remus status --json"):
             return None
         try:
             docs = json.loads(r.stdout)
@@ -213,6 +215,14 @@ class Agent:
         return Obs(guest=doms.get(self.domain), incoming=self.domain + INCOMING in doms,
                    primary=alive.get("primary"), backup=alive.get("backup"),
                    started=self.marker.exists(), cold=bool(self.p["config"]))
+
+    def validated(self) -> tuple[int, Obs | None]:
+        """validate-all, then observe: (OCF_SUCCESS, obs), else (the error, None)."""
+        rc = self.validate()
+        if rc != OCF_SUCCESS:
+            return rc, None
+        obs = self.observe()
+        return (OCF_SUCCESS if obs is not None else OCF_ERR_GENERIC), obs
 
     # --- peer and protect ----------------------------------------------------------------
     def node(self) -> str:
@@ -328,12 +338,9 @@ class Agent:
         return v.code
 
     def start(self) -> int:
-        rc = self.validate()
-        if rc != OCF_SUCCESS:
-            return rc
-        obs = self.observe()
+        rc, obs = self.validated()
         if obs is None:
-            return OCF_ERR_GENERIC
+            return rc
         if obs.guest is not None:
             self.log("ERROR", f"{self.domain} runs on this node: not starting as its backup")
             return OCF_ERR_GENERIC
@@ -362,12 +369,9 @@ class Agent:
         return OCF_SUCCESS
 
     def promote(self) -> int:
-        rc = self.validate()
-        if rc != OCF_SUCCESS:
-            return rc
-        obs = self.observe()
+        rc, obs = self.validated()
         if obs is None:
-            return OCF_ERR_GENERIC
+            return rc
         budget = self.budget(290)
         deadline = time.monotonic() + budget
         if obs.guest is not None and "p" not in obs.guest:
@@ -375,9 +379,7 @@ class Agent:
         elif obs.backup is not None:
             r = self.run([*self.xr, "promote", self.domain, "--wait", f"{budget / 2:.0f}"],
                          budget / 2 + 30)
-            if r.returncode:
-                self.log("ERROR", f"xen-remus promote {self.domain}: "
-                         f"{r.stderr.strip() or r.returncode}")
+            if self.failed(r, f"xen-remus promote {self.domain}"):
                 return OCF_ERR_GENERIC
             self.log("INFO", r.stderr.strip())
             if not self.wait_running(deadline):

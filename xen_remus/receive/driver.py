@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from xen_remus.channel.ends import ReceiverChannel
 from xen_remus.channel.link import ReceiverLink
 from xen_remus.channel.negotiate import Accept
+from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.channel.stats import StatusFile
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.errors import XenRemusError

@@ -12,7 +12,7 @@ from xen_remus.save.pages import Pfns, Types
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import PageData
+from xen_remus.stream.libxc_bodies import PageData
 
 
 class StreamWriteError(XenRemusError):

@@ -24,7 +24,7 @@ from xen_remus.save.pages import DeferredPages, Pfns, batches, merge
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import carries_data, valid_types
+from xen_remus.stream.libxc_bodies import carries_data, valid_types
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from xen_remus.save.ops import Emitter, Normalised
 from xen_remus.save.pages import Pfns, Types
 from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
-from xen_remus.stream.records import HvmContext, HvmParams
+from xen_remus.stream.libxc_bodies import HvmContext, HvmParams
 from xen_remus.xen import XenCtrl
 from xen_remus.xen import structs as S
 

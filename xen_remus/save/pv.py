@@ -12,7 +12,7 @@ from xen_remus.save.pages import Pfns, Types, pagetable_level
 from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
 from xen_remus.stream.events import Buffer
-from xen_remus.stream.records import SharedInfo, X86PvInfo, X86PvP2mFrames, X86PvVcpu
+from xen_remus.stream.libxc_bodies import SharedInfo, X86PvInfo, X86PvP2mFrames, X86PvVcpu
 from xen_remus.xen import M2P, P2M, ForeignMemory, GuestStateError, VcpuContext, XenCtrl
 from xen_remus.xen.p2m import read_shared_info
 

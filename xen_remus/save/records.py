@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xen_remus.save.ops import Emitter
 from xen_remus.stream import consts as C
-from xen_remus.stream.records import X86CpuidPolicy, X86MsrPolicy, X86TscInfo
+from xen_remus.stream.libxc_bodies import X86CpuidPolicy, X86MsrPolicy, X86TscInfo
 from xen_remus.xen import XenCtrl
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.stream import consts as C
+from xen_remus.stream.bodies import Body, Empty
 from xen_remus.stream.events import Buffer, DomainHeader, ImageHeader, LibxlHeader, XlHeader
-from xen_remus.stream.records import Body, Empty, PageData
+from xen_remus.stream.libxc_bodies import PageData
 
 _RH = struct.Struct("<II")
 _ZERO = bytes(8)

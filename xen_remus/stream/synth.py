@@ -16,7 +16,8 @@ import numpy.typing as npt
 
 from xen_remus.stream import consts as C
 from xen_remus.stream import encoder as E
-from xen_remus.stream import records as R
+from xen_remus.stream import libxc_bodies as XC
+from xen_remus.stream import libxl_bodies as XL
 from xen_remus.stream.events import Buffer
 
 
@@ -48,38 +49,38 @@ def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] 
     dtype = C.DHDR_TYPE_X86_PV if pv else C.DHDR_TYPE_X86_HVM
     out = E.stream_start(fmt, dtype, version, config_json='{"c_info": {"name": "guest"}}')
     if pv:
-        out += E.record(C.REC_TYPE_X86_PV_INFO, R.X86PvInfo(8, 4))
+        out += E.record(C.REC_TYPE_X86_PV_INFO, XC.X86PvInfo(8, 4))
     if version >= 3:
-        out += E.record(C.REC_TYPE_X86_CPUID_POLICY, R.X86CpuidPolicy(bytes(range(1, 49))))
-        out += E.record(C.REC_TYPE_X86_MSR_POLICY, R.X86MsrPolicy(bytes(range(1, 17))))
+        out += E.record(C.REC_TYPE_X86_CPUID_POLICY, XC.X86CpuidPolicy(bytes(range(1, 49))))
+        out += E.record(C.REC_TYPE_X86_MSR_POLICY, XC.X86MsrPolicy(bytes(range(1, 17))))
         out += E.empty(C.REC_TYPE_STATIC_DATA_END)
     if pv:
         out += E.record(C.REC_TYPE_X86_PV_P2M_FRAMES,
-                        R.X86PvP2mFrames(0, 511, np.array([7], np.uint64)))
+                        XC.X86PvP2mFrames(0, 511, np.array([7], np.uint64)))
     emu: list[list[Buffer]] = []
     if wrapped and not pv:
         emu = [E.record(C.LIBXL_EMULATOR_XENSTORE_DATA,
-                        R.EmulatorXenstoreData.from_pairs([("physmap/1/size", "abc")])),
-               E.record(C.LIBXL_EMULATOR_CONTEXT, R.Emulator(2, 0, b"QEVM-ctx"))]
+                        XL.EmulatorXenstoreData.from_pairs([("physmap/1/size", "abc")])),
+               E.record(C.LIBXL_EMULATOR_CONTEXT, XL.Emulator(2, 0, b"QEVM-ctx"))]
     for n, ep in enumerate(epochs):
         page_i = 0
         for i in range(0, len(ep.pfns), batch):
             t = ep.types[i:i + batch]
             ndata = int(sum(1 for x in t if int(x) not in C.PFINFO_NO_DATA))
-            out += E.record(C.REC_TYPE_PAGE_DATA, R.PageData(
+            out += E.record(C.REC_TYPE_PAGE_DATA, XC.PageData(
                 ep.pfns[i:i + batch], t, ep.pages[page_i:page_i + ndata]))
             page_i += ndata
-        out += E.record(C.REC_TYPE_X86_TSC_INFO, R.X86TscInfo(0, 2_000_000, 12345 + n, 1))
+        out += E.record(C.REC_TYPE_X86_TSC_INFO, XC.X86TscInfo(0, 2_000_000, 12345 + n, 1))
         if pv:
-            out += E.record(C.REC_TYPE_SHARED_INFO, R.SharedInfo(bytes([n + 1]) * C.PAGE_SIZE))
+            out += E.record(C.REC_TYPE_SHARED_INFO, XC.SharedInfo(bytes([n + 1]) * C.PAGE_SIZE))
             for v in range(vcpus):
                 for rt in (C.REC_TYPE_X86_PV_VCPU_BASIC, C.REC_TYPE_X86_PV_VCPU_EXTENDED,
                            C.REC_TYPE_X86_PV_VCPU_XSAVE):
-                    out += E.record(rt, R.X86PvVcpu(v, b"ctx" * 5))
-                out += E.record(C.REC_TYPE_X86_PV_VCPU_MSRS, R.X86PvVcpuMsrs(v, b"m" * 16))
+                    out += E.record(rt, XC.X86PvVcpu(v, b"ctx" * 5))
+                out += E.record(C.REC_TYPE_X86_PV_VCPU_MSRS, XC.X86PvVcpuMsrs(v, b"m" * 16))
         else:
-            out += E.record(C.REC_TYPE_HVM_CONTEXT, R.HvmContext(b"hvm-context-blob"))
-            out += E.record(C.REC_TYPE_HVM_PARAMS, R.HvmParams([(1, 0x1234), (2, 0xfeed)]))
+            out += E.record(C.REC_TYPE_HVM_CONTEXT, XC.HvmContext(b"hvm-context-blob"))
+            out += E.record(C.REC_TYPE_HVM_PARAMS, XC.HvmParams([(1, 0x1234), (2, 0xfeed)]))
         if len(epochs) > 1 and (n < len(epochs) - 1 or not end):
             out += E.end_of_epoch(wrapped, emu)
     if end:
