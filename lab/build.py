@@ -37,9 +37,12 @@ HV_PACKAGE = "xen-hypervisor-4.17-amd64"
 # Bookworm main build: has CONFIG_SHADOW_PAGING=y (the security build does not).
 HV_VERSION = "4.17.5+72-g01140da4e8-1"
 SUITE = "bookworm"
+# python3-venv and openssh-client: what the README's install steps apt-get beside the
+# toolstack (tests/lab/test_fresh_install.py follows them offline in a dom0).
 DOM0_PACKAGES = (
     "xen-utils-4.17 xenstore-utils python3 python3-pyxs python3-pyroute2 python3-lz4 "
-    "python3-numpy kmod iproute2 procps busybox-static socat nbd-client nbd-server nbdkit"
+    "python3-numpy kmod iproute2 procps busybox-static socat nbd-client nbd-server nbdkit "
+    "python3-venv openssh-client"
 ).split()
 DOM0_MODULES = (
     "xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback "
@@ -47,8 +50,8 @@ DOM0_MODULES = (
     "virtio_pci virtio_net 9p 9pnet_virtio virtio_console"
 ).split()
 # Only in the cluster lab's dom0s (Lab(cluster=True), lab/cluster.py): Pacemaker and
-# corosync, and ssh, the transport `xen-remus protect` starts the receiver through.
-CLUSTER_PACKAGES = "corosync pacemaker pacemaker-cli-utils openssh-server openssh-client".split()
+# corosync, and sshd, the transport `xen-remus protect` starts the receiver through.
+CLUSTER_PACKAGES = "corosync pacemaker pacemaker-cli-utils openssh-server".split()
 GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko")
 # Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP.
 PATTERN_LINES = 4096

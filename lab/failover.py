@@ -28,14 +28,28 @@ class FailoverHang(LabError):
 
 def wait_running(host: Host, name: str, timeout: float, why: Job) -> float:
     """Seconds until ``name`` runs unpaused on ``host`` (bounded)."""
+    return wait_all_running(host, {name: why}, timeout)[name]
+
+
+def wait_all_running(host: Host, why: dict[str, Job], timeout: float) -> dict[str, float]:
+    """Seconds until each domain named in ``why`` runs unpaused on ``host``, all watched
+    at once (one `xl list` a second, bounded); ``why[name]``: the job whose stderr tells
+    why that one does not."""
     t0 = time.monotonic()
+    took: dict[str, float] = {}
     while True:
-        state = guest.domain_state(host, name)
-        if state and "p" not in state:
-            return time.monotonic() - t0
+        states = guest.domain_states(host)
+        for name, state in states.items():
+            if name in why and name not in took and "p" not in state:
+                took[name] = time.monotonic() - t0
+        if len(took) == len(why):
+            return took
         if time.monotonic() - t0 > timeout:
-            raise FailoverHang(f"host {host.name}: {name} not running after {timeout:.0f} s "
-                               f"(state {state})\n{why.stderr()[-3000:]}")
+            late = [n for n in why if n not in took]
+            raise FailoverHang(
+                f"host {host.name}: {', '.join(late)} not running after {timeout:.0f} s "
+                f"(states {', '.join(f'{n} {states.get(n)}' for n in late)})\n"
+                + "\n".join(f"--- {n}\n{why[n].stderr()[-3000:]}" for n in late))
         time.sleep(1)
 
 

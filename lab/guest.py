@@ -156,3 +156,10 @@ def domain_state(host: Host, name: str) -> str | None:
     r = host.run(f"xl list {name} 2>/dev/null | tail -n +2", timeout=30)
     fields = r.stdout.split()
     return fields[4] if r.ok and len(fields) >= 5 else None
+
+
+def domain_states(host: Host) -> dict[str, str]:
+    """The xl list state of every domain on ``host``, by name (one `xl list`)."""
+    r = host.run("xl list 2>/dev/null | tail -n +2", timeout=30)
+    rows = (line.split() for line in r.stdout.splitlines())
+    return {f[0]: f[4] for f in rows if len(f) >= 5}

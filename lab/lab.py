@@ -25,6 +25,10 @@ STATE_DIR = Path(os.environ.get("XEN_REMUS_LAB_STATE", "/tmp/xen-remus-lab"))
 LOCK_TIMEOUT_S = float(os.environ.get("XEN_REMUS_LAB_LOCK_TIMEOUT", "1800"))
 HOST_IPS = {"A": "169.254.10.1", "B": "169.254.10.2"}
 HOST_MACS = {"A": "52:54:00:00:00:0a", "B": "52:54:00:00:00:0b"}
+# The end of the inter-host link (QEMU's socket netdev) that listens; the other connects.
+# A listening end accepts a new peer once the old one died, a connecting end never
+# reconnects: so B listens, and a killed A can come back (Lab.restart) while B runs.
+LINK_LISTENER = "B"
 _HELD_BY: str | None = None  # run dir of the lab this process runs, if any
 
 
@@ -82,6 +86,8 @@ class Lab:
         self.hosts: dict[str, Host] = {}
         self.images: Images | None = None
         self._lock: IO[str] | None = None
+        self._link_port = 0
+        self.lives: dict[str, int] = {}  # hosts booted again by restart(), how often
 
     # --- lock ----------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -153,30 +159,75 @@ class Lab:
         latest = STATE_DIR / "runs" / "latest"
         latest.unlink(missing_ok=True)
         latest.symlink_to(self.rundir.name)
-        port = free_port()
+        self._link_port = free_port()
         names = ["A", "B"][: self.nhosts]
         t0 = time.monotonic()
         print(f"lab: booting host(s) {' '.join(names)} (run dir {self.rundir})", flush=True)
-        for name in names:
-            host = Host(name, HOST_IPS[name], self.rundir, self.project)
-            host.witness_sock = self.witness
-            netdev = None
-            if self.nhosts == 2:  # A listens, B connects (LAB-NOTES 16)
-                mode = "listen" if name == "A" else "connect"
-                netdev = f"socket,{mode}=127.0.0.1:{port}"
-            host.start(self.images, netdev, HOST_MACS[name])
-            self.hosts[name] = host
-            (STATE_DIR / "pids" / f"{self.rundir.name}-{name}.pid").write_text(f"{host.pid}\n")
-            if name == "A" and self.nhosts == 2:
-                time.sleep(1)  # let A listen before B connects
+        for name in sorted(names, key=lambda n: n != LINK_LISTENER):  # the listener first
+            self._start_host(name)
+            if name == LINK_LISTENER and self.nhosts == 2:
+                time.sleep(1)  # let it listen before the other connects (LAB-NOTES 16)
+        self.hosts = {n: self.hosts[n] for n in names}
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         for host in self.hosts.values():
             host.wait_ready(deadline)
             print(f"lab: host {host.name} ready after {time.monotonic() - t0:.1f} s "
                   f"(qemu pid {host.pid}, dom0 {host.ip})", flush=True)
+        self._write_state()
+
+    def _start_host(self, name: str) -> Host:
+        assert self.images is not None
+        host = Host(name, HOST_IPS[name], self.rundir, self.project)
+        host.witness_sock = self.witness
+        netdev = None
+        if self.nhosts == 2:
+            mode = "listen" if name == LINK_LISTENER else "connect"
+            netdev = f"socket,{mode}=127.0.0.1:{self._link_port}"
+        host.start(self.images, netdev, HOST_MACS[name])
+        self.hosts[name] = host
+        (STATE_DIR / "pids" / f"{self.rundir.name}-{name}.pid").write_text(f"{host.pid}\n")
+        return host
+
+    def _write_state(self) -> None:
         (self.rundir / "state.json").write_text(json.dumps(
             {"project": str(self.project), "lock_pid": os.getpid(), "shared": self.shared,
              "hosts": {n: {"pid": h.pid, "ip": h.ip} for n, h in self.hosts.items()}}))
+
+    def restart(self, name: str) -> Host:
+        """Boot a fresh host ``name`` in place of a killed one, as a repaired machine
+        comes back: nothing of the old dom0 is left (its root lives in RAM); same name,
+        address and link. The old life's serial log, command line and Xen logs are kept
+        as ``serial-NAME.N.log``, ``qemu-NAME.N.cmdline``, ``share/hosts/NAME.N``.
+        Only a connecting end of the link can come back, while the listener runs
+        (LINK_LISTENER). Returns the new host, ready (lab.a / lab.b name it from now)."""
+        old = self.hosts.get(name)
+        if old is None or self.images is None:
+            raise LabError(f"host {name} was never booted in this lab ({self.rundir})")
+        if old.alive():
+            raise LabError(f"host {name} still runs (qemu pid {old.pid}): kill it first")
+        if self.nhosts == 2:
+            listener = self.hosts[LINK_LISTENER]
+            if name == LINK_LISTENER or not listener.alive():
+                raise LabError(f"cannot boot host {name} again: the link's listening end "
+                               f"({LINK_LISTENER}) must run for a new host to connect to "
+                               "it, and a connecting end never reconnects")
+        life = self.lives[name] = self.lives.get(name, 0) + 1
+        for path in (old.serial_log, self.rundir / f"qemu-{name}.cmdline"):
+            if path.exists():
+                path.rename(path.with_name(path.name.replace(f"-{name}.", f"-{name}.{life}.")))
+        xen = self.rundir / "share" / "hosts" / name
+        if xen.exists():
+            xen.rename(xen.with_name(f"{name}.{life}"))
+        for stale in old.queue.glob("*.sh"):  # queued for the dead dom0: never to be run
+            stale.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        print(f"lab: booting host {name} again (life {life + 1})", flush=True)
+        host = self._start_host(name)
+        host.wait_ready(time.monotonic() + BOOT_TIMEOUT_S)
+        print(f"lab: host {name} ready again after {time.monotonic() - t0:.1f} s "
+              f"(qemu pid {host.pid})", flush=True)
+        self._write_state()
+        return host
 
     def stop(self) -> None:
         for name, host in self.hosts.items():

@@ -133,7 +133,8 @@ STOCK_EPOCHS_AHEAD = 12
 
 def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003,
             timeout: float = 420.0) -> tuple[Job, Job]:
-    """Start protecting `spec` from A to B; return (receiver, sender) once B holds a copy."""
+    """Start protecting `spec` from ``a`` to ``b`` (any two hosts: failback protects B to
+    A); return (receiver, sender) once ``b`` holds a copy."""
     p = PROTECTORS[how]
     recv = b.spawn(p.receiver.format(port=port))
     recv.wait_output(r"listening", 30, stderr=True)
@@ -144,7 +145,7 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
 
 def wait_copy(b: Host, spec: GuestSpec, recv: Job, send: Job, port: int,
               timeout: float = 420.0) -> None:
-    """Wait until B holds a whole first copy of ``spec`` (the receiver ``recv`` on
+    """Wait until ``b`` holds a whole first copy of ``spec`` (the receiver ``recv`` on
     ``port``, the sender ``send`` already started)."""
     deadline = time.monotonic() + timeout
     while guest.domain_state(b, f"{spec.name}--incoming") is None:
@@ -152,7 +153,8 @@ def wait_copy(b: Host, spec: GuestSpec, recv: Job, send: Job, port: int,
             raise LabError(f"protection of {spec.name} ended early\n--- sender stderr\n"
                            f"{send.stderr()[-2000:]}--- receiver stderr\n{recv.stderr()[-2000:]}")
         if time.monotonic() > deadline:
-            raise LabError(f"no backup copy of {spec.name} on B after {timeout:.0f} s\n"
+            raise LabError(f"no backup copy of {spec.name} on {b.name} after "
+                           f"{timeout:.0f} s\n"
                            f"--- sender stderr\n{send.stderr()[-2000:]}")
         time.sleep(2)
     # The incoming domain exists from the first byte; B can only fail over once the first
@@ -172,7 +174,8 @@ def wait_copy(b: Host, spec: GuestSpec, recv: Job, send: Job, port: int,
                 or err.count("Checkpointed save") >= STOCK_EPOCHS_AHEAD):
             break
         if send.done() or recv.done() or time.monotonic() > deadline:
-            raise LabError(f"first copy of {spec.name} incomplete: {got} of {need} bytes on B"
+            raise LabError(f"first copy of {spec.name} incomplete: {got} of {need} bytes on "
+                           f"{b.name}"
                            f"\n--- sender stderr\n{send.stderr()[-2000:]}"
                            f"--- receiver stderr\n{recv.stderr()[-2000:]}")
         time.sleep(2)
@@ -180,7 +183,7 @@ def wait_copy(b: Host, spec: GuestSpec, recv: Job, send: Job, port: int,
 
 def wait_failover(b: Host, spec: GuestSpec, recv: Job, timeout: float = 90.0) -> float:
     """Wait (bounded: stock migrate-receive -r can hang, LAB-NOTES 11) until the guest runs
-    unpaused on B under its own name; return the seconds waited."""
+    unpaused on ``b`` under its own name; return the seconds waited."""
     return failover.wait_running(b, spec.name, timeout, recv)
 
 
@@ -217,41 +220,56 @@ class HeldConnection:
                 f"{'broke: ' + str(self.breaks) if self.breaks else 'survived'}")
 
 
-def seen_before_kill(client: Job) -> tuple[guest.Counter, int]:
-    """What ``client`` saw so far: the guest as its last reply showed it, and the highest
-    counter any reply showed."""
-    seen = [e for e in client_events(client.output()) if "counter" in e]
-    assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
-    return guest.Counter(seen[-1]["counter"], seen[-1]["bootid"]), max(e["counter"] for e in seen)
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """What a client holding one connection to the guest saw before a kill."""
+
+    last: guest.Counter  # its newest reply
+    top: int  # the highest counter of all its replies
+
+    @classmethod
+    def by(cls, client: Job) -> Seen:
+        seen = [e for e in client_events(client.output()) if "counter" in e]
+        assert seen, f"the client saw no reply before the kill: {client.output()[-2000:]}"
+        return cls(guest.Counter(seen[-1]["counter"], seen[-1]["bootid"]),
+                   max(e["counter"] for e in seen))
 
 
 def check_output_commit(top: int, after: guest.Counter, held: HeldConnection) -> None:
-    """What output commit promises across a failover: the counter on B (``after``) never
-    goes back from the highest any client saw (``top``), and the connection held across
-    it survives, never sees the counter go back, and has replies after the failover."""
-    assert after.value >= top, f"counter went back: saw {top}, B has {after.value}"
+    """What output commit promises across a failover: the counter after it (``after``)
+    never goes back from the highest any client saw (``top``), and the connection held
+    across it survives, never sees the counter go back, and has replies after it."""
+    assert after.value >= top, f"counter went back: saw {top}, then {after.value}"
     assert not held.backwards, f"the held connection saw the counter go back: {held}"
     assert not held.breaks, f"the client's connection broke: {held.breaks}"
     assert held.post, "no reply on the held connection after the failover"
 
 
-def kill_a_and_check(a: Host, b: Host, spec: GuestSpec, recv: Job, client: Job,
-                     tag: str) -> float:
-    """Kill host A (its QEMU) while ``client`` in B's dom0 holds one connection to the
-    guest; check what output commit promises: the same guest runs on B, the counter never
-    goes back from the highest value any client saw, the connection survives. Returns
-    the seconds from the kill to the guest running on B."""
-    before, top = seen_before_kill(client)
-    a.kill()
-    t_kill = time.time()
-    running = wait_failover(b, spec, recv, timeout=240)
-    after = guest.counter(b, spec)
-    assert after.bootid == before.bootid, f"not the same guest: {before} vs {after}"
+def check_resumed(backup: Host, spec: GuestSpec, client: Job, seen: Seen, t_kill: float,
+                  running: float, tag: str) -> None:
+    """What output commit promises once the primary died at ``t_kill`` (time.time()) and
+    the guest ran on ``backup`` ``running`` s later: the same guest, its counter never
+    back from the highest value ``client`` saw, the client's one connection survived."""
+    after = guest.counter(backup, spec)
+    assert after.bootid == seen.last.bootid, f"not the same guest: {seen.last} vs {after}"
     time.sleep(6)
     held = HeldConnection.of(client.output(), t_kill)
-    print(f"[{tag}] failover: guest running on B {running:.1f} s after the kill; counter "
-          f"seen up to {top}, first on B {after.value}; client: {held.text()}")
-    check_output_commit(top, after, held)
-    later = guest.counter(b, spec)
-    assert later.value > after.value and later.bootid == after.bootid
+    print(f"[{tag}] failover: guest running on {backup.name} {running:.1f} s after the kill;"
+          f" counter seen up to {seen.top}, first on {backup.name} {after.value}; client: "
+          f"{held.text()}")
+    check_output_commit(seen.top, after, held)
+    later = guest.counter(backup, spec)
+    assert later.value > after.value and later.bootid == after.bootid, (after, later)
+
+
+def kill_and_check(primary: Host, backup: Host, spec: GuestSpec, recv: Job, client: Job,
+                   tag: str) -> float:
+    """Kill ``primary`` (its QEMU) while ``client`` in ``backup``'s dom0 holds one
+    connection to the guest; check_resumed on ``backup`` (``recv``: its receiver).
+    Returns the seconds from the kill to the guest running on ``backup``."""
+    seen = Seen.by(client)
+    primary.kill()
+    t_kill = time.time()
+    running = wait_failover(backup, spec, recv, timeout=240)
+    check_resumed(backup, spec, client, seen, t_kill, running, tag)
     return running

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from lab import build, guest
+from lab import lab as lab_mod
 from lab.errors import LabError
 from lab.host import Host, Job
+from lab.lab import HOST_IPS, HOST_MACS, Lab
 
 
 def test_pv_config_has_workload_and_network() -> None:
@@ -102,3 +105,145 @@ def test_a_host_with_a_witness_socket_gets_the_virtio_serial_port(tmp_path: Path
     assert f"socket,id=witness,path={tmp_path / 'w.sock'},reconnect=1" in argv
     assert f"virtserialport,bus=vser0.0,chardev=witness,name={WITNESS_PORT}" in argv
     assert "xenlab_witness=1" in argv
+
+
+def test_install_steps_are_the_readmes() -> None:
+    """The steps test_fresh_install follows, read from the README as it is."""
+    from lab import install
+
+    steps = install.install_steps((Path(build.HERE).parent / "README.md").read_text())
+    pkgs = install.apt_packages(steps[0])
+    assert pkgs is not None and {"python3-venv", "python3-pyxs", "xen-utils-4.17"} <= set(pkgs)
+    # Offline in the lab: apt installs nothing there, so the image must have them.
+    assert set(pkgs) - {"xen-system-amd64"} <= set(build.DOM0_PACKAGES)
+    assert "reboot" in steps and "xen-remus check" in steps
+    pip = next(s for s in steps if "pip install " in s)
+    assert "--no-index" in pip and install.WHERE in pip
+    assert install.in_dom0(pip).endswith(pip.replace(install.WHERE, install.DIST))
+    assert all("#" not in s and "\\" not in s for s in steps)
+
+
+def test_install_steps_of_a_made_up_readme() -> None:
+    from lab import install
+
+    text = ("# x\n\n## Install on your Xen hosts\n\nprose\n\n```\napt-get install -y a \\\n"
+            "    b   # two\nreboot  # now\n\nfoo --bar /path/to/w.whl\n```\n\n```\nnot this\n```\n")
+    assert install.install_steps(text) == ["apt-get install -y a b", "reboot",
+                                           "foo --bar /path/to/w.whl"]
+    assert install.apt_packages("apt-get install -y a b") == ["a", "b"]
+    assert install.apt_packages("reboot") is None
+    with pytest.raises(LabError, match="no section"):
+        install.install_steps("## Install\n```\nx\n```\n")
+
+
+def test_installed_runs_the_command_not_the_checkout() -> None:
+    from lab import install, protect
+
+    cmd = install.installed(protect.PROTECTORS["xen-remus-tcp"].sender)
+    assert cmd.startswith("unset PYTHONPATH; cd /root; exec xen-remus -v protect ")
+    assert "python3 -m" not in cmd
+    with pytest.raises(LabError, match="not a command"):
+        install.installed("exec xl remus g1 b")
+    out = ("ok       xl: /usr/sbin/xl (the Xen toolstack)\n"
+           "MISSING  block-remus: no /etc/xen/scripts/block-remus (x). Fix: xen-remus ...\n"
+           "MISSING  kernel module nbd: cannot be loaded: y. Fix: z\n")
+    assert install.missing(out) == ["block-remus", "kernel module nbd"]
+
+
+def _lab_with(tmp_path: Path, alive: set[str]) -> tuple[Lab, list[subprocess.Popen[bytes]]]:
+    """A two-host Lab whose hosts are stand-ins: those in ``alive`` run `sleep`."""
+    lab = Lab(2)
+    lab.rundir = tmp_path
+    p = tmp_path
+    lab.images = build.Images(p / "xen", p / "vmlinuz", p / "vmlinux", p / "rootfs",
+                              p / "dom0.cpio", p / "guest.cpio", "6.1", "r")
+    procs = []
+    for name in ("A", "B"):
+        h = Host(name, HOST_IPS[name], tmp_path, tmp_path)
+        h.queue.mkdir(parents=True)
+        proc = subprocess.Popen(["sleep", "30"])
+        procs.append(proc)
+        if name not in alive:
+            proc.kill()
+            proc.wait()
+        h.pid = proc.pid
+        lab.hosts[name] = h
+    return lab, procs
+
+
+def test_restart_refuses_what_cannot_come_back(tmp_path: Path) -> None:
+    for alive, name, why in ((set(), "A", "listening end"), ({"A"}, "B", "listening end"),
+                             ({"A", "B"}, "A", "still runs")):
+        lab, procs = _lab_with(tmp_path / f"{name}{len(alive)}", alive)
+        try:
+            with pytest.raises(LabError, match=why):
+                lab.restart(name)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+
+
+def test_restart_boots_a_fresh_host_that_connects(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed A comes back: connecting to B's end of the link, its old logs kept aside,
+    the jobs queued for the dead dom0 dropped."""
+    monkeypatch.setattr(lab_mod, "STATE_DIR", tmp_path / "state")
+    (tmp_path / "state" / "pids").mkdir(parents=True)
+    lab, procs = _lab_with(tmp_path, {"B"})
+    lab._link_port = 4242
+    old = lab.hosts["A"]
+    old.serial_log.write_text("XENLAB-AGENT: ready\n")
+    (tmp_path / "qemu-A.cmdline").write_text("qemu ...\n")
+    (old.xenlog / "console").mkdir(parents=True)
+    (old.queue / "1-2-3.sh").write_text("xl list\n")
+    (old.queue / "1-2-2.out").write_text("done before the kill\n")
+    started: list[tuple[str | None, str]] = []
+
+    def start(self: Host, images: build.Images, netdev: str | None, mac: str) -> None:
+        started.append((netdev, mac))
+        self.pid = procs[1].pid
+
+    monkeypatch.setattr(Host, "start", start)
+    monkeypatch.setattr(Host, "wait_ready", lambda self, deadline: 0.0)
+    try:
+        new = lab.restart("A")
+        assert new is lab.a and new is not old
+        assert started == [("socket,connect=127.0.0.1:4242", HOST_MACS["A"])]
+        assert (tmp_path / "serial-A.1.log").read_text() == "XENLAB-AGENT: ready\n"
+        assert not (tmp_path / "serial-A.log").exists()  # wait_ready reads a new one
+        assert (tmp_path / "qemu-A.1.cmdline").exists()
+        assert (tmp_path / "share" / "hosts" / "A.1" / "xen" / "console").is_dir()
+        assert not (old.queue / "1-2-3.sh").exists() and (old.queue / "1-2-2.out").exists()
+        assert lab.lives == {"A": 1}
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["hosts"]["A"]["pid"] == procs[1].pid
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_wait_all_running_times_each_domain_and_names_the_late(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab import failover
+
+    polls = iter([{"g1": "--p---", "g2": "-b----"}, {"g1": "r-----", "g2": "-b----"}])
+    monkeypatch.setattr(guest, "domain_states", lambda host: next(polls))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+
+    class Said:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def stderr(self) -> str:
+            return self.text
+
+    host = Host("B", "169.254.10.2", tmp_path, tmp_path)
+    jobs = {"g1": Said("g1's receiver"), "g2": Said("g2's receiver")}
+    took = failover.wait_all_running(host, jobs, 60)  # type: ignore[arg-type]
+    assert set(took) == {"g1", "g2"} and took["g2"] <= took["g1"]
+    monkeypatch.setattr(guest, "domain_states", lambda host: {"g1": "r-----"})
+    with pytest.raises(failover.FailoverHang, match=r"g2 not running after 0 s \(states g2 "
+                                                    r"None\)\n--- g2\ng2's receiver"):
+        failover.wait_all_running(host, jobs, 0)  # type: ignore[arg-type]

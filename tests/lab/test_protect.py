@@ -142,7 +142,8 @@ def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment
             acks = [float(x) for x in re.findall(r"ack ([\d.]+) ms", send.stderr())[-20:]]
             print(f"[{how}] last ACK times (ms; the interval is 200): {acks}")
         nic = kill_at(moment, send, b, recv)
-        before, top = protect.seen_before_kill(client)
+        seen = protect.Seen.by(client)
+        before, top = seen.last, seen.top
         a.kill()
         t_kill = time.time()
         if nic:  # A is gone: B's held frames may go (to the guest, once it runs on B)

@@ -64,7 +64,8 @@ def test_protect_sigkilled_leaves_one_copy(lab_two: Lab, moment: str) -> None:
         t0 = time.monotonic()
         assert r.ok, f"kill at {moment} failed: {r.stdout} {r.stderr}"
         state_at_kill = r.stdout.split("STATE", 1)[-1].strip()
-        before, top = protect.seen_before_kill(client)
+        seen = protect.Seen.by(client)
+        before, top = seen.last, seen.top
         # The supervisor pauses A's copy: bounded, and said in protect's stderr.
         paused_after = None
         while time.monotonic() - t0 < 60:

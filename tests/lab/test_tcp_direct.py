@@ -80,7 +80,7 @@ def test_tcp_direct_wrong_key_refused_then_failover_on_host_kill(lab_two: Lab) -
         assert not send.done(), f"protect ended early: {send.stderr()[-3000:]}"
         acked = re.findall(r"^epoch (\d+): ", send.stderr(), re.M)
         assert len(acked) > 3, send.stderr()[-2000:]
-        protect.kill_a_and_check(a, b, spec, recv, client, "tcp")
+        protect.kill_and_check(a, b, spec, recv, client, "tcp")
         print(f"[tcp] receiver log tail:\n{recv.stderr()[-800:]}")
     finally:
         if a.alive():

@@ -95,7 +95,7 @@ def test_patched_xl_remus_hands_over_and_fails_over(lab_two: Lab, how: str,
         acked = [int(e) for e in re.findall(r"(?m)^epoch (\d+): ", send.stderr())]
         assert acked, f"no ACKed epoch on A: {send.stderr()[-2000:]}"
         send.wait_output(rf"(?m)^epoch {acked[-1] + 1}: ", 120, stderr=True)
-        protect.kill_a_and_check(a, b, spec, recv, client, "xl-patched")
+        protect.kill_and_check(a, b, spec, recv, client, "xl-patched")
     finally:
         if a.alive():
             destroy(a, spec.name)
