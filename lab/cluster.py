@@ -58,7 +58,8 @@ class FenceDesk:
 
     def answer(self, req: dict[str, str]) -> dict[str, object]:
         action, plug = req.get("action"), req.get("plug", "")
-        if action == "list":
+        if action == "list" or (action == "monitor" and not plug):
+            # monitor without a plug: is the device (this desk) there? It answered.
             return {"ok": True, "hosts": sorted(self.lab.hosts)}
         host = self.lab.hosts.get(plug)
         if host is None:

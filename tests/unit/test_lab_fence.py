@@ -53,9 +53,12 @@ def test_off_kills_the_named_host_and_status_says_so(desk: FenceDesk) -> None:
     r = fence(share, "action=status\nplug=A\n")
     assert r.returncode == 2 and r.stdout == "Status: OFF\n"
     assert fence(share, "action=list\n").stdout == "A,\nB,\n"
+    # Pacemaker's device monitor names no plug: the device (the desk) answering is enough.
+    assert fence(share, "action=monitor\n").returncode == 0
     r = fence(share, "action=on\nplug=A\n")
     assert r.returncode == 1 and "the lab cannot do that" in r.stderr
-    assert [d["action"] for d in desk.done] == ["status", "off", "status", "list", "on"]
+    assert [d["action"] for d in desk.done] == ["status", "off", "status", "list", "monitor",
+                                              "on"]
     assert list(share.iterdir()) == []  # every request answered and taken
 
 
