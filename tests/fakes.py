@@ -200,15 +200,26 @@ class RecordingEmitter:
         self.types: dict[int, int] = {}
         self.batch_sizes: list[int] = []
         self.buffers_per_record: list[int] = []
+        self.emulator: list[bytes] = []  # bodies of the emulator records, in order
 
     def begin(self, domain_type: int) -> None:
         self.events.append(("begin", domain_type))
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
         self.events.append(("checkpoint", 0))
+        self._emulator(emulator)
 
-    def end(self) -> None:
+    def end(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
         self.events.append(("end", 0))
+        self._emulator(emulator)
+
+    def _emulator(self, records: Sequence[Sequence[Buffer]]) -> None:
+        """Each whole emulator record as ("libxl", type), its body in ``emulator``."""
+        for rec in records:
+            raw = b"".join(bytes(b) for b in rec)
+            rtype, length = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:8], "little")
+            self.events.append(("libxl", rtype))
+            self.emulator.append(raw[8:8 + length])
 
     def flush(self) -> None:
         pass
