@@ -346,3 +346,61 @@ def test_protect_epochs_reach_the_backup_with_their_device_state(tmp_path: Path,
         elif isinstance(ev, EpochEnd):
             per_epoch[ev.epoch], current, inside = current, [], False
     assert per_epoch == {n: [b"dm-state-%d" % (n + 1)] for n in range(4)}
+
+
+# -- the session picks the guest type --------------------------------------------------------
+
+class SessionXc:
+    """XenCtrl of one domain 5 ("h1"): ``emu`` its emulation flags, ``params`` its HVM
+    params."""
+
+    def __init__(self, emu: int, callback: int) -> None:
+        self.emu, self.callback = emu, callback
+
+    def domains(self) -> list[Any]:
+        return [self.domain_info(5)]
+
+    def domain_info(self, domid: int) -> Any:
+        from xen_remus.xen.domain import DomainInfo
+
+        return DomainInfo(domid, S.DOMINF_HVM_GUEST, 1, 1, 0, 0, 1, 0, self.emu, bytes(16))
+
+    def hvm_param(self, domid: int, param: int) -> int:
+        return {S.HVM_PARAM_CALLBACK_IRQ: self.callback}.get(param, 0)
+
+    def maximum_gpfn(self, domid: int) -> int:
+        return 0xFEFFF
+
+    def close(self) -> None:
+        pass
+
+
+def session(monkeypatch: pytest.MonkeyPatch, emu: int, callback: int) -> Any:
+    from xen_remus.save import session as sess
+
+    xs = Store(QEMU_XEN | {"/local/domain/5/name": "h1"})
+    xs.close = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr(sess, "XenCtrl", lambda: SessionXc(emu, callback))
+    monkeypatch.setattr(sess, "XenStore", lambda: xs)
+    monkeypatch.setattr(sess, "ForeignMemory", lambda: cast(Any, SessionXc(0, 0)))
+    monkeypatch.setattr(sess, "XenDomain", lambda *a: cast(Any, SessionXc(0, 0)))
+    return sess.SaveSession("h1")
+
+
+def test_the_session_takes_an_hvm_guest_with_its_device_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with session(monkeypatch, emu=0x3FF, callback=0x0200000000000005) as s:
+        guest = s.open_guest()
+        assert guest.nr_pfns() == 0xFF000
+        assert isinstance(s.dm, DeviceModel) and s.dm.socket == "/var/run/xen/qmp-libxl-5"
+    with session(monkeypatch, emu=S.X86_EMU_LAPIC, callback=0) as s:  # PVH: no QEMU
+        s.open_guest()
+        assert s.dm is None
+
+
+def test_the_session_refuses_an_hvm_guest_without_pv_drivers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with session(monkeypatch, emu=0x3FF, callback=0) as s:
+        with pytest.raises(UnsupportedGuest, match=r"domain 5 \(h1\) is an HVM guest "
+                           "without PV drivers"):
+            s.open_guest()
