@@ -21,6 +21,7 @@ libxl connects to the same socket for its own commands.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ from xen_remus.stream import encoder
 from xen_remus.stream.events import Buffer
 from xen_remus.stream.records import Emulator, EmulatorXenstoreData
 from xen_remus.xen import structs as S
-from xen_remus.xen.qmp import COMMAND_TIMEOUT, QMP_SOCKET, QmpClient
+from xen_remus.xen.qmp import COMMAND_TIMEOUT, QMP_SOCKET, QmpClient, QmpError
 
 # libxl's xenstore keys (libxl_dm.c, libxl_dom_save.c) for the device model of DOMID.
 DM_VERSION_KEY = "/libxl/{domid}/dm-version"  # "qemu_xen" for qemu-xen
@@ -130,8 +131,11 @@ class DeviceModel:
         try:
             q.execute("xen-save-devices-state",
                       {"filename": f"/dev/fdset/{fdset}", "live": self.handover})
-        finally:
-            q.execute("remove-fd", {"fdset-id": fdset})
+        except BaseException:
+            with contextlib.suppress(QmpError):  # the save's error is the one to see
+                q.execute("remove-fd", {"fdset-id": fdset})
+            raise
+        q.execute("remove-fd", {"fdset-id": fdset})
         data = self.save_path.read_bytes()
         if not data:
             raise DeviceModelError(f"domain {self.domid}: the device model saved an empty "
