@@ -39,10 +39,12 @@ HV_VERSION = "4.17.5+72-g01140da4e8-1"
 SUITE = "bookworm"
 # python3-venv and openssh-client: what the README's install steps apt-get beside the
 # toolstack (tests/lab/test_fresh_install.py follows them offline in a dom0).
+# qemu-system-xen: the device model of HVM guests (/usr/libexec/xen-qemu-system-i386, as
+# Debian's libxl looks for it); it brings seabios, whose bios-256k.bin hvmloader loads.
 DOM0_PACKAGES = (
     "xen-utils-4.17 xenstore-utils python3 python3-pyxs python3-pyroute2 python3-lz4 "
     "python3-numpy kmod iproute2 procps busybox-static socat nbd-client nbd-server nbdkit "
-    "python3-venv openssh-client"
+    "python3-venv openssh-client qemu-system-xen"
 ).split()
 DOM0_MODULES = (
     "xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback "
@@ -236,7 +238,8 @@ def build_rootfs(dst: Path, debs: Path, mirror: str, extra: tuple[str, ...] = ()
                  "usr/share/locale", "usr/share/info"):
         shutil.rmtree(root / junk, ignore_errors=True)
     sh(["chroot", str(root), "passwd", "-d", "root"], stdout=subprocess.DEVNULL)
-    versions = out(["chroot", str(root), "dpkg-query", "-W", "xen-utils-4.17", "python3"])
+    versions = out(["chroot", str(root), "dpkg-query", "-W", "xen-utils-4.17", "python3",
+                    "qemu-system-xen", "seabios"])
     (dst / "versions").write_text(versions)
     print(f"lab build:   dom0 packages: {' '.join(versions.split())}", flush=True)
     pack(root, dst / "rootfs.cpio.zst", "zstd -q -T0 -3")

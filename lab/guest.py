@@ -17,7 +17,7 @@ class GuestSpec:
     """A busybox guest running the counter workload (lab/guest/init)."""
 
     name: str = "g1"
-    kind: str = "pv"  # "pv" or "pvh"
+    kind: str = "pv"  # "pv", "pvh" or "hvm" (qemu-xen in dom0, the same kernel and workload)
     # MiB: Debian's kernel does not fit a 64 MiB PV guest (xc_dom_chk_alloc_pages: segment
     # kernel too large); keep it small all the same, the inter-host link is slow (LAB-NOTES 17)
     memory: int = 96
@@ -26,6 +26,8 @@ class GuestSpec:
     disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
 
     def config(self, images: str = "/guest") -> str:
+        if self.kind == "hvm":
+            return self.hvm_config(images)
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.kind}"',
@@ -39,6 +41,32 @@ class GuestSpec:
         ]
         if self.kind == "pvh":
             lines.append('tsc_mode = "native"')  # TCG: RDTSCP emulation kills PVH (LAB-NOTES 4)
+        if self.disk:
+            lines.append(f"disk = [ '{self.disk}' ]")
+        return "\n".join(lines) + "\n"
+
+    def hvm_config(self, images: str) -> str:
+        """HVM with qemu-xen, booting the guest kernel directly (QEMU loads it, SeaBIOS
+        starts it: it must be the bzImage, which decompresses itself in the guest). The
+        kernel's built-in xen-platform-pci and xenbus are the PV drivers xen-remus needs;
+        the vif is PV only (type=vif: no emulated NIC beside it); the console the workload
+        writes to is hvc0, the PV console xenconsoled logs, after ttyS0 (QEMU's serial)."""
+        lines = [
+            f'name = "{self.name}"',
+            'type = "hvm"',
+            'device_model_version = "qemu-xen"',
+            f"memory = {self.memory}",
+            "vcpus = 1",
+            f'kernel = "{images}/vmlinuz"',
+            f'ramdisk = "{images}/initrd.gz"',
+            f'extra = "console=ttyS0 console=hvc0 quiet xenlab_ip={self.ip}/16"',
+            f"vif = [ 'bridge=xenbr0,mac={self.mac},type=vif' ]",
+            "serial = 'pty'",
+            "vnc = 0",
+            "sdl = 0",
+            'tsc_mode = "native"',  # as PVH under TCG (LAB-NOTES 4)
+            'on_crash = "preserve"',
+        ]
         if self.disk:
             lines.append(f"disk = [ '{self.disk}' ]")
         return "\n".join(lines) + "\n"

@@ -155,6 +155,7 @@ class Lab:
         (self.rundir / "share" / "guests").mkdir(parents=True)
         (self.rundir / "share" / "guest").mkdir()
         shutil.copy(self.images.vmlinux, self.rundir / "share/guest/vmlinux")
+        shutil.copy(self.images.vmlinuz, self.rundir / "share/guest/vmlinuz")  # HVM guests
         shutil.copy(self.images.guest_initrd, self.rundir / "share/guest/initrd.gz")
         latest = STATE_DIR / "runs" / "latest"
         latest.unlink(missing_ok=True)

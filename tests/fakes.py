@@ -6,7 +6,8 @@ and a record sink, and let a test misbehave at each step; RecordingDevice and Re
 log the calls made on a checkpointed device and on any other interface of its kind (a
 disk's control), and fail where told; ManualClock is a clock the test moves.
 LaggingBackup is the epoch loop's link to a backup that ACKs each epoch a given time
-after it was sent, on a virtual clock. For the
+after it was sent, on a virtual clock. FakeQmpServer plays qemu-xen's QMP socket;
+FakeDeviceModel is the save engine's device model. For the
 benchmark: MemDomain and MemGuest cost next to nothing, so what is measured is our code.
 The product never imports this module (nor anything under tests/).
 """
@@ -14,6 +15,8 @@ The product never imports this module (nor anything under tests/).
 from __future__ import annotations
 
 import functools
+import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -197,15 +200,26 @@ class RecordingEmitter:
         self.types: dict[int, int] = {}
         self.batch_sizes: list[int] = []
         self.buffers_per_record: list[int] = []
+        self.emulator: list[bytes] = []  # bodies of the emulator records, in order
 
     def begin(self, domain_type: int) -> None:
         self.events.append(("begin", domain_type))
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
         self.events.append(("checkpoint", 0))
+        self._emulator(emulator)
 
-    def end(self) -> None:
+    def end(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
         self.events.append(("end", 0))
+        self._emulator(emulator)
+
+    def _emulator(self, records: Sequence[Sequence[Buffer]]) -> None:
+        """Each whole emulator record as ("libxl", type), its body in ``emulator``."""
+        for rec in records:
+            raw = b"".join(bytes(b) for b in rec)
+            rtype, length = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:8], "little")
+            self.events.append(("libxl", rtype))
+            self.emulator.append(raw[8:8 + length])
 
     def flush(self) -> None:
         pass
@@ -489,3 +503,159 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- device model --------------------------------------------------------------------------
+
+class FakeQmpServer:
+    """qemu-xen's QMP socket, as far as the save path uses it: greeting, qmp_capabilities,
+    stop / cont (a STOP / RESUME event before the reply), xen-set-global-dirty-log, add-fd
+    (takes the fd passed with it), xen-save-devices-state into "/dev/fdset/N" (writes
+    ``state``, truncating first) and remove-fd. ``fail`` maps a command to the (class,
+    desc) of the error it gets; ``chunk`` cuts every message QEMU sends into pieces of
+    that many bytes. One connection at a time, each logged in ``connections``; every
+    command in ``commands`` as (name, arguments)."""
+
+    def __init__(self, path: str, state: bytes = b"QEVM\x00\x00\x00\x03dev-state",
+                 chunk: int = 0) -> None:
+        self.path, self.state, self.chunk = path, state, chunk
+        self.fail: dict[str, tuple[str, str]] = {}
+        self.commands: list[tuple[str, dict[str, object]]] = []
+        self.connections = 0
+        self.running = True
+        self.dirty_log = False
+        self.fdsets: dict[int, int] = {}  # fdset-id -> our dup of the fd QEMU was given
+        self._next_fdset = 0
+        self._stop = threading.Event()
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(path)
+        self._srv.listen(4)
+        self._srv.settimeout(0.1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._srv.close()
+        for fd in self.fdsets.values():
+            os.close(fd)
+        self.fdsets.clear()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            with conn:
+                self._session(conn)
+
+    def _send(self, conn: socket.socket, obj: dict[str, object]) -> None:
+        data = json.dumps(obj).encode() + b"\r\n"
+        step = self.chunk or len(data)
+        for i in range(0, len(data), step):
+            conn.sendall(data[i:i + step])
+
+    def _session(self, conn: socket.socket) -> None:
+        self._send(conn, {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
+                                              "package": ""}, "capabilities": ["oob"]}})
+        buf, fds = b"", []
+        conn.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                data, got, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            buf += data
+            fds += got
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    fds = self._command(conn, json.loads(line), fds)
+
+    def _command(self, conn: socket.socket, msg: dict[str, object],
+                 fds: list[int]) -> list[int]:
+        name = str(msg["execute"])
+        args = msg.get("arguments") or {}
+        assert isinstance(args, dict)
+        self.commands.append((name, args))
+        reply: dict[str, object] = {"id": msg.get("id")}
+        if name in self.fail:
+            cls, desc = self.fail[name]
+            reply["error"] = {"class": cls, "desc": desc}
+            self._send(conn, reply)
+            return fds
+        value: object = {}
+        if name == "stop":
+            self.running = False
+            self._send(conn, {"event": "STOP", "data": {}})
+        elif name == "cont":
+            self.running = True
+            self._send(conn, {"event": "RESUME", "data": {}})
+        elif name == "xen-set-global-dirty-log":
+            self.dirty_log = bool(args["enable"])
+        elif name == "add-fd":
+            fdset, self._next_fdset = self._next_fdset, self._next_fdset + 1
+            self.fdsets[fdset] = fds.pop(0)
+            value = {"fdset-id": fdset, "fd": 40 + fdset}
+        elif name == "remove-fd":
+            os.close(self.fdsets.pop(int(str(args["fdset-id"]))))
+        elif name == "xen-save-devices-state":
+            fd = self.fdsets[int(str(args["filename"]).removeprefix("/dev/fdset/"))]
+            os.ftruncate(fd, 0)
+            os.write(fd, self.state)
+        elif name != "qmp_capabilities":
+            reply["error"] = {"class": "CommandNotFound",
+                              "desc": f"The command {name} has not been found"}
+            self._send(conn, reply)
+            return fds
+        reply["return"] = value
+        self._send(conn, reply)
+        return fds
+
+
+class FakeDeviceModel:
+    """The save engine's device model (save/ops.py DeviceModelOps): logs each call in
+    ``calls`` (one list shared with a FakeDomain shows the order across both); ``fail``
+    names the call that raises; ``running`` is QEMU's run state; each suspend saves the
+    state ``b"dm-state-<n>"``."""
+
+    def __init__(self, calls: list[str] | None = None, fail: str = "") -> None:
+        self.calls = [] if calls is None else calls
+        self.fail = fail
+        self.running = True
+        self.dirty_log = False
+        self.saves = 0
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.fail:
+            from xen_remus.xen.qmp import QmpCommandError
+
+            raise QmpCommandError(name, "GenericError", "broken on purpose", "fake")
+
+    def logdirty(self, enable: bool) -> None:
+        self._call(f"dm_logdirty({enable})")
+        self.dirty_log = enable
+
+    def suspend(self) -> None:
+        self._call("dm_stop")
+        self.running = False
+        self._call("dm_save")
+        self.saves += 1
+
+    def resume(self) -> None:
+        self._call("dm_cont")
+        self.running = True
+
+    def records(self) -> list[list[Buffer]]:
+        from xen_remus.stream import consts as C
+        from xen_remus.stream import encoder
+        from xen_remus.stream.libxl_bodies import Emulator
+
+        return [encoder.record(C.LIBXL_EMULATOR_CONTEXT,
+                               Emulator(data=b"dm-state-%d" % self.saves))]

@@ -206,7 +206,7 @@ class RemusLoop:
         self.devices.postsuspend(epoch)
         td = self.clock()
         e.end_of_checkpoint()
-        e.out.checkpoint()
+        e.close_checkpoint()
         tv = self.clock()
         self.devices.preresume()
         e.resume()
@@ -293,11 +293,11 @@ class CheckpointEmitter:
         fmt = "xl" if self.xl_config is not None else "libxl"
         self._add(encoder.stream_start(fmt, domain_type, config_json=self.xl_config))
 
-    def checkpoint(self) -> None:
-        self._add(encoder.end_of_epoch(wrapped=True))
+    def checkpoint(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        self._add(encoder.end_of_epoch(wrapped=True, emulator=emulator))
 
-    def end(self) -> None:
-        self._add(encoder.end_of_stream(wrapped=True))
+    def end(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        self._add(encoder.end_of_stream(wrapped=True, emulator=emulator))
 
     def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None:
         try:

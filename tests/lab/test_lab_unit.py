@@ -30,6 +30,18 @@ def test_pvh_config_uses_native_tsc() -> None:
     assert "disk = [ 'phy:/dev/nbd0,xvda,w' ]" in cfg
 
 
+def test_hvm_config_boots_the_bzimage_with_qemu_xen_and_a_pv_console() -> None:
+    cfg = guest.GuestSpec(name="h1", kind="hvm", ip="169.254.20.9").config("/g")
+    lines = cfg.splitlines()
+    assert 'type = "hvm"' in lines and 'device_model_version = "qemu-xen"' in lines
+    assert 'kernel = "/g/vmlinuz"' in lines and 'ramdisk = "/g/initrd.gz"' in lines
+    # hvc0 last: /dev/console, the one xenconsoled logs and the lab reads
+    assert 'extra = "console=ttyS0 console=hvc0 quiet xenlab_ip=169.254.20.9/16"' in lines
+    assert any(ln.startswith("vif = ") and "type=vif" in ln for ln in lines)
+    assert 'tsc_mode = "native"' in lines and "vnc = 0" in lines
+    assert "qemu-system-xen" in build.DOM0_PACKAGES
+
+
 def test_counter_reply_parsing() -> None:
     c = guest.parse_counter("counter=42 bootid=ab12cd34 up=17.5")
     assert c == guest.Counter(42, "ab12cd34")

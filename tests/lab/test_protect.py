@@ -115,9 +115,10 @@ def landed(recv_err: str) -> str:
     ("xen-remus-n", "pv", "steady"), ("xen-remus-stock", "pv", "steady"),
     ("xen-remus", "pvh", "steady"), ("xen-remus-vv", "pv", "before-ack"),
     ("xen-remus-p2", "pv", "steady"), ("xen-remus-p3", "pv", "after-ack"),
+    ("xen-remus", "hvm", "steady"),
 ], ids=["xen-remus", "xen-remus-u", "after-ack", "in-pause", "mid-send", "mid-send-n",
         "xen-remus-n", "xen-remus-stock", "xen-remus-pvh", "before-ack", "pipeline-2",
-        "pipeline-3"])
+        "pipeline-3", "xen-remus-hvm"])
 def test_protect_failover_on_host_kill(lab_two: Lab, how: str, kind: str, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
     spec = GuestSpec(name="pt", kind=kind, ip="169.254.20.7", mac="00:16:3e:00:00:07")

@@ -22,9 +22,12 @@ from lab.lab import Lab
 pytestmark = pytest.mark.lab
 
 @pytest.mark.lab(timeout=900)
-def test_stock_migrate_a_to_our_receiver_on_b(lab_two: Lab) -> None:
+@pytest.mark.parametrize("kind", ["pv", "hvm"])
+def test_stock_migrate_a_to_our_receiver_on_b(lab_two: Lab, kind: str) -> None:
+    """HVM: stock libxl puts QEMU's state in EMULATOR_CONTEXT after libxc's END; our
+    receiver relays it to stock `xl migrate-receive`, which starts QEMU with it."""
     a, b = lab_two.a, lab_two.b
-    spec = GuestSpec(name="rmg", ip="169.254.20.21", mac="00:16:3e:00:00:21")
+    spec = GuestSpec(name="rmg", kind=kind, ip="169.254.20.21", mac="00:16:3e:00:00:21")
     try:
         guest.create(a, spec, timeout=240)
         before = advancing(a, spec, guest.counter(a, spec))
@@ -45,11 +48,13 @@ def test_stock_migrate_a_to_our_receiver_on_b(lab_two: Lab) -> None:
 
 
 @pytest.mark.lab(timeout=900)
-def test_stock_remus_into_our_receiver_kill_host_a(lab_two: Lab) -> None:
+@pytest.mark.parametrize("kind", ["pv", "hvm"])
+def test_stock_remus_into_our_receiver_kill_host_a(lab_two: Lab, kind: str) -> None:
     """The receiver's socket has keepalive (ka_exec) like stock's baseline, and our receiver
-    also gives up on a silent sender after --idle-timeout."""
+    also gives up on a silent sender after --idle-timeout. HVM: each epoch carries QEMU's
+    state between CHECKPOINT and CHECKPOINT_END; B's QEMU starts from the last one."""
     a, b = lab_two.a, lab_two.b
-    spec = GuestSpec(name="rrm", ip="169.254.20.22", mac="00:16:3e:00:00:22")
+    spec = GuestSpec(name="rrm", kind=kind, ip="169.254.20.22", mac="00:16:3e:00:00:22")
     try:
         guest.create(a, spec, timeout=240)
         # Until B holds the whole initial copy (a kill before that has nothing to fail

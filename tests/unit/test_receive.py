@@ -13,6 +13,7 @@ from xen_remus.restore_continuous import EpochRefused, EpochTooLarge, Outcome, R
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.errors import StreamError
 from xen_remus.stream.events import Buffer, EpochEnd
+from xen_remus.stream.records import Record
 from xen_remus.stream.synth import make_epoch, synthetic_stream
 from xen_remus.xlproto import GO
 
@@ -225,7 +226,6 @@ def test_undecodable_channel_record_is_refused_keeping_the_last_good_epoch() -> 
     spoils its epoch like an invalid standard record: refused, the copy held, the reason
     given to the primary (on_stop), never an escaping error of another kind."""
     from xen_remus.channel.errors import CompressionError
-    from xen_remus.stream.records import Record
 
     data = stream(4, end=False)
     ends = epoch_ends(data)
@@ -251,3 +251,52 @@ def test_undecodable_channel_record_is_refused_keeping_the_last_good_epoch() -> 
     assert isinstance(exc.value.__cause__, CompressionError)
     assert len(told) == 1 and told[0].startswith("epoch 2 refused") and "checksum" in told[0]
     assert bytes(sink.data) == data[:ends[1]]
+
+
+HVM_CONFIG = '{"c_info": {"name": "h1", "type": "hvm"}, "b_info": {"type.hvm": {}}}'
+
+
+def emulator_state_per_epoch(data: bytes) -> dict[int, list[tuple[str, bytes]]]:
+    """The emulator records of each whole epoch: (name, blob), in stream order, checked
+    to lie between libxc's CHECKPOINT and libxl's CHECKPOINT_END."""
+    out: dict[int, list[tuple[str, bytes]]] = {}
+    current: list[tuple[str, bytes]] = []
+    inside = False
+    for ev in Decoder(checkpointed=True, relay=True).feed(data):
+        if isinstance(ev, Record) and ev.name == "CHECKPOINT":
+            inside = True
+        elif isinstance(ev, Record) and ev.name.startswith("EMULATOR_"):
+            assert inside, f"{ev.name} outside CHECKPOINT .. CHECKPOINT_END"
+            current.append((ev.name, bytes(ev.parse().data)))
+        elif isinstance(ev, EpochEnd):
+            out[ev.epoch], current, inside = current, [], False
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 4096])
+def test_stock_hvm_epochs_carry_their_device_state_into_the_sink(chunk: int) -> None:
+    """Stock `xl remus` of an HVM guest puts QEMU's state (EMULATOR_XENSTORE_DATA and
+    EMULATOR_CONTEXT) after each epoch's CHECKPOINT: each committed epoch reaches the
+    sink with its own, byte for byte; the cut epoch's never does."""
+    eps = [make_epoch([1, 2, 3], seed=0)] + [make_epoch([1 + n], seed=n) for n in range(1, 4)]
+    data = b"".join(bytes(b) for b in synthetic_stream("xl", False, eps, end=False,
+                                                       config_json=HVM_CONFIG))
+    ends = epoch_ends(data)
+    cut = ends[2] + 40  # into epoch 3
+    sink, out = run(data[:cut], True, [chunk] * (cut // chunk + 1))
+    assert out.kind == "failover" and out.epoch == 2
+    assert bytes(sink.data) == data[:ends[2]]
+    assert emulator_state_per_epoch(bytes(sink.data)) == {
+        n: [("EMULATOR_XENSTORE_DATA", b"physmap/1/size\0abc\0"),
+            ("EMULATOR_CONTEXT", b"QEVM-ctx-%d" % n)] for n in range(3)}
+
+
+def test_stock_hvm_migration_stream_is_relayed_whole() -> None:
+    """Stock `xl migrate` of an HVM guest: the emulator records after libxc's END reach
+    the sink (stock libxl needs them to start QEMU with the guest's device state)."""
+    data = b"".join(bytes(b) for b in synthetic_stream(
+        "xl", False, [make_epoch([1, 2, 3])], config_json=HVM_CONFIG))
+    sink, out = run(data, checkpointed=False)
+    assert out.kind == "complete" and bytes(sink.data) == data
+    names = [e.name for e in Decoder(relay=True).feed(data) if isinstance(e, Record)]
+    assert names[-4:] == ["END", "EMULATOR_XENSTORE_DATA", "EMULATOR_CONTEXT", "END"]

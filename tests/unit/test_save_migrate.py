@@ -24,9 +24,11 @@ class FakeSaver:
         self.target = Target(7, "guest")
         self.dom = FakeDomain(300)
         self.engine: SaveEngine | None = None
+        self.handover: bool | None = None
 
     def save(self, fd: int, xl_config: str | None, policy: PrecopyPolicy,
-             what: str = "stream") -> SaveStats:
+             what: str = "stream", handover: bool = False) -> SaveStats:
+        self.handover = handover
         self.engine = SaveEngine(self.dom, FakeGuest(self.dom),
                                  FdEmitter(fd, xl_config, what=what), policy)
         return self.engine.run()
@@ -71,6 +73,7 @@ def test_migrate_success_renames_away_then_destroys() -> None:
     assert rc == 0
     assert calls == [("rename", "7", "guest--migratedaway"), ("destroy", "7")]
     assert s.dom.suspended and s.dom.resumed == 0
+    assert s.handover, "a migration hands the device model's disks over"
 
 
 def test_refusing_host_leaves_guest_untouched() -> None:

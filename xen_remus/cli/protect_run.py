@@ -194,7 +194,7 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
                 raise MigrationRefused(f"the backup on {peer} does not take disk "
                                        "replication (an older xen-remus?): add -d -F")
             out = CheckpointEmitter(link, config)
-            engine = SaveEngine(s.dom, guest, out, policy)
+            engine = SaveEngine(s.dom, guest, out, policy, dm=s.dm)
             if not args.no_progress:
                 report = watch_copy(engine)
             summary = Summary(status, args.verbose > 0, chan)

@@ -169,7 +169,7 @@ class Saver(Protocol):
     target: Target
 
     def save(self, fd: int, xl_config: str | None, policy: PrecopyPolicy,
-             what: str = ...) -> SaveStats: ...
+             what: str = ..., handover: bool = ...) -> SaveStats: ...
 
     def resume(self) -> None: ...
 
@@ -184,7 +184,8 @@ def migrate(s: Saver, recv: Receiver, config: str, policy: PrecopyPolicy,
     domid, name = s.target.domid, s.target.name
     proto = SenderSide()
     recv.await_message(proto, "receiver banner", timeout)
-    stats = s.save(recv.send_fd, config, policy, what=f"migration stream ({recv.rune})")
+    stats = s.save(recv.send_fd, config, policy, what=f"migration stream ({recv.rune})",
+                   handover=True)
     print(f"migration sender: stream sent: {stats.summary()}", file=sys.stderr)
     try:
         if not proto.stream_done():

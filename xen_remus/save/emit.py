@@ -37,13 +37,13 @@ class FdEmitter:
         fmt = "xl" if self.xl_config is not None else "libxl"
         self._pending += encoder.stream_start(fmt, domain_type, config_json=self.xl_config)
 
-    def checkpoint(self) -> None:
-        self._pending += encoder.end_of_epoch(wrapped=True)
-        self.records += 2
+    def checkpoint(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        self._pending += encoder.end_of_epoch(wrapped=True, emulator=emulator)
+        self.records += 2 + len(emulator)
 
-    def end(self) -> None:
-        self._pending += encoder.end_of_stream(wrapped=True)
-        self.records += 2
+    def end(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        self._pending += encoder.end_of_stream(wrapped=True, emulator=emulator)
+        self.records += 2 + len(emulator)
 
     # -- records -------------------------------------------------------------------------
     def _record(self, rtype: int, body: Sequence[Buffer] | PageData) -> None:

@@ -5,7 +5,11 @@
 
 The continuous save (`xen_remus.save_continuous`) drives the same steps once per epoch.
 Record order follows libxc-migration-stream.pandoc; the guest-type specific records come
-from GuestSaveOps (save/pv.py, save/hvm.py); framing and writing from the Emitter.
+from GuestSaveOps (save/pv.py, save/hvm.py); framing and writing from the Emitter. An HVM
+guest's device model (DeviceModelOps, save/devmodel.py) takes part as libxl has it: its
+dirty logging with the live rounds, stopped and saved right after the guest suspends (so
+its last writes into guest memory are among the final dirty pages), its records after
+libxc's CHECKPOINT or END, running again before the guest resumes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from xen_remus.errors import XenRemusError
 from xen_remus.pagetable import INVALID_MFN
-from xen_remus.save.ops import DomainOps, Emitter, GuestSaveOps
+from xen_remus.save.ops import DeviceModelOps, DomainOps, Emitter, GuestSaveOps
 from xen_remus.save.pages import DeferredPages, Pfns, batches, merge
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.stream import consts as C
@@ -81,16 +85,19 @@ class SaveEngine:
     success (the caller destroys or resumes it) and running as it was on failure."""
 
     def __init__(self, dom: DomainOps, guest: GuestSaveOps, out: Emitter,
-                 policy: PrecopyPolicy) -> None:
+                 policy: PrecopyPolicy, dm: DeviceModelOps | None = None) -> None:
         self.dom = dom
         self.guest = guest
+        self.dm = dm  # an HVM guest's device model; None for PV and PVH
         self.out = out
         self.policy = policy
         self.nr_pfns = guest.nr_pfns()
         self.deferred = DeferredPages(self.nr_pfns)
         self.stats = SaveStats()
         self._logdirty = False
+        self._dm_logdirty = False
         self._suspended = False
+        self._dm_stopped = False
         # Told where each round is (a progress report); set to None once not wanted: the
         # engine itself never prints.
         self.progress: Callable[[CopyProgress], None] | None = None
@@ -106,7 +113,7 @@ class SaveEngine:
             self.suspend()
             self.send_final(pending)
             self.end_of_checkpoint()
-            self.out.end()
+            self.out.end(self.dm.records() if self.dm is not None else ())
             self.out.flush()
             self.stats.downtime_s = time.monotonic() - self._suspended_at
             self.logdirty_off()
@@ -127,6 +134,9 @@ class SaveEngine:
         """Live rounds; returns the pfns dirtied in the last round, not yet sent."""
         self.dom.logdirty_enable()
         self._logdirty = True
+        if self.dm is not None:
+            self._dm_logdirty = True  # set first: a failed switch is switched off again
+            self.dm.logdirty(True)
         self.send_pages(np.arange(self.nr_pfns, dtype=np.uint64), live=True)
         while True:
             dirty = self.dom.logdirty_clean(final=False)
@@ -142,6 +152,9 @@ class SaveEngine:
         t = time.monotonic()
         self.dom.suspend()
         self._suspended = True
+        if self.dm is not None:
+            self._dm_stopped = True  # set first: a failed stop is followed by a cont
+            self.dm.suspend()
         self._suspended_at = time.monotonic()
         self.stats.suspend_s = self._suspended_at - t
 
@@ -153,6 +166,10 @@ class SaveEngine:
 
     def end_of_checkpoint(self) -> None:
         self.guest.end_of_checkpoint(self.out)
+
+    def close_checkpoint(self) -> None:
+        """libxc CHECKPOINT, the device model's records, libxl CHECKPOINT_END."""
+        self.out.checkpoint(self.dm.records() if self.dm is not None else ())
 
     # -- pages --------------------------------------------------------------------------
     def send_pages(self, pfns: Pfns, live: bool) -> None:
@@ -235,14 +252,25 @@ class SaveEngine:
         if self._logdirty:
             self._logdirty = False
             self.dom.logdirty_off()
+        if self._dm_logdirty and self.dm is not None:
+            self._dm_logdirty = False
+            self.dm.logdirty(False)
 
     def undo(self) -> None:
-        """After a failure: log-dirty off, and a guest we suspended resumed. Errors here are
-        logged, not raised: the first error is the one the user needs to see."""
+        """After a failure: log-dirty off, and a guest we suspended resumed (its device
+        model first). Errors here are logged, not raised: the first error is the one the
+        user needs to see."""
         try:
             self.logdirty_off()
         except XenRemusError as exc:
             log.warning("turning log-dirty off after the failure: %s", exc)
+        if self._dm_stopped and self.dm is not None:
+            try:
+                self.dm.resume()
+                self._dm_stopped = False
+            except XenRemusError as exc:  # the guest is resumed all the same: PV I/O works
+                log.error("restarting domain %d's device model after the failure: %s",
+                          self.dom.domid, exc)
         if self._suspended:
             try:
                 self.dom.resume()
@@ -261,7 +289,11 @@ class SaveEngine:
         self.dom.pause()
 
     def resume(self) -> None:
-        """Let a guest saved with the checkpoint flag (-c) run on."""
+        """Let a suspended guest run on (a save with -c, each Remus epoch, a failure):
+        its device model first, as libxl does: a stopped QEMU serves no I/O."""
+        if self._dm_stopped and self.dm is not None:
+            self.dm.resume()
+            self._dm_stopped = False
         if self._suspended:
             self.dom.resume()
             self._suspended = False

@@ -1,7 +1,9 @@
 """HVM/PVH guests: identity pfn -> gfn, no pagetable rewriting; TSC, HVM_CONTEXT, HVM_PARAMS.
 
-Only PVH (no device model) is supported: an HVM guest with QEMU would also need the
-emulator records of the libxl stream and QEMU's log-dirty, which this engine does not do.
+The pfn space is every gfn up to the highest one in use, holes included (the VGA hole, the
+MMIO hole below 4 GiB): as libxc does, each pfn goes in PAGE_DATA with the type Xen gives
+it, XTAB (no data) for a gfn without memory. An HVM guest's device model (its libxl
+records, QEMU's dirty logging) is not the guest type's business: save/devmodel.py.
 """
 
 from __future__ import annotations

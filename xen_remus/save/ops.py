@@ -103,6 +103,28 @@ class GuestSaveOps(Protocol):
     def close(self) -> None: ...
 
 
+class DeviceModelOps(Protocol):
+    """The device model of an HVM guest (qemu-xen; save/devmodel.py): libxl's part of a
+    save, which the libxc layer does not see."""
+
+    def logdirty(self, enable: bool) -> None:
+        """Whether the device model marks its own writes into guest memory dirty."""
+        ...
+
+    def suspend(self) -> None:
+        """Once the guest is suspended: stop the device model and save its state."""
+        ...
+
+    def resume(self) -> None:
+        """Before the guest resumes: let the device model run again."""
+        ...
+
+    def records(self) -> Sequence[Sequence[Buffer]]:
+        """The libxl records of the state saved last (EMULATOR_XENSTORE_DATA if any,
+        EMULATOR_CONTEXT), framed, for the end of the checkpoint or stream."""
+        ...
+
+
 class Emitter(Protocol):
     """Where records go: frames each record and writes it (writev) at once or buffered.
     Buffers passed in are only valid during the call (pages are unmapped afterwards)."""
@@ -111,12 +133,13 @@ class Emitter(Protocol):
         """[xl header] libxl header, LIBXC_CONTEXT, libxc image and domain headers."""
         ...
 
-    def checkpoint(self) -> None:
-        """libxc CHECKPOINT, then libxl CHECKPOINT_END: the end of an epoch (Remus)."""
+    def checkpoint(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        """libxc CHECKPOINT, the ``emulator`` records (whole, framed), then libxl
+        CHECKPOINT_END: the end of an epoch (Remus)."""
         ...
 
-    def end(self) -> None:
-        """libxc END, then libxl END."""
+    def end(self, emulator: Sequence[Sequence[Buffer]] = ()) -> None:
+        """libxc END, the ``emulator`` records (whole, framed), then libxl END."""
         ...
 
     def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None: ...

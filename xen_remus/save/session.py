@@ -1,6 +1,7 @@
 """One save of one domain, from the command line's point of view: find the domain, take
-its lock, open the Xen handles, pick PV or PVH, run the engine, and leave the guest as the
-caller asked (destroyed, running, or paused) or, on failure, running as it was."""
+its lock, open the Xen handles, pick PV, PVH or HVM (with its device model), run the
+engine, and leave the guest as the caller asked (destroyed, running, or paused) or, on
+failure, running as it was."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from xen_remus.errors import XenRemusError
 from xen_remus.paths import run_dir
+from xen_remus.save.devmodel import DeviceModel, check_hvm_guest
 from xen_remus.save.emit import FdEmitter
 from xen_remus.save.engine import SaveEngine, SaveStats
 from xen_remus.save.hvm import HvmGuest
@@ -105,6 +107,7 @@ class SaveSession:
         self.target = find_domain(self.xc, self.xs, spec)
         self.guest: GuestSaveOps | None = None
         self.dom: XenDomain | None = None
+        self.dm: DeviceModel | None = None  # an HVM guest's qemu-xen
         self.engine: SaveEngine | None = None
 
     def __enter__(self) -> SaveSession:
@@ -121,17 +124,23 @@ class SaveSession:
         elif info.pvh:
             self.guest = HvmGuest(self.xc, domid)
         else:
-            raise XenRemusError(f"domain {domid} is an HVM guest with a device model: only PV "
-                                "and PVH guests are supported by xen-remus save")
+            check_hvm_guest(domid, self.target.name, self.xs,
+                            lambda param: self.xc.hvm_param(domid, param))
+            self.guest = HvmGuest(self.xc, domid)
+            self.dm = DeviceModel(domid, self.xs)
         self.dom = XenDomain(self.xc, self.fmem, self.xs, domid, self.guest.nr_pfns())
         return self.guest
 
     def save(self, fd: int, xl_config: str | None, policy: PrecopyPolicy,
-             what: str = "stream") -> SaveStats:
+             what: str = "stream", handover: bool = False) -> SaveStats:
+        """``handover``: another host takes the guest over (a migration): its device
+        model, if any, lets go of the disk images as it saves its state."""
         guest = self.guest or self.open_guest()
         assert self.dom is not None
         out = FdEmitter(fd, xl_config, what=what)
-        self.engine = SaveEngine(self.dom, guest, out, policy)
+        if self.dm is not None:
+            self.dm.handover = handover
+        self.engine = SaveEngine(self.dom, guest, out, policy, dm=self.dm)
         stats = self.engine.run()
         log.info("domain %d saved (%s): %s, %d bytes, suspend via %s", self.target.domid,
                  what, stats.summary(), out.offset, self.dom.suspend_method)
@@ -143,14 +152,15 @@ class SaveSession:
 
     def release_guest(self) -> None:
         """Unmap what we hold of the guest (p2m, m2p, bitmap, event channel): a domain
-        destroyed while dom0 still maps its pages lingers as a zombie."""
-        for obj in (self.dom, self.guest):
+        destroyed while dom0 still maps its pages lingers as a zombie. Drop the device
+        model's saved state."""
+        for obj in (self.dom, self.guest, self.dm):
             if obj is not None:
                 try:
                     obj.close()
-                except XenRemusError as exc:
+                except (XenRemusError, OSError) as exc:
                     log.warning("closing: %s", exc)
-        self.dom = self.guest = None
+        self.dom = self.guest = self.dm = None
 
     def destroy(self, xl_cmd: Callable[..., str] | None = None) -> None:
         """Destroy the saved domain, as `xl save` and `xl migrate` do on success."""

@@ -70,19 +70,19 @@ def page_data_batches(pfns: npt.NDArray[np.uint64], pages: Sequence[Buffer],
         yield page_data(pfns[i:i + batch], pages[i:i + batch])
 
 
-def end_of_epoch(wrapped: bool, emulator: Sequence[list[Buffer]] = ()) -> list[Buffer]:
+def end_of_epoch(wrapped: bool, emulator: Sequence[Sequence[Buffer]] = ()) -> list[Buffer]:
     """Close a checkpoint: libxc CHECKPOINT, then (libxl streams) the emulator records
     (EMULATOR_XENSTORE_DATA / EMULATOR_CONTEXT) and libxl CHECKPOINT_END."""
     return _close(C.REC_TYPE_CHECKPOINT, C.LIBXL_CHECKPOINT_END, wrapped, emulator)
 
 
-def end_of_stream(wrapped: bool, emulator: Sequence[list[Buffer]] = ()) -> list[Buffer]:
+def end_of_stream(wrapped: bool, emulator: Sequence[Sequence[Buffer]] = ()) -> list[Buffer]:
     """Close a stream: libxc END, then (libxl streams) emulator records and libxl END."""
     return _close(C.REC_TYPE_END, C.LIBXL_END, wrapped, emulator)
 
 
 def _close(libxc_rtype: int, libxl_rtype: int, wrapped: bool,
-           emulator: Sequence[list[Buffer]]) -> list[Buffer]:
+           emulator: Sequence[Sequence[Buffer]]) -> list[Buffer]:
     out = empty(libxc_rtype)
     if wrapped:
         for rec in emulator:

@@ -43,11 +43,14 @@ def make_epoch(pfns: Sequence[int] | npt.NDArray[np.uint64], types: Sequence[int
 
 def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] = (),
                      version: int = 3, vcpus: int = 1, end: bool = True,
-                     batch: int = C.MAX_BATCH_SIZE) -> list[Buffer]:
-    """A complete stream as buffers; more than one epoch makes it checkpointed."""
+                     batch: int = C.MAX_BATCH_SIZE,
+                     config_json: str = '{"c_info": {"name": "guest"}}') -> list[Buffer]:
+    """A complete stream as buffers; more than one epoch makes it checkpointed. An HVM
+    stream in libxl framing carries, as libxl writes them, the emulator records after each
+    epoch's CHECKPOINT and after END; epoch N's EMULATOR_CONTEXT blob is b"QEVM-ctx-N"."""
     wrapped = fmt != "libxc"
     dtype = C.DHDR_TYPE_X86_PV if pv else C.DHDR_TYPE_X86_HVM
-    out = E.stream_start(fmt, dtype, version, config_json='{"c_info": {"name": "guest"}}')
+    out = E.stream_start(fmt, dtype, version, config_json=config_json)
     if pv:
         out += E.record(C.REC_TYPE_X86_PV_INFO, XC.X86PvInfo(8, 4))
     if version >= 3:
@@ -57,11 +60,14 @@ def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] 
     if pv:
         out += E.record(C.REC_TYPE_X86_PV_P2M_FRAMES,
                         XC.X86PvP2mFrames(0, 511, np.array([7], np.uint64)))
-    emu: list[list[Buffer]] = []
-    if wrapped and not pv:
-        emu = [E.record(C.LIBXL_EMULATOR_XENSTORE_DATA,
-                        XL.EmulatorXenstoreData.from_pairs([("physmap/1/size", "abc")])),
-               E.record(C.LIBXL_EMULATOR_CONTEXT, XL.Emulator(2, 0, b"QEVM-ctx"))]
+
+    def emu(n: int) -> list[list[Buffer]]:
+        if not wrapped or pv:
+            return []
+        return [E.record(C.LIBXL_EMULATOR_XENSTORE_DATA,
+                         XL.EmulatorXenstoreData.from_pairs([("physmap/1/size", "abc")])),
+                E.record(C.LIBXL_EMULATOR_CONTEXT, XL.Emulator(2, 0, b"QEVM-ctx-%d" % n))]
+
     for n, ep in enumerate(epochs):
         page_i = 0
         for i in range(0, len(ep.pfns), batch):
@@ -82,7 +88,7 @@ def synthetic_stream(fmt: str = "xl", pv: bool = False, epochs: Sequence[Epoch] 
             out += E.record(C.REC_TYPE_HVM_CONTEXT, XC.HvmContext(b"hvm-context-blob"))
             out += E.record(C.REC_TYPE_HVM_PARAMS, XC.HvmParams([(1, 0x1234), (2, 0xfeed)]))
         if len(epochs) > 1 and (n < len(epochs) - 1 or not end):
-            out += E.end_of_epoch(wrapped, emu)
+            out += E.end_of_epoch(wrapped, emu(n))
     if end:
-        out += E.end_of_stream(wrapped, emu)
+        out += E.end_of_stream(wrapped, emu(len(epochs) - 1))
     return out

@@ -159,13 +159,16 @@ SHADOW_LOGDIRTY_FINAL = 1 << 0
 # PFINFO_* values) in bits 28-31 of each frame's word.
 PFINFO_LTAB_SHIFT = 28
 
-# HVM params (hvm/params.h): those the save path records, and the probes' store/console.
+# HVM params (hvm/params.h): those the save path records, the probes' store/console, and
+# what tells an HVM guest's PV drivers (the event channel callback) and its ACPI sleep.
+HVM_PARAM_CALLBACK_IRQ = 0
 HVM_PARAM_STORE_PFN = 1
 HVM_PARAM_STORE_EVTCHN = 2
 HVM_PARAM_IOREQ_PFN = 5
 HVM_PARAM_BUFIOREQ_PFN = 6
 HVM_PARAM_VIRIDIAN = 9
 HVM_PARAM_IDENT_PT = 12
+HVM_PARAM_ACPI_S_STATE = 14
 HVM_PARAM_CONSOLE_PFN = 17
 HVM_PARAM_ACPI_IOPORTS_LOCATION = 19
 HVM_PARAM_PAGING_RING_PFN = 27
