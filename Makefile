@@ -65,7 +65,7 @@ DEMO_PROTECT ?= xen-remus
 demo: lab-images
 	$(PY) -m lab demo --protect $(DEMO_PROTECT)
 
-# Pacemaker drives xen-remus (UNPROVEN): a two-node cluster in the lab (dom0s with
+# Pacemaker drives xen-remus: a two-node cluster in the lab (dom0s with
 # corosync and pacemaker: their own images, built on first use), kill host A, Pacemaker
 # fences it and promotes B (lab/cluster.py, tests/lab/test_cluster.py).
 cluster-demo: lab-deps venv

@@ -1,4 +1,4 @@
-"""Pacemaker drives xen-remus (lab, two hosts; UNPROVEN, not in ci-tests.txt): a two-node
+"""Pacemaker drives xen-remus (lab, two hosts; not in ci-tests.txt): a two-node
 cluster (lab/cluster.py) with fencing (lab/dom0tools/fence_xenlab, answered by this
 machine killing a QEMU) and one guest as a promotable clone of the OCF agent
 xen-remus:protected-guest. The guest runs on A, protected to B; host A is killed:
