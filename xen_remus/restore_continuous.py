@@ -180,6 +180,9 @@ class ContinuousRestore:
     sender's GO) are left in ``trailing``. ``rewrite`` maps a record to the buffers to
     forward instead of its wire bytes (the xen-remus channel: our records vanish,
     compressed pages become PAGE_DATA); it may raise ChannelError/CompressionError.
+    ``on_header`` gets the xl header as soon as it is decoded, before any later record of
+    the same bytes is rewritten (the channel's disk records need the guest's config);
+    HeaderSeen still reports it among the decisions.
     """
 
     def __init__(self, checkpointed: bool, max_epoch_bytes: int = DEFAULT_MAX_EPOCH_BYTES,
@@ -187,6 +190,7 @@ class ContinuousRestore:
         self.checkpointed = checkpointed
         self.max_epoch_bytes = max_epoch_bytes
         self.rewrite = rewrite
+        self.on_header: Callable[[XlHeader], None] | None = None
         self.dec = Decoder(fmt=None, checkpointed=checkpointed, relay=True)
         self.dec.max_item = max_epoch_bytes
         self.committed: int | None = None  # last epoch the sink has whole
@@ -247,6 +251,8 @@ class ContinuousRestore:
     def _take(self, events: Sequence[Event]) -> None:
         for ev in events:
             if isinstance(ev, XlHeader):
+                if self.on_header is not None:
+                    self.on_header(ev)
                 self._out.append(HeaderSeen(ev))
             if isinstance(ev, StreamEnd):
                 self._forward()

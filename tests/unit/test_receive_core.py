@@ -64,6 +64,21 @@ def test_the_header_comes_first_then_the_initial_copy_streams_through() -> None:
     assert core.committed == 0 and not core.finished
 
 
+def test_on_header_runs_before_any_record_of_the_same_bytes_is_rewritten() -> None:
+    """The rewrite of a disk's records needs the guest's config: with the header and the
+    records in one read, the header must be known before the first record is taken."""
+    seen: list[str] = []
+
+    def rewrite(rec: Record, room: int) -> None:
+        seen.append(rec.name)
+
+    core = ContinuousRestore(checkpointed=True, rewrite=rewrite)
+    core.on_header = lambda hdr: seen.append("header")
+    data = stream(2, end=False)
+    core.feed(data)  # all of it in one read
+    assert seen[0] == "header" and len(seen) > 1 and seen.count("header") == 1
+
+
 def test_a_later_epoch_is_forwarded_only_whole_then_committed() -> None:
     data = stream(3, end=False)
     ends = epoch_ends(data)

@@ -78,9 +78,11 @@ class Relay:
 
     ``feed``/``eof`` return None while the stream goes on, or the Outcome once it ended;
     an Abort raises ReceiveError (after ``sink.abort``). ``on_header`` sees the xl header
-    (the guest's config) before its bytes go on; ``on_commit`` each epoch the sink has
-    whole, after ``sink.committed``. At a failover, ``fence`` first (it raises to refuse
-    the resume, leaving the sink as it leaves it), then ``on_failover``, then the sink.
+    (the guest's config) as soon as it is decoded: before its bytes go on, and before
+    any record that came with it in the same read (a disk's first frames) is taken;
+    ``on_commit`` each epoch the sink has whole, after ``sink.committed``. At a failover,
+    ``fence`` first (it raises to refuse the resume, leaving the sink as it leaves it),
+    then ``on_failover``, then the sink.
     ``on_stop`` gets the reason before a refusal or an abort and returns whether the
     primary was told it (a CLOSE frame).
     ``timeline`` gets the failover's phases (the sink marks its own on it too) and is
@@ -94,6 +96,7 @@ class Relay:
         self.sink = sink
         self.timeline = timeline if timeline is not None else T.FailoverTimeline()
         self.core = ContinuousRestore(checkpointed, max_epoch_bytes, rewrite)
+        self.core.on_header = self._header
         self.outcome: Outcome | None = None
         self.on_header: Callable[[XlHeader], None] | None = None
         self.on_commit: Callable[[int], None] | None = None
@@ -112,6 +115,10 @@ class Relay:
     def feed(self, data: bytes) -> Outcome | None:
         return self._act(self.core.feed(data))
 
+    def _header(self, header: XlHeader) -> None:
+        if self.on_header is not None:
+            self.on_header(header)
+
     def eof(self, why: str | None = None) -> Outcome:
         """The input ended; ``why`` (e.g. a heartbeat timeout) goes into the log line."""
         out = self._act(self.core.eof(why))
@@ -121,9 +128,8 @@ class Relay:
     def _act(self, decisions: list[Decision]) -> Outcome | None:
         for d in decisions:
             match d:
-                case HeaderSeen(header):
-                    if self.on_header is not None:
-                        self.on_header(header)
+                case HeaderSeen():
+                    pass  # on_header had it from the core, in stream order (_header)
                 case Forward(bufs):
                     self.sink.send(bufs)
                 case Committed(epoch):
