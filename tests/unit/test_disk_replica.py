@@ -3,6 +3,8 @@
 The property: random writes, flushes and seals on the primary, the primary killed anywhere
 in its stream (mid-frame too), the backup fed whatever arrived in any chunking: after
 failover the backup's image is exactly the model replayed through the last committed epoch.
+Here the memory checkpoint's commit is a coin toss; test_disk_failover.py checks the same
+property through the production ends (disk daemon, epoch loop, receiver and its ACKs).
 """
 
 from __future__ import annotations
