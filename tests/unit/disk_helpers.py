@@ -19,6 +19,8 @@ from xen_remus.disk.store import DEFAULT_MEMORY_CEILING, EpochStore
 T = TypeVar("T")
 
 IO_TIMEOUT = 10.0  # seconds for any one client step
+# An NBD operation: ("w" | "fua", offset, length, byte) or ("flush", 0, 0, 0).
+Op = tuple[str, int, int, int]
 
 
 def client_flags(flags: int = nbd.FLAG_C_FIXED_NEWSTYLE) -> bytes:
@@ -214,3 +216,34 @@ class Replicated:
             self.st.run(self._stop_listening)
         finally:
             self.st.__exit__()
+
+
+class ClientThread:
+    """An NBD client of the daemon, in its own loop (the guest's blkfront, as it were)."""
+
+    def __init__(self, sock: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client = self.run(lambda: Client.connect(sock))
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async def go() -> T:
+            return await fn()
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(IO_TIMEOUT)
+
+    def do(self, op: Op) -> None:
+        kind, off, n, byte = op
+        if kind == "flush":
+            err = self.run(self.client.flush)
+        else:
+            err = self.run(lambda: self.client.write(off, bytes([byte]) * n, fua=kind == "fua"))
+        assert err == 0, f"NBD {kind} at {off} ({n} bytes): error {err}"
+
+    def close(self) -> None:
+        try:
+            self.run(self.client.disc)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(IO_TIMEOUT)
+            self.loop.close()

@@ -54,6 +54,8 @@ def test_commands_that_stop_before_the_work_load_nothing_heavy(tmp_path: Path) -
     assert loaded("status", "--dir", str(tmp_path)) == ["0"]
     assert loaded("migrate-receive", "-r", "--max-epoch-mib", "0") == ["2"]
     assert loaded("protect", "-i", "0", "g1", "hostb") == ["2"]
+    assert loaded("disk", "serve", "/x.img", "--nbd", "/n", "--replica", "/r",
+                  "--max-unacked", "0") == ["2"]
 
 
 def test_reading_a_stream_does_load_numpy(tmp_path: Path) -> None:

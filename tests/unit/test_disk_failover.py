@@ -18,7 +18,6 @@ Before any ACK it resumes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -29,22 +28,24 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeDomain, FakeGuest
-from tests.unit.disk_helpers import Client
+from tests.unit.disk_helpers import ClientThread, Op
 from tests.unit.test_disk_protect import Daemon
 from tests.unit.test_protect_loop import PAGES, memory_at_each_epoch
 from xen_remus.channel import wire
-from xen_remus.channel.ends import Config, ReceiverChannel, SenderChannel
+from xen_remus.channel.ends import Config
 from xen_remus.channel.link import SenderLink
 from xen_remus.channel.negotiate import OfferReader
+from xen_remus.channel.receiver import ReceiverChannel
+from xen_remus.channel.sender import SenderChannel
 from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
 from xen_remus.cli.protect_run import _await_offer, read_banner
@@ -60,47 +61,13 @@ from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.records import Record
 from xen_remus.xlproto import BANNER
 
-T = TypeVar("T")
 SIZE = 4 << 20  # four synchronisation chunks
 CHUNK = 1 << 20
 GENERATION = 5
 IO_TIMEOUT = 20.0
-# An NBD operation: ("w" | "fua", offset, length, byte) or ("flush", 0, 0, 0).
-Op = tuple[str, int, int, int]
 
 
 # -- the primary, recorded ------------------------------------------------------------------
-class ClientThread:
-    """An NBD client of the daemon, in its own loop (the guest's blkfront, as it were)."""
-
-    def __init__(self, sock: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.client = self.run(lambda: Client.connect(sock))
-
-    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async def go() -> T:
-            return await fn()
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(IO_TIMEOUT)
-
-    def do(self, op: Op) -> None:
-        kind, off, n, byte = op
-        if kind == "flush":
-            err = self.run(self.client.flush)
-        else:
-            err = self.run(lambda: self.client.write(off, bytes([byte]) * n, fua=kind == "fua"))
-        assert err == 0, f"NBD {kind} at {off} ({n} bytes): error {err}"
-
-    def close(self) -> None:
-        try:
-            self.run(self.client.disc)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(IO_TIMEOUT)
-            self.loop.close()
-
-
 class Tee:
     """Between the primary's socket and the live backup's: relays both ways, keeping a
     copy of every byte the primary sent; the primary's close reaches the backup as EOF."""

@@ -6,6 +6,7 @@ and applies an epoch only at its commit; a failover drops every later write."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import threading
 
 import pytest
 
+from tests.unit.disk_helpers import ClientThread
 from tests.unit.test_devices_netbuf import FakeStore
 from xen_remus.channel import wire
 from xen_remus.channel.errors import ChannelError
@@ -21,6 +23,7 @@ from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.disk.daemon import ReplicatedDiskDaemon
 from xen_remus.disk.persist import BLOCK, DirtyBitmap, ReplicaRecord
 from xen_remus.disk.remote import SocketControl
+from xen_remus.disk.replica import DEFAULT_CAP, HEADER_SIZE
 from xen_remus.disk.sync import SyncProgress
 
 SIZE = 4 << 20
@@ -29,10 +32,10 @@ SIZE = 4 << 20
 class Daemon:
     """The disk daemon in its own loop thread, as block-remus runs it in dom0."""
 
-    def __init__(self, image: str, d: str) -> None:
+    def __init__(self, image: str, d: str, cap: int = DEFAULT_CAP) -> None:
         self.nbd, self.replica = os.path.join(d, "nbd"), os.path.join(d, "replica")
         self.loop = asyncio.new_event_loop()
-        self.daemon = ReplicatedDiskDaemon(image, self.nbd, self.replica)
+        self.daemon = ReplicatedDiskDaemon(image, self.nbd, self.replica, cap)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.daemon.start(), self.loop).result(10)
@@ -188,6 +191,50 @@ def test_a_matching_replica_is_skipped_and_a_lost_backup_resyncs_its_dirty_block
     bm = DirtyBitmap(primary, SIZE)
     assert bm.trusted and bm.base == (9, 0) and bm.runs() == [(3 << 20, 64 << 10)]
     bm.close()
+
+
+def test_at_its_cap_the_daemon_holds_guest_writes_until_the_backup_acks(
+        tmp: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon's backlog bound (`disk serve --max-unacked`): once the writes the
+    backup has not ACKed reach it, the next write waits, and goes on at the ACK."""
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    cap = 2 * (HEADER_SIZE + 32768)
+    d = Daemon(primary, tmp, cap=cap)
+    replicas = DiskReplicas({"xvda": backup}.get)
+    r = Relay(replicas)
+    ctl = SocketControl("xvda", d.replica, r.into_checkpoint, generation=3)
+    client = ClientThread(d.nbd)
+    try:
+        ctl.connect()
+        r.sync(ctl)
+        ctl.seal(0)
+        r.deliver(0)
+        replicas.commit(0)
+        ctl.commit(0)
+        third = threading.Thread(target=client.do, args=(("w", 65536, 32768, 0x43),))
+        with caplog.at_level(logging.INFO, logger="xen_remus.disk.server"):
+            for i in range(2):  # up to the cap: answered at once
+                client.do(("w", i * 32768, 32768, 0x41 + i))
+            third.start()
+            third.join(0.5)
+            assert third.is_alive(), "a write past the cap was taken"
+            ctl.seal(1)  # the guest suspended: the two writes are epoch 1's
+            r.deliver(1)
+            replicas.commit(1)
+            ctl.commit(1)  # the backup's ACK: room again
+            third.join(10)
+        assert not third.is_alive(), "the write past the cap never went on after the ACK"
+        assert "replication backlog at its cap" in caplog.text
+        ctl.seal(2)
+        r.deliver(2)
+        replicas.commit(2)
+        assert read(backup) == read(primary)
+    finally:
+        client.close()
+        ctl.disconnect()
+        replicas.close()
+        d.close()
 
 
 def test_a_bad_record_breaks_the_epoch_naming_the_disk(tmp: str) -> None:

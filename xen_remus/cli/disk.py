@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from xen_remus.disk.replica import DEFAULT_CAP
 from xen_remus.errors import UsageError
 from xen_remus.paths import XEN_SCRIPTS_DIR as SCRIPTS_DIR
 
@@ -38,6 +39,10 @@ def register(sub: Any) -> None:
     s.add_argument("--nbd", required=True, metavar="SOCK", help="NBD Unix socket path")
     s.add_argument("--replica", required=True, metavar="SOCK",
                    help="replication Unix socket path")
+    s.add_argument("--max-unacked", type=_mib, default=DEFAULT_CAP >> 20, metavar="MIB",
+                   help="replicated bytes the backup has not ACKed at which guest I/O waits"
+                        f" (default {DEFAULT_CAP >> 20} MiB; block-remus passes "
+                        "XEN_REMUS_DISK_MAX_UNACKED_MIB from /etc/default/xen-remus)")
     s.set_defaults(func=cmd_serve)
     i = cmds.add_parser("install-script", help=f"install the {SCRIPT} hotplug script",
                         description=f"Copy the {SCRIPT} block hotplug script into DIR "
@@ -55,8 +60,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s xen-remus disk: %(message)s")
-    asyncio.run(serve(args.image, args.nbd, args.replica))
+    asyncio.run(serve(args.image, args.nbd, args.replica, cap=args.max_unacked << 20))
     return 0
+
+
+def _mib(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB (1 or more)")
+    return n
 
 
 def cmd_install_script(args: argparse.Namespace) -> int:

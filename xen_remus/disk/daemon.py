@@ -28,7 +28,7 @@ import signal
 from xen_remus.disk.errors import DiskError
 from xen_remus.disk.link import ReplicaSender
 from xen_remus.disk.persist import DirtyBitmap
-from xen_remus.disk.replica import BASE, NEED, SEAL, START, Frame
+from xen_remus.disk.replica import BASE, DEFAULT_CAP, NEED, SEAL, START, Frame
 from xen_remus.disk.server import DiskServer
 from xen_remus.disk.sync import synchronise
 
@@ -41,9 +41,11 @@ class ReplicatedDiskDaemon:
     """``image`` served on ``nbd_socket``; replicated to whoever connects to
     ``replica_socket`` (one connection at a time)."""
 
-    def __init__(self, image: str, nbd_socket: str, replica_socket: str) -> None:
+    def __init__(self, image: str, nbd_socket: str, replica_socket: str,
+                 cap: int = DEFAULT_CAP) -> None:
         self.server = DiskServer(image, nbd_socket)
         self.replica_socket = replica_socket
+        self.cap = cap  # unACKed bytes at which guest I/O waits (replica.DEFAULT_CAP)
         self.sender: ReplicaSender | None = None
         self.bitmap: DirtyBitmap | None = None
         self.generation = 0  # of the protection in progress (its START)
@@ -95,8 +97,8 @@ class ReplicatedDiskDaemon:
             self.bitmap.restart()
         self._synced.clear()
         self._answers = asyncio.Queue()
-        sender = ReplicaSender(reader, writer, first_epoch=0, on_request=self._request,
-                               from_loop=True, on_ack=self._acked)
+        sender = ReplicaSender(reader, writer, first_epoch=0, cap=self.cap,
+                               on_request=self._request, from_loop=True, on_ack=self._acked)
         self.sender = self.server.sink = sender
         log.info("%s: replicating", self.server.name)
         try:
@@ -170,9 +172,9 @@ class ReplicatedDiskDaemon:
 
 
 async def serve(image: str, nbd_socket: str, replica_socket: str,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None, cap: int = DEFAULT_CAP) -> None:
     """Serve until SIGTERM or SIGINT."""
-    daemon = ReplicatedDiskDaemon(image, nbd_socket, replica_socket)
+    daemon = ReplicatedDiskDaemon(image, nbd_socket, replica_socket, cap)
     await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

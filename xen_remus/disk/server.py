@@ -30,6 +30,7 @@ from xen_remus.disk.persist import DirtyBitmap
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024  # bytes read from the client at a time
+STALL_LOG_EVERY = 5.0  # s between log lines about a replication backlog at its cap
 
 
 class WriteSink(Protocol):
@@ -93,6 +94,7 @@ class DiskServer:
         self._fd = -1
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stall_said = -STALL_LOG_EVERY  # loop time of the last stall log line
 
     @property
     def name(self) -> str:
@@ -197,9 +199,8 @@ class DiskServer:
                 out.append(nbd.simple_reply(ev.handle, err))
                 sink = self.sink
                 if sink is not None and sink.full:
-                    self.stats.stalls += 1
                     await send()
-                    await sink.wait_room()
+                    await self._stall(sink)
             elif isinstance(ev, nbd.Flush):
                 await send()
                 out.append(nbd.simple_reply(ev.handle, await self._sync(f"FLUSH {ev.handle}")))
@@ -213,9 +214,18 @@ class DiskServer:
                 await send()
                 sink = self.sink
                 if sink is not None and sink.full:  # another connection filled it
-                    self.stats.stalls += 1
-                    await sink.wait_room()
+                    await self._stall(sink)
                 conn.receive_data(await reader.read(READ_CHUNK))
+
+    async def _stall(self, sink: WriteSink) -> None:
+        """The replication backlog is at its cap: take no request until there is room."""
+        self.stats.stalls += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._stall_said >= STALL_LOG_EVERY:
+            self._stall_said = now
+            log.info("%s: replication backlog at its cap: guest I/O waits for the backup's "
+                     "ACK (%d stalls so far)", self.name, self.stats.stalls)
+        await sink.wait_room()
 
     def _read(self, ev: nbd.Read) -> tuple[bytes, ...]:
         """The reply to a READ: header and data, or an error header."""
