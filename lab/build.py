@@ -54,7 +54,10 @@ DOM0_MODULES = (
 # Only in the cluster lab's dom0s (Lab(cluster=True), lab/cluster.py): Pacemaker and
 # corosync, and sshd, the transport `xen-remus protect` starts the receiver through.
 CLUSTER_PACKAGES = "corosync pacemaker pacemaker-cli-utils openssh-server".split()
-GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko")
+# ext4 and what it needs (modinfo depends/softdep), for the guests with an ext4 disk.
+GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko",
+                 "lib/crc16.ko", "fs/mbcache.ko", "crypto/crc32c_generic.ko",
+                 "fs/jbd2/jbd2.ko", "fs/ext4/ext4.ko")
 # Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP.
 PATTERN_LINES = 4096
 

@@ -29,6 +29,7 @@ class GuestSpec:
     ip: str = "169.254.20.1"
     mac: str = "00:16:3e:00:00:01"
     disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
+    cmdline: str = ""  # more kernel arguments for the workload, e.g. "xenlab_disk=ext4"
 
     def __post_init__(self) -> None:
         if not self.memory:
@@ -44,7 +45,7 @@ class GuestSpec:
             "vcpus = 1",
             f'kernel = "{images}/vmlinux"',  # uncompressed: no xz in xl under TCG
             f'ramdisk = "{images}/initrd.gz"',
-            f'extra = "console=hvc0 quiet xenlab_ip={self.ip}/16"',
+            f'extra = "console=hvc0 quiet xenlab_ip={self.ip}/16{self._more()}"',
             f"vif = [ 'bridge=xenbr0,mac={self.mac}' ]",
             'on_crash = "preserve"',
         ]
@@ -68,7 +69,7 @@ class GuestSpec:
             "vcpus = 1",
             f'kernel = "{images}/vmlinuz"',
             f'ramdisk = "{images}/initrd.gz"',
-            f'extra = "console=ttyS0 console=hvc0 quiet xenlab_ip={self.ip}/16"',
+            f'extra = "console=ttyS0 console=hvc0 quiet xenlab_ip={self.ip}/16{self._more()}"',
             f"vif = [ 'bridge=xenbr0,mac={self.mac},type=vif' ]",
             "serial = 'pty'",
             "vnc = 0",
@@ -79,6 +80,9 @@ class GuestSpec:
         if self.disk:
             lines.append(f"disk = [ '{self.disk}' ]")
         return "\n".join(lines) + "\n"
+
+    def _more(self) -> str:
+        return f" {self.cmdline}" if self.cmdline else ""
 
     def write(self, host: Host) -> str:
         """Write the config to the lab share; return its path as every dom0 sees it."""

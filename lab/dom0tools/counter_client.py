@@ -3,7 +3,8 @@
 usage: python3 counter_client.py IP PORT SECONDS
 Sends a line every 0.2 s and prints one JSON line per event, flushed at once (the output
 lives on the share, so it survives the kill of the other host):
-  {"t": UNIX_TIME, "counter": N, "bootid": B}   a reply
+  {"t": UNIX_TIME, "counter": N, "bootid": B}   a reply (port 7000)
+  {"t": UNIX_TIME, "durable": N, "bootid": B}   a reply of the ext4 workload (port 7001)
   {"t": UNIX_TIME, "event": "connected" | "closed" | "error", "detail": ...}
 Once connected it never reconnects: the point is whether this one connection survives
 a failover.
@@ -58,8 +59,9 @@ def main(argv: list[str]) -> int:
             line, buf = buf.split(b"\n", 1)
             f = dict(kv.split("=", 1) for kv in line.decode(errors="replace").split()
                      if "=" in kv)
-            if "counter" in f:
-                say(counter=int(f["counter"]), bootid=f.get("bootid", ""))
+            for key in ("counter", "durable"):
+                if key in f:
+                    say(**{key: int(f[key])}, bootid=f.get("bootid", ""))
     say(event="done")
     return 0
 
