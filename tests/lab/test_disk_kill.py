@@ -20,7 +20,9 @@ Host A is killed (SIGKILL of its QEMU) at each of these moments, one fresh lab e
 Then on B: the guest runs; it checks its disk (O_DIRECT) against its in-memory log (no
 block it does not know of, none it wrote missing); it unmounts the file system; once it
 is stopped, in B's dom0, every number the client was told is in the image's sequence
-file (debugfs) and `fsck.ext4 -fn` finds the file system clean.
+file (debugfs) and `fsck.ext4 -fn` finds the file system clean; and a copy of B's image
+taken right after the failover (guest paused for it) passes `e2fsck -fy` as a crashed
+ext4 does: the journal replayed, nothing fixed but the free block and inode counts.
 
 Each case boots its own two hosts (the kill ends the lab): about 3 min for ``sync`` and
 4-5 min for each other case on an idle machine; bounded at 20 min each.
@@ -41,9 +43,10 @@ from lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 
-IMAGE = "/root/dk.img"
+IMAGE = "/root/dke.img"
+CRASH_COPY = "/root/dke-failover.img"
 MIB = 32  # about 10 s of synchronisation over the lab's link when every chunk differs
-PORT = 8009
+PORT = 8014
 DURABLE_PORT = 7001  # lab/guest/dsrv
 ASK = "python3 /mnt/project/lab/dom0tools/guest_ask.py"
 CAP_MIB = 2  # the backlog case's cap on unACKed replication bytes (A's disk daemon)
@@ -143,7 +146,7 @@ def kill_during_sync(a: Host, b: Host, spec: GuestSpec, recv: Job, send: Job) ->
 @pytest.mark.parametrize("moment", ["sync", "steady", "after-ack", "flush", "backlog"])
 def test_ext4_disk_host_kill(lab_two: Lab, moment: str) -> None:
     a, b = lab_two.a, lab_two.b
-    spec = GuestSpec(name="dk", ip="169.254.20.33", mac="00:16:3e:00:00:33",
+    spec = GuestSpec(name="dke", ip="169.254.20.36", mac="00:16:3e:00:00:36",
                      disk=disk.spec_line(IMAGE),
                      cmdline=WORKLOAD.get(moment, "xenlab_disk=ext4"))
     t0 = time.monotonic()
@@ -181,6 +184,10 @@ def test_ext4_disk_host_kill(lab_two: Lab, moment: str) -> None:
         print(f"\n[{moment}] killed host A in {landed}; client told up to "
               f"{max(before, default=None)} before; guest running on B {running:.1f} s "
               f"after the kill ({t_setup:.0f} s of set-up)")
+        # B's disk as the failover left it (the guest paused a moment for the copy): a
+        # crash-consistent ext4, checked once the test is done with B.
+        b.run(f"xl pause {spec.name} && cp {IMAGE} {CRASH_COPY}; xl unpause {spec.name}",
+              timeout=120, check=True)
         resumed = re.search(r"resuming from epoch (\d+)", recv.stderr())
         print(f"[{moment}] B: {resumed[0] if resumed else 'no resume line'}; "
               f"A's last ACK: epoch {acked(send)}")
@@ -200,6 +207,10 @@ def test_ext4_disk_host_kill(lab_two: Lab, moment: str) -> None:
         blocks = disk.ext4_seq_blocks(b, IMAGE)
         blocks.check_told(numbers, boots.pop())
         report = disk.fsck(b, IMAGE)
+        crash = disk.fsck_crashed(b, CRASH_COPY)
+        print(f"[{moment}] B's image at the failover, fsck'd as a crash image: "
+              f"{'journal replayed' if 'recovering journal' in crash else 'no journal to replay'}"
+              f"; {crash.strip().splitlines()[-1]}")
         print(f"[{moment}] B's image: every one of {len(numbers)} told numbers (up to "
               f"{max(numbers)}) on disk; fsck.ext4 -fn clean: {report.strip().splitlines()[-1]}"
               f"; {time.monotonic() - t_kill:.0f} s from the kill to here")

@@ -135,3 +135,24 @@ def test_ext4_guest_config_carries_the_workload_arguments() -> None:
     assert order == ["crc16", "mbcache", "crc32c_generic", "jbd2", "ext4"]
     assert set(order) <= set(mods), "init loads a module the build does not put in the guest"
     assert os.access(GUEST / "dseq", os.X_OK) and os.access(GUEST / "dsrv", os.X_OK)
+
+
+CRASHED = """crash.img: recovering journal
+Pass 1: Checking inodes, blocks, and sizes
+Pass 5: Checking group summary information
+Free blocks count wrong (6643, counted=6443).
+Fix? yes
+
+Free inodes count wrong (8181, counted=8131).
+Fix? yes
+
+crash.img: ***** FILE SYSTEM WAS MODIFIED *****
+"""
+
+
+def test_a_crash_image_may_need_its_free_counts_fixed_and_nothing_else() -> None:
+    assert disk.crash_fsck_problems(CRASHED) == []  # as e2fsck 1.47 said of a crash copy
+    torn = CRASHED.replace("Pass 5", "Inode 12 has EXTENTS_FL flag set on filesystem "
+                           "without extents support.\nFix? yes\n\nPass 5")
+    assert disk.crash_fsck_problems(torn) == [
+        "Inode 12 has EXTENTS_FL flag set on filesystem without extents support."]
