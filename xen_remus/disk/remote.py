@@ -144,20 +144,26 @@ class SocketControl:
         self._send(sock, seal_frame(epoch), f"asking for the seal of epoch {epoch}")
         timeout = FIRST_SEAL_TIMEOUT if self.sealed < 0 else SEAL_TIMEOUT
         deadline = time.monotonic() + timeout
-        while (done := self._through_seal(epoch)) is None:
+        done = self._through_seal(epoch, 0)
+        while done is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeviceError(f"{self.name}: the server did not seal epoch {epoch} "
                                   f"within {timeout:g} s")
             frames = self._recv(sock, left, f"before sealing epoch {epoch}")
-            if frames is not None:
+            if frames:
+                new = len(self._frames)
                 self._frames += frames
+                done = self._through_seal(epoch, new)
         self.sealed = epoch
         self._hand_on(done)
 
-    def _through_seal(self, epoch: int) -> list[Frame] | None:
-        """The frames up to and including SEAL(epoch), once it arrived."""
-        for i, f in enumerate(self._frames):
+    def _through_seal(self, epoch: int, start: int) -> list[Frame] | None:
+        """The frames up to and including SEAL(epoch), once it arrived; looked for from
+        ``start`` (those before were looked at already: a busy epoch has tens of
+        thousands of frames, arriving a few at a time while the guest is suspended)."""
+        for i in range(start, len(self._frames)):
+            f = self._frames[i]
             if f.kind == SEAL and f.epoch == epoch:
                 done = self._frames[:i + 1]
                 del self._frames[:i + 1]
