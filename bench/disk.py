@@ -19,9 +19,11 @@ Figures: IOPS of the 4K jobs and MiB/s of the 128K one per target; per job the r
 <job>_unreplicated_vs_<loop or file> and <job>_replicated_vs_unreplicated (target:
 replication keeps at least half); the checkpoint pause's median with the disk idle and
 during each replicated job, and pause_<job>_vs_idle (target: a busy disk makes the pause
-at most 1.1x longer). The pause here is the in-memory guest's (its dirty pages copied, no
-hypervisor: a few ms), so the disk's share of it shows larger than beside a real guest's
-pause (70-86 ms in the lab under TCG, docs/MEASUREMENTS.md).
+at most 1.1x longer). The jobs alternate between the two daemons, and "idle" is while a
+job runs on the unprotected one, so that both pauses are taken under the same load. The
+pause here is the in-memory guest's (its dirty pages copied, no hypervisor: a few ms), so
+the disk's share of it shows larger than beside a real guest's pause (70-86 ms in the lab
+under TCG, docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -113,9 +115,11 @@ def _baseline(image: str) -> Iterator[tuple[str, str]]:
 
 @contextmanager
 def _daemon(d: str, image: str) -> Iterator[tuple[list[str], str]]:
-    """`xen-remus disk serve` for ``image``: (fio's nbd target, its replication socket)."""
+    """`xen-remus disk serve` for ``image``, its sockets, state and log in ``d``: (fio's nbd
+    target, its replication socket)."""
+    os.makedirs(d, exist_ok=True)
     nbd, replica = os.path.join(d, "nbd.sock"), os.path.join(d, "replica.sock")
-    env = dict(os.environ, PYTHONPATH=str(REPO), XEN_REMUS_STATE_DIR=os.path.join(d, "st-a"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XEN_REMUS_STATE_DIR=os.path.join(d, "st"))
     with open(os.path.join(d, "daemon.log"), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "xen_remus", "disk", "serve", image,
                                  "--nbd", nbd, "--replica", replica], env=env,
@@ -181,16 +185,19 @@ def _receiver(path: str, d: str, ready: MpEvent) -> None:
     sys.exit(0 if out.kind == "failover" else 3)
 
 
-def _protected(d: str, uri: list[str], replica: str, backup: str
-               ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """The jobs with the daemon protected into a receiver process: their figures, and the
-    checkpoint pauses (ms) by phase ("idle" or the job)."""
+def _protected(d: str, plain: list[str], uri: list[str], replica: str, backup: str
+               ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """Each job on the unprotected daemon (``plain``), then on the daemon protected into a
+    receiver process (``uri``, ``replica``), alternately (a loaded host drifts): their
+    figures, and the checkpoint pauses (ms) by phase: "idle" while the job runs on the
+    other daemon (the same load on this host's cores, no write to the protected disk), or
+    the job."""
     ctx = multiprocessing.get_context("spawn")  # not fork: this process has threads
     ready, rsock = ctx.Event(), os.path.join(d, "recv.sock")
     proc = ctx.Process(target=_receiver, args=(rsock, d, ready), daemon=True)
     proc.start()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    figures: dict[str, float] = {}
+    figures: dict[str, dict[str, float]] = {"unreplicated": {}, "replicated": {}}
     pauses: dict[str, list[float]] = {}
     try:
         while not ready.wait(0.1):
@@ -240,12 +247,20 @@ def _protected(d: str, uri: list[str], replica: str, backup: str
                     raise RuntimeError(f"protection did not start: {failed or 'timeout'}")
                 time.sleep(IDLE_S)
                 for job in JOBS:
+                    phase[0] = "idle"
+                    figures["unreplicated"][job] = _fio(job, plain)
                     phase[0] = job
-                    figures[job] = _fio(job, uri)
+                    figures["replicated"][job] = _fio(job, uri)
                     if failed:
                         raise RuntimeError(f"protection failed during {job}: {failed[0]}")
                 phase[0] = "after"
-                time.sleep(3 * INTERVAL_S)  # the last writes sealed into a checkpoint
+                # fio's writes are all done: the checkpoint after the one in progress
+                # holds the last of them; wait until the backup committed it.
+                last, deadline = loop.sent + 2, time.monotonic() + 120
+                while loop.epoch < last and not failed:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"epoch {last} not committed within 120 s")
+                    time.sleep(0.05)
             finally:
                 loop.stop()
                 th.join(120)
@@ -271,11 +286,11 @@ def run() -> dict[str, float]:
         with _baseline(_image(os.path.join(d, "base"))) as (base, path):
             res = {base: {job: _fio(job, ["--ioengine", "libaio", "--direct", "0",
                                           "--filename", path]) for job in JOBS}}
-        with _daemon(d, _image(os.path.join(d, "u"))) as (uri, _replica):
-            res["unreplicated"] = {job: _fio(job, uri) for job in JOBS}
         primary, backup = _image(os.path.join(d, "a")), _image(os.path.join(d, "b"))
-        with _daemon(d, primary) as (uri, replica):
-            res["replicated"], pauses = _protected(d, uri, replica, backup)
+        with _daemon(os.path.join(d, "du"), _image(os.path.join(d, "u"))) as (
+                plain, _), _daemon(os.path.join(d, "da"), primary) as (uri, replica):
+            both, pauses = _protected(d, plain, uri, replica, backup)
+            res.update(both)
             if not filecmp.cmp(primary, backup, shallow=False):
                 raise RuntimeError("the backup's image differs from the primary's after "
                                    "the jobs")
