@@ -69,7 +69,11 @@ def kill_at(moment: str, a: Host, send: Job, spec: GuestSpec) -> str:
     """Wait for ``moment``, kill host A at once; returns what the kill landed in."""
     if moment in ("steady", "after-ack"):
         nxt = acked(send) + 1
-        send.wait_output(rf"(?m)^epoch {nxt}: ", 120, stderr=True)
+        deadline = time.monotonic() + 120
+        while acked(send) < nxt:  # the sender's stderr is on the share: read here, often
+            if send.done() or time.monotonic() > deadline:
+                raise LabError(f"no ACK of epoch {nxt} in 120 s: {send.stderr()[-2000:]}")
+            time.sleep(0.02)
         if moment == "steady":
             time.sleep(MID_EPOCH_S)
         a.kill()
