@@ -50,6 +50,7 @@ from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
 from xen_remus.cli.protect_run import _await_offer, read_banner
 from xen_remus.devices.base import Device, DeviceSet
+from xen_remus.generation import GenerationStore
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
 from xen_remus.restore_continuous import Outcome, ReceiveError
@@ -291,12 +292,14 @@ class AfterKill:
     image: bytes  # the replica after the receive ended
 
 
-def replay(rec: Recording, cut: int, mutate: Callable[[bytes], bytes] = lambda b: b
-           ) -> AfterKill:
-    """A fresh backup (its replica and state as before the protection) reads what the
-    primary sent up to byte ``cut``, then the stream ends: the primary is dead."""
+def replay(rec: Recording, cut: int, mutate: Callable[[bytes], bytes] = lambda b: b,
+           before: Callable[[], object] = lambda: None) -> AfterKill:
+    """A fresh backup (its replica and state as before the protection, then ``before()``)
+    reads what the primary sent up to byte ``cut``, then the stream ends: the primary is
+    dead."""
     with tempfile.TemporaryDirectory(prefix="xr-kill-") as d, own_state(d):
         Path(rec.replica).write_bytes(rec.replica_at_start)
+        before()
         src, back = os.path.join(d, "in"), os.path.join(d, "out")
         Path(src).write_bytes(mutate(rec.stream[:cut]))
         sink = _Sink()
@@ -428,3 +431,19 @@ def test_an_epoch_without_its_disk_seal_is_never_acked_nor_resumed(tmp: str) -> 
     assert isinstance(after.outcome, ReceiveError), after.outcome
     assert "epoch 2" in str(after.outcome), after.outcome
     assert after.image == rec.disk[1]  # nothing of epoch 2 applied
+
+
+def test_a_stale_primary_is_refused_with_its_header_and_accept_in_one_read(
+        tmp: str) -> None:
+    """The backup failed over from this protection before: the same stream, read whole
+    at once, is refused at the accept (no epoch ACKed, nothing resumed, the replica
+    untouched), now that the driver has the header before the records after it."""
+    with own_state(tmp):
+        rec = record(tmp, bytes(SIZE), bytes(SIZE), [("w", 0, 4096, 0x11)],
+                     [([], []), ([("w", 8192, 512, 0x22)], [1])])
+    after = replay(rec, len(rec.stream),
+                   before=lambda: GenerationStore().failed_over("g", GENERATION))
+    assert after.acked == [] and after.sink.failed_over is None, after
+    assert isinstance(after.outcome, ReceiveError), after.outcome
+    assert "stale" in str(after.outcome), after.outcome
+    assert after.image == bytes(SIZE)

@@ -357,9 +357,9 @@ def _gate(sink: GuestSink, fence: FailoverGate | None, refused: list[str],
 
 class _GenerationCheck:
     """The receiver's check of a xen-remus sender's generation: a stale one is refused,
-    and told why in a CLOSE frame. The accept comes after the xl header, but when both
-    are in one chunk the header's decision is acted on (the guest's name known) only
-    after the accept was decoded: the check then waits for ``header_seen``."""
+    and told why in a CLOSE frame. The accept comes after the xl header, which the driver
+    has as soon as it is decoded (Relay._header), so the check runs at the accept; an
+    accept before any header would wait for ``header_seen``."""
 
     def __init__(self, sink: GuestSink, store: GenerationStore, link: ReceiverLink) -> None:
         self.sink, self.store, self.link = sink, store, link
