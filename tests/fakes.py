@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -157,6 +158,9 @@ class FakeGuest:
     def start_of_stream(self, out: Emitter) -> None:
         pass
 
+    def p2m_changes(self, out: Emitter, live: bool) -> Pfns:
+        return np.zeros(0, dtype=np.uint64)
+
     def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
         self._last_pfns = pfns
         out = pfns + np.uint64(OFFSET)
@@ -192,10 +196,13 @@ class FakeGuest:
 
 
 class RecordingEmitter:
-    """Records what the engine emits; rebuilds the receiver's view of guest memory."""
+    """Records what the engine emits; rebuilds the receiver's view of guest memory.
+    ``bodies``: each libxc record other than PAGE_DATA as (index in ``events``, type,
+    body)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int]] = []
+        self.bodies: list[tuple[int, int, bytes]] = []
         self.pages: dict[int, bytes] = {}
         self.types: dict[int, int] = {}
         self.batch_sizes: list[int] = []
@@ -225,6 +232,7 @@ class RecordingEmitter:
         pass
 
     def libxc_record(self, rtype: int, body: Sequence[Buffer]) -> None:
+        self.bodies.append((len(self.events), rtype, b"".join(bytes(b) for b in body)))
         self.events.append(("libxc", rtype))
 
     def libxl_record(self, rtype: int, body: Sequence[Buffer]) -> None:
@@ -659,3 +667,272 @@ class FakeDeviceModel:
 
         return [encoder.record(C.LIBXL_EMULATOR_CONTEXT,
                                Emulator(data=b"dm-state-%d" % self.saves))]
+
+
+# -- a PV guest behind Xen's bindings -------------------------------------------------------
+
+P2M_VADDR = 0xFFFFC90000000000  # where the fake guest's linear p2m lives
+INVALID_P2M = 0xFFFFFFFFFFFFFFFF
+
+
+class PvMapping:
+    """A foreign mapping of the fake: a copy of the frames taken when mapped."""
+
+    def __init__(self, domid: int, frames: npt.NDArray[np.uint64], data: bytes,
+                 errors: npt.NDArray[np.int32]) -> None:
+        self.domid, self.frames, self.errors = domid, frames, errors
+        self.view = memoryview(data)
+
+    def page(self, i: int) -> memoryview:
+        return self.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+
+    def raise_on_error(self) -> None:
+        from xen_remus.xen.errors import MappingError
+
+        bad = np.flatnonzero(self.errors)
+        if len(bad):
+            raise MappingError(self.domid, [(int(self.frames[i]), int(self.errors[i]))
+                                            for i in bad])
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> PvMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FakePvXen:
+    """XenCtrl and ForeignMemory (duck-typed; cast them) over one small 64-bit PV guest,
+    laid out as Linux lays one out: a linear p2m of ``nr_pfns`` entries mapped at
+    P2M_VADDR through 4-level page tables; pfns outside ``populated`` have no frame, and a
+    p2m page none of whose pfns has one is a single shared all-invalid page (the ``missing``
+    page). Machine frames are random and distinct; each populated page is filled with its
+    pfn (``content``). pfn 0 is the start_info page (vcpu0's rdx), pfn 1 the GDT, pfn 2 the
+    top page table (every vCPU's cr3); the p2m's own pages come from a pool of populated
+    pfns. ``vcpus`` vCPUs, those in ``down`` down (no VGCF_online); ``epoch`` goes into
+    each vCPU context read (its first 8 bytes) so a test can tell epochs apart.
+    ``balloon_in`` populates pfns as Linux does (a p2m page of its own replaces the missing
+    page, and the p2m generation goes up)."""
+
+    domid = 5
+    MACHINE = 8192  # machine frames
+    M2P_BASE = 1 << 36  # the m2p's frames (DOMID_XEN), never a guest frame
+    SHARED_INFO_MFN = 7
+    ARCH = 3088  # shared_info.arch, 64-bit layout
+
+    def __init__(self, nr_pfns: int = 2048, populated: range | None = None, vcpus: int = 2,
+                 down: tuple[int, ...] = (), seed: int = 3) -> None:
+        self.nr_pfns = nr_pfns
+        self.populated_at_start = populated if populated is not None else range(nr_pfns)
+        self.vcpus, self.down = vcpus, set(down)
+        self.epoch = 0
+        self.mem = np.zeros((self.MACHINE, PAGE_SIZE // 8), dtype=np.uint64)
+        self.m2p = np.full(self.MACHINE, 0x5555555, dtype=np.uint64)  # junk for frames not
+        self.p2m = np.full(nr_pfns, INVALID_P2M, dtype=np.uint64)     # the guest's
+        self.rng = np.random.default_rng(seed)
+        self._free = [int(m) for m in self.rng.permutation(np.arange(64, self.MACHINE))]
+        self._tables: dict[tuple[int, int], int] = {}
+        self.l4 = self._take()
+        self.generation = 0
+        for pfn in self.populated_at_start:
+            self._populate(pfn)
+        per = PAGE_SIZE // 8
+        n_leaves = -(-nr_pfns // per)
+        self.leaf_pool = [p for p in self.populated_at_start if p >= 3][:n_leaves + 5]
+        self.p2m_pfns: set[int] = set()
+        self.missing = self._leaf_page()  # a page of the guest's kernel, as Linux's
+        self.mem[self.missing] = INVALID_P2M
+        self.leaves: list[int] = []
+        for i in range(n_leaves):
+            own = (self.p2m[i * per:(i + 1) * per] != INVALID_P2M).any()
+            self.leaves.append(self._leaf_page() if own else self.missing)
+            self._map_leaf(i)
+        self._write_leaves()
+        self._write_shared_info()
+
+    # -- the layout ----------------------------------------------------------------------
+    def _take(self) -> int:
+        return self._free.pop()
+
+    def _populate(self, pfn: int) -> None:
+        mfn = self._take()
+        self.p2m[pfn] = mfn
+        self.m2p[mfn] = pfn
+        self.mem[mfn] = self.content(pfn)
+
+    @staticmethod
+    def content(pfn: int) -> npt.NDArray[np.uint64]:
+        return np.full(PAGE_SIZE // 8, 0x1000_0000 + pfn, dtype=np.uint64)
+
+    def _leaf_page(self) -> int:
+        """A populated pfn of the pool becomes a p2m page (its frame holds p2m entries);
+        ``p2m_pfns`` lists those taken."""
+        pfn = self.leaf_pool.pop(0)
+        self.p2m_pfns.add(pfn)
+        return int(self.p2m[pfn])
+
+    def _map_leaf(self, i: int) -> None:
+        """The page table entries that map p2m page ``i`` at its virtual address."""
+        va = P2M_VADDR + i * PAGE_SIZE
+        table = self.l4
+        for level, shift in ((3, 39), (2, 30), (1, 21)):
+            key = (level, va >> shift)
+            if key not in self._tables:
+                self._tables[key] = self._take()
+            self.mem[table, (va >> shift) & 511] = (self._tables[key] << 12) | 0x3
+            table = self._tables[key]
+        self.mem[table, (va >> 12) & 511] = (self.leaves[i] << 12) | 0x3
+
+    def _write_leaves(self) -> None:
+        per = PAGE_SIZE // 8
+        for i, leaf in enumerate(self.leaves):
+            if leaf != self.missing:
+                chunk = self.p2m[i * per:(i + 1) * per]
+                self.mem[leaf] = INVALID_P2M
+                self.mem[leaf, :len(chunk)] = chunk
+
+    def _write_shared_info(self) -> None:
+        from xen_remus.xen.vcpu import mfn_to_cr3
+
+        words = [self.nr_pfns, 0, 0, mfn_to_cr3(self.l4, 8), P2M_VADDR, self.generation]
+        self.mem[self.SHARED_INFO_MFN, self.ARCH // 8:self.ARCH // 8 + 6] = words
+
+    def balloon_in(self, pfns: Sequence[int]) -> None:
+        """Populate ``pfns`` (the guest writes nothing to them): a p2m page that was the
+        missing page becomes a page of its own, and the p2m generation goes up."""
+        per = PAGE_SIZE // 8
+        for pfn in pfns:
+            self._populate(pfn)
+            self.mem[int(self.p2m[pfn])] = 0  # Xen hands out scrubbed pages
+            if self.leaves[pfn // per] == self.missing:
+                self.leaves[pfn // per] = self._leaf_page()
+                self._map_leaf(pfn // per)
+                self.generation += 1
+        self._write_leaves()
+        self._write_shared_info()
+
+    def balloon_out(self, pfns: Sequence[int]) -> None:
+        """Give ``pfns`` back to Xen: their p2m entries become invalid in place."""
+        for pfn in pfns:
+            self.m2p[int(self.p2m[pfn])] = 0x5555555
+            self.p2m[pfn] = INVALID_P2M
+        self._write_leaves()
+
+    # -- ForeignMemory -------------------------------------------------------------------
+    def map(self, domid: int, frames: npt.ArrayLike) -> PvMapping:
+        from xen_remus.xen.structs import DOMID_XEN
+
+        fr = np.ascontiguousarray(frames, dtype=np.uint64)
+        if domid == DOMID_XEN:
+            table = np.zeros(len(fr) * PAGE_SIZE // 8, dtype=np.uint64)
+            table[:self.MACHINE] = self.m2p
+            ok = (fr >= np.uint64(self.M2P_BASE)) & (fr < np.uint64(self.M2P_BASE + 512))
+            return PvMapping(domid, fr, table.tobytes(), np.where(ok, 0, 14).astype(np.int32))
+        inside = fr < np.uint64(self.MACHINE)
+        idx = np.where(inside, fr, 0).astype(np.intp)
+        return PvMapping(domid, fr, self.mem[idx].tobytes(),
+                         np.where(inside, 0, 22).astype(np.int32))
+
+    # -- XenCtrl -------------------------------------------------------------------------
+    def domain_info(self, domid: int) -> Any:
+        from xen_remus.xen.domain import DomainInfo
+
+        return DomainInfo(domid, 0, len(self.populated_at_start), self.nr_pfns,
+                          self.SHARED_INFO_MFN, 0, self.vcpus - len(self.down), self.vcpus - 1,
+                          0, bytes(16))
+
+    def guest_width(self, domid: int) -> int:
+        return 8
+
+    def maximum_ram_page(self) -> int:
+        return self.MACHINE - 1
+
+    def machphys_mfn_list(self, chunks: int) -> npt.NDArray[np.uint64]:
+        return np.array([self.M2P_BASE], dtype=np.uint64)[:chunks]
+
+    def cpu_policy(self, domid: int) -> Any:
+        from xen_remus.xen.state import CpuPolicy
+
+        return CpuPolicy(b"", b"", 0, 0)
+
+    def tsc_info(self, domid: int) -> Any:
+        from xen_remus.xen.state import TscInfo
+
+        return TscInfo(0, 0, 1_000_000, 0)
+
+    def vcpu_context(self, domid: int, vcpu: int) -> bytes:
+        from xen_remus.xen.vcpu import VGCF_ONLINE, VcpuContext, mfn_to_cr3
+
+        ctx = VcpuContext(bytes(5168), 8)
+        ctx.raw[0:8] = self.epoch.to_bytes(8, "little")
+        ctx.raw[8:16] = vcpu.to_bytes(8, "little")
+        flags = 0 if vcpu in self.down else VGCF_ONLINE
+        ctx.raw[ctx.layout.flags:ctx.layout.flags + 8] = flags.to_bytes(8, "little")
+        ctx.dx = int(self.p2m[0]) if vcpu == 0 else 0xD0D0
+        ctx.raw[ctx.layout.gdt_ents:ctx.layout.gdt_ents + 8] = (512).to_bytes(8, "little")
+        ctx.set_gdt_frame(0, int(self.p2m[1]))
+        ctx.set_ctrlreg(3, mfn_to_cr3(int(self.p2m[2]), 8))
+        return bytes(ctx.raw)
+
+    def vcpu_extended_context(self, domid: int, vcpu: int) -> bytes:
+        return bytes([0xE0 + vcpu]) * 24
+
+    def vcpu_extstate_raw(self, domid: int, vcpu: int) -> bytes:
+        return bytes([0xA0 + vcpu]) * 576
+
+    def vcpu_msrs(self, domid: int, vcpu: int) -> bytes:
+        return b"" if vcpu % 2 else bytes([0x30 + vcpu]) * 16  # odd vCPUs: no MSRs to save
+
+
+class FakePvDomain:
+    """The save engine's DomainOps over a FakePvXen: frames are machine frames; a frame is
+    NOTAB if the guest owns it, else XTAB; ``dirty`` is what the next clean reports;
+    ``on_clean(n)`` plays the running guest before the n-th clean."""
+
+    def __init__(self, xen: FakePvXen) -> None:
+        self.xen = xen
+        self.domid = xen.domid
+        self.dirty: set[int] = set()
+        self.suspended = False
+        self.calls: list[str] = []
+        self.cleans = 0
+        self.on_clean: Callable[[int], None] | None = None  # the guest, between rounds
+
+    def logdirty_enable(self) -> None:
+        self.calls.append("logdirty_enable")
+
+    def logdirty_clean(self, final: bool) -> Pfns:
+        if self.on_clean is not None and not self.suspended:
+            self.on_clean(self.cleans)
+        self.cleans += 1
+        out = np.array(sorted(self.dirty), dtype=np.uint64)
+        self.dirty.clear()
+        return out
+
+    def logdirty_off(self) -> None:
+        self.calls.append("logdirty_off")
+
+    def frame_types(self, frames: npt.NDArray[np.uint64]) -> Types:
+        fr = frames.astype(np.uint64)
+        inside = fr < np.uint64(self.xen.MACHINE)
+        pfn = self.xen.m2p[np.where(inside, fr, 0).astype(np.intp)]
+        owned = inside & (pfn < np.uint64(self.xen.nr_pfns))
+        owned[owned] &= self.xen.p2m[pfn[owned].astype(np.intp)] == fr[owned]
+        return np.where(owned, PFINFO_NOTAB, PFINFO_XTAB).astype(np.uint8)
+
+    def map(self, frames: npt.NDArray[np.uint64]) -> PvMapping:
+        return self.xen.map(self.domid, frames)
+
+    def suspend(self) -> None:
+        self.suspended = True
+        self.calls.append("suspend")
+
+    def resume(self) -> None:
+        self.suspended = False
+        self.calls.append("resume")
+
+    def pause(self) -> None:
+        self.calls.append("pause")

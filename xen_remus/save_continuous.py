@@ -198,7 +198,7 @@ class RemusLoop:
         if pending is not None:
             e.send_final(pending)  # epoch 0: what pre-copy left, plus deferred pages
         else:
-            e.send_pages(e.dom.logdirty_clean(final=True), live=False)
+            e.send_pages(e.dirty_pfns(live=False), live=False)
         dirty = e.stats.rounds.pop().pages  # one record per epoch: keep the list short
         tp = self.clock()
         # Devices seal the epoch: net starts a new output buffer; disks put the epoch's

@@ -139,7 +139,7 @@ class SaveEngine:
             self.dm.logdirty(True)
         self.send_pages(np.arange(self.nr_pfns, dtype=np.uint64), live=True)
         while True:
-            dirty = self.dom.logdirty_clean(final=False)
+            dirty = self.dirty_pfns(live=True)
             rounds = len(self.stats.rounds)
             # Deferred pages wait for the suspend: ballooned pfns would never get fewer.
             if not self.policy.keep_going(rounds, len(dirty)):
@@ -161,8 +161,16 @@ class SaveEngine:
     def send_final(self, pending: Pfns) -> None:
         """Suspended: what is still dirty, what was deferred, and what the last live round
         left pending. Nothing can be deferred any more."""
-        final = self.dom.logdirty_clean(final=True) if self._logdirty else pending[:0]
+        final = self.dirty_pfns(live=False) if self._logdirty else \
+            self.guest.p2m_changes(self.out, live=False)
         self.send_pages(merge(merge(pending, final), self.deferred.take()), live=False)
+
+    def dirty_pfns(self, live: bool) -> Pfns:
+        """What the next round sends: the pfns dirtied since the last log-dirty clean and
+        those whose frame the guest's p2m moved (its p2m record goes out first)."""
+        moved = self.guest.p2m_changes(self.out, live)
+        dirty = self.dom.logdirty_clean(final=not live)
+        return merge(dirty, moved) if len(moved) else dirty
 
     def end_of_checkpoint(self) -> None:
         self.guest.end_of_checkpoint(self.out)

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xen_remus.save.ops import Emitter, Normalised
-from xen_remus.save.pages import Pfns, Types
+from xen_remus.save.pages import Pfns, Types, no_pfns
 from xen_remus.save.records import cpu_policy_records, tsc_info
 from xen_remus.stream import consts as C
 from xen_remus.stream.libxc_bodies import HvmContext, HvmParams
@@ -45,6 +45,9 @@ class HvmGuest:
 
     def start_of_stream(self, out: Emitter) -> None:
         pass
+
+    def p2m_changes(self, out: Emitter, live: bool) -> Pfns:
+        return no_pfns()
 
     def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
         return pfns

@@ -86,6 +86,12 @@ class GuestSaveOps(Protocol):
         """X86_PV_P2M_FRAMES for PV; nothing for HVM."""
         ...
 
+    def p2m_changes(self, out: Emitter, live: bool) -> Pfns:
+        """Pfns whose frame moved since the last call without the guest writing to them
+        (PV: it rebuilt part of its p2m; X86_PV_P2M_FRAMES goes out again); to be sent
+        with the next round. None for HVM/PVH, whose pfn is its gfn."""
+        ...
+
     def pfn_to_gfn(self, pfns: Pfns) -> npt.NDArray[np.uint64]:
         """Frames to map for these pfns; INVALID (~0) for ballooned-out pfns."""
         ...

@@ -18,6 +18,11 @@ Pfns = npt.NDArray[np.uint64]
 Types = npt.NDArray[np.uint8]
 
 
+def no_pfns() -> Pfns:
+    """An empty pfn list."""
+    return np.zeros(0, dtype=np.uint64)
+
+
 def pagetable_level(types: Types) -> npt.NDArray[np.uint8]:
     """1..4 for pagetable pages (pinned or not), 0 for every other type."""
     lvl = (types & C.PFINFO_LTABTYPE_MASK).astype(np.uint8)
