@@ -174,3 +174,36 @@ def test_p2m64_beyond_the_p2m_is_invalid() -> None:
     got = G.p2m64(np.array([0, 63, 64, 2**40], dtype=np.uint64))
     assert got.tolist() == [int(G.p2m[0]), int(G.p2m[63]), pt.INVALID_MFN, pt.INVALID_MFN]
     assert G32.p2m64(np.array([1000], dtype=np.uint64)).tolist() == [pt.INVALID_MFN]
+
+
+def test_pae_vcpu_frames_above_4gib_fold_into_cr3_and_cr1_is_not_a_frame() -> None:
+    """A 32-bit PAE guest whose top table sits above 4 GiB of machine memory (mfn bit 20
+    and up go into cr3's low bits); its ctrlreg[1] is no user cr3 (64-bit only), kept."""
+    high = (1 << 20) + 5
+    m2p = np.zeros(high + 1, dtype=np.uint64)
+    p2m = np.array([10, 11, 12, high], dtype=np.uint32)
+    m2p[p2m.astype(np.intp)] = np.arange(4, dtype=np.uint64)
+    g = PseudoPhysMap(m2p, p2m, width=4, max_mfn=high)
+    ctx = VcpuContext(bytes(2800), 4)
+    ctx.dx = 11
+    ctx.set_ctrlreg(3, mfn_to_cr3(high, 4))
+    assert ctx.ctrlreg(3) & 0xFFF == 1  # bit 20 of the mfn, folded
+    ctx.set_ctrlreg(1, 0xABCD000)
+    pt.normalise_vcpu(ctx, 0, g)
+    assert (ctx.dx, ctx.ctrlreg(3), ctx.ctrlreg(1)) == (1, mfn_to_cr3(3, 4), 0xABCD000)
+
+
+def test_pae_tables_keep_frames_above_4gib_and_32bit_holes_are_not_frames() -> None:
+    """PAE entries are 64-bit: a frame above 4 GiB is found; a hole of a 32-bit p2m
+    (0xffffffff) never matches, not even an entry that names mfn 0xffffffff."""
+    high = (1 << 21) + 3
+    m2p = np.zeros(high + 1, dtype=np.uint64)
+    p2m = np.array([7, high, 0xFFFFFFFF], dtype=np.uint32)
+    m2p[[7, high]] = [0, 1]
+    g = PseudoPhysMap(m2p, p2m, width=4, max_mfn=0xFFFFFFFF)
+    src = table({0: pte(high, 0x8000000000000063), 1: pte(7)})
+    out = pt.normalise(src, [C.PFINFO_L1TAB], g, live=False)
+    assert out.tables[0, 0] == pte(1, 0x8000000000000063) and out.tables[0, 1] == pte(0)
+    assert g.p2m64(np.array([2], dtype=np.uint64)).tolist() == [pt.INVALID_MFN]
+    _, ok = g.mfns_to_pfns(np.array([0xFFFFFFFF], dtype=np.uint64))
+    assert not ok[0]

@@ -134,3 +134,22 @@ def test_unmappable_p2m_page_is_reported() -> None:
     mem.put(200, 0, 999)  # leaf frame that does not exist
     with pytest.raises(GuestStateError, match=r"1 p2m pages unmappable, first mfn 0x3e7"):
         P2M(cast(ForeignMemory, mem), 1, SharedInfoArch(10, 100, 0, 0, 0, 0), 8)
+
+
+def test_linear_walk_of_a_pae_guest_has_three_levels() -> None:
+    """32-bit PAE: cr3 (folded) -> 4-entry L3 -> L2 -> L1 -> p2m pages of 32-bit entries."""
+    mem = FakeMemory()
+    p2m = guest_p2m(2500, 4, seed=2)  # 3 p2m pages of 1024 entries
+    leaves = write_leaves(mem, p2m, 4, 700)
+    vaddr = 0xC0000000 + 511 * 4096  # straddles two L1 tables
+    l3, l2, l1s = (1 << 20) + 1, 301, [302, 303]  # the L3 above 4 GiB: cr3 folds it
+    mem.put(l3, vaddr >> 30, (l2 << 12) | 1)
+    for i, leaf in enumerate(leaves):
+        va = vaddr + i * 4096
+        l1 = l1s[((va >> 21) & 511) - ((vaddr >> 21) & 511)]
+        mem.put(l2, (va >> 21) & 511, (l1 << 12) | PRESENT_RW)
+        mem.put(l1, (va >> 12) & 511, (leaf << 12) | PRESENT_RW)
+    si = SharedInfoArch(2500, 0, 0, mfn_to_cr3(l3, 4), vaddr, 1)
+    got = P2M(cast(ForeignMemory, mem), 1, si, 4)
+    assert got.method == "linear" and got.frames.tolist() == leaves
+    assert got.table.dtype == np.uint32 and got.table.tolist() == p2m.tolist()
