@@ -58,7 +58,8 @@ CLUSTER_PACKAGES = "corosync pacemaker pacemaker-cli-utils openssh-server".split
 GUEST_MODULES = ("drivers/net/xen-netfront.ko", "drivers/block/xen-blkfront.ko",
                  "lib/crc16.ko", "fs/mbcache.ko", "crypto/crc32c_generic.ko",
                  "fs/jbd2/jbd2.ko", "fs/ext4/ext4.ko")
-# Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP.
+# Memory pattern written by the guest at boot (lab/guest/init), checked later over TCP:
+# this many lines of 1 KiB unless the guest is told otherwise (GuestSpec.pattern_mib).
 PATTERN_LINES = 4096
 
 HERE = Path(__file__).resolve().parent
@@ -70,10 +71,10 @@ def expected_banner() -> str:
     return f"Xen version {HV_VERSION.split('+')[0]} (Debian {HV_VERSION})"
 
 
-def pattern_sha256() -> str:
+def pattern_sha256(lines: int = PATTERN_LINES) -> str:
     """sha256 of the guest's memory pattern, computed the way the guest's awk writes it."""
     h = hashlib.sha256()
-    for i in range(PATTERN_LINES):
+    for i in range(lines):
         h.update(b"%08d %s\n" % (i, b"x" * 1014))
     return h.hexdigest()
 

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import time
 
+from lab.build import PATTERN_LINES
 from lab.errors import LabError
 from lab.host import Host
 
@@ -30,10 +31,35 @@ class GuestSpec:
     mac: str = "00:16:3e:00:00:01"
     disk: str | None = None  # an xl disk spec, e.g. "phy:/dev/nbd0,xvda,w"
     cmdline: str = ""  # more kernel arguments for the workload, e.g. "xenlab_disk=ext4"
+    # More than one: the guest runs a worker pinned to each (lab/guest/init, cpu_work).
+    vcpus: int = 1
+    maxmem: int | None = None  # MiB; above ``memory``: started ballooned down to it
+    pattern_mib: int = 4  # the memory pattern the guest writes at boot (pattern_sha)
 
     def __post_init__(self) -> None:
         if not self.memory:
             object.__setattr__(self, "memory", DEFAULT_MEMORY[self.kind])
+
+    @property
+    def pattern_lines(self) -> int:
+        return self.pattern_mib * 1024
+
+    def extra(self, console: str) -> str:
+        """The kernel command line: the console(s), then what the workload reads."""
+        args = [console, "quiet", f"xenlab_ip={self.ip}/16"]
+        if self.pattern_lines != PATTERN_LINES:
+            args.append(f"xenlab_pattern={self.pattern_lines}")
+        if self.vcpus > 1:
+            args.append("xenlab_work=1")
+        if self.cmdline:
+            args.append(self.cmdline)
+        return " ".join(args)
+
+    def sizes(self) -> list[str]:
+        lines = [f"memory = {self.memory}", f"vcpus = {self.vcpus}"]
+        if self.maxmem is not None:
+            lines.append(f"maxmem = {self.maxmem}")
+        return lines
 
     def config(self, images: str = "/guest") -> str:
         if self.kind == "hvm":
@@ -41,11 +67,10 @@ class GuestSpec:
         lines = [
             f'name = "{self.name}"',
             f'type = "{self.kind}"',
-            f"memory = {self.memory}",
-            "vcpus = 1",
+            *self.sizes(),
             f'kernel = "{images}/vmlinux"',  # uncompressed: no xz in xl under TCG
             f'ramdisk = "{images}/initrd.gz"',
-            f'extra = "console=hvc0 quiet xenlab_ip={self.ip}/16{self._more()}"',
+            f'extra = "{self.extra("console=hvc0")}"',
             f"vif = [ 'bridge=xenbr0,mac={self.mac}' ]",
             'on_crash = "preserve"',
         ]
@@ -65,11 +90,10 @@ class GuestSpec:
             f'name = "{self.name}"',
             'type = "hvm"',
             'device_model_version = "qemu-xen"',
-            f"memory = {self.memory}",
-            "vcpus = 1",
+            *self.sizes(),
             f'kernel = "{images}/vmlinuz"',
             f'ramdisk = "{images}/initrd.gz"',
-            f'extra = "console=ttyS0 console=hvc0 quiet xenlab_ip={self.ip}/16{self._more()}"',
+            f'extra = "{self.extra("console=ttyS0 console=hvc0")}"',
             f"vif = [ 'bridge=xenbr0,mac={self.mac},type=vif' ]",
             "serial = 'pty'",
             "vnc = 0",
@@ -80,9 +104,6 @@ class GuestSpec:
         if self.disk:
             lines.append(f"disk = [ '{self.disk}' ]")
         return "\n".join(lines) + "\n"
-
-    def _more(self) -> str:
-        return f" {self.cmdline}" if self.cmdline else ""
 
     def write(self, host: Host) -> str:
         """Write the config to the lab share; return its path as every dom0 sees it."""
@@ -165,12 +186,58 @@ def counter(host: Host, spec: GuestSpec, timeout: float = 20.0) -> Counter:
 
 
 def pattern_sha(host: Host, spec: GuestSpec, timeout: float = 30.0) -> str:
-    """The guest re-hashes its boot-time memory pattern (tmpfs) and replies with the sha256."""
-    r = host.run(f"echo check | timeout 20 busybox nc {spec.ip} {COUNTER_PORT}", timeout=timeout)
+    """The guest re-hashes its boot-time memory pattern (tmpfs) and replies with the sha256
+    (compare with lab.build.pattern_sha256(spec.pattern_lines))."""
+    # A bigger pattern takes longer to hash: a second more per 16 MiB (generous, unmeasured).
+    wait = 20 + spec.pattern_mib // 16
+    r = host.run(f"echo check | timeout {wait} busybox nc {spec.ip} {COUNTER_PORT}",
+                 timeout=max(timeout, wait + 10))
     m = re.search(r"pattern sha256=([0-9a-f]{64})", r.stdout)
     if not m:
         raise LabError(f"host {host.name}: {spec.name} gave no pattern hash: {r.stdout!r}")
     return m.group(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuWork:
+    online: str  # the guest's /sys/devices/system/cpu/online, e.g. "0-1"
+    counts: tuple[int, ...]  # each CPU's worker count, by CPU
+
+
+def parse_cpu_work(line: str) -> CpuWork:
+    m = re.search(r"cpus online=(\S+) work=([\d,]*)", line)
+    if not m:
+        raise LabError(f"guest counter service replied {line!r}, expected cpus online=... "
+                       "work=N,...")
+    return CpuWork(m.group(1), tuple(int(n) for n in m.group(2).split(",") if n))
+
+
+def cpu_work(host: Host, spec: GuestSpec, timeout: float = 30.0) -> CpuWork:
+    """The guest's online CPUs and the count of the worker pinned to each (spec.vcpus > 1),
+    asked from ``host``'s dom0."""
+    r = host.run(f"echo cpus | timeout 20 busybox nc {spec.ip} {COUNTER_PORT}", timeout=timeout)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("cpus ")), r.stdout)
+    return parse_cpu_work(line)
+
+
+def cpus_working(host: Host, spec: GuestSpec, after: CpuWork | None = None,
+                 timeout: float = 60.0) -> CpuWork:
+    """Every one of the guest's ``spec.vcpus`` CPUs online, each worker counting (past
+    ``after``'s counts, if given); LabError naming the CPUs that are not."""
+    first = after or cpu_work(host, spec)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = cpu_work(host, spec)
+        moving = [i for i, n in enumerate(now.counts)
+                  if i < len(first.counts) and n > first.counts[i]]
+        want = "0" if spec.vcpus == 1 else f"0-{spec.vcpus - 1}"
+        if now.online == want and moving == list(range(spec.vcpus)):
+            return now
+        if time.monotonic() > deadline:
+            raise LabError(f"{spec.name}: CPUs online {now.online!r}, worker counts "
+                           f"{first.counts} then {now.counts} after {timeout:.0f} s: CPUs "
+                           f"{sorted(set(range(spec.vcpus)) - set(moving))} not working")
+        time.sleep(1)
 
 
 def advancing(host: Host, spec: GuestSpec, after: Counter, timeout: float = 60.0) -> Counter:

@@ -17,6 +17,9 @@ from pathlib import Path
 from lab.build import Images, expected_banner
 from lab.errors import LabError
 
+# A host's RAM: dom0 takes DOM0_MEM, Xen and the guests share the rest (under 2 GiB): a
+# 1 GiB guest fits, its incoming copy beside it on the same host does not
+# (Lab(mem_mib=...) boots bigger hosts for that).
 QEMU_MEM_MIB = 3072
 DOM0_MEM = "1024M"
 BOOT_TIMEOUT_S = 240.0  # two hosts on 2 cores boot in 40-110 s; leave room for a busy machine
@@ -129,8 +132,10 @@ class Host:
     Either booted by this process (start) or attached to by pid (another process runs it).
     """
 
-    def __init__(self, name: str, ip: str, rundir: Path, project: Path) -> None:
+    def __init__(self, name: str, ip: str, rundir: Path, project: Path,
+                 mem_mib: int = QEMU_MEM_MIB) -> None:
         self.name, self.ip = name, ip
+        self.mem_mib = mem_mib  # the machine's RAM (QEMU -m)
         self.rundir, self.project = rundir, project
         self.share = rundir / "share"
         self.queue = self.share / "q" / name
@@ -167,7 +172,7 @@ class Host:
             "qemu-system-x86_64", "-name", f"xenlab-{self.name}",
             # TCG: /dev/kvm here cannot run Xen; -smap,-smep or dom0 faults (LAB-NOTES 1-2).
             "-accel", os.environ.get("XEN_REMUS_LAB_ACCEL", "tcg,thread=multi"), "-cpu", cpu,
-            "-machine", "q35", "-m", str(QEMU_MEM_MIB), "-smp", "2",
+            "-machine", "q35", "-m", str(self.mem_mib), "-smp", "2",
             "-display", "none", "-vga", "none", "-no-reboot", "-monitor", "none", "-nic", "none",
             "-serial", "stdio", "-pidfile", str(self.pidfile),
             "-fsdev", f"local,id=project,path={self.project},security_model=none",

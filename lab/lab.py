@@ -18,7 +18,7 @@ from typing import IO
 
 from lab.build import Images, build
 from lab.errors import LabError
-from lab.host import BOOT_TIMEOUT_S, Host
+from lab.host import BOOT_TIMEOUT_S, QEMU_MEM_MIB, Host
 
 # Shared by every checkout on the machine: one lab at a time on 2 cores.
 STATE_DIR = Path(os.environ.get("XEN_REMUS_LAB_STATE", "/tmp/xen-remus-lab"))
@@ -73,10 +73,13 @@ class Lab:
 
     def __init__(self, nhosts: int = 1, project: Path | None = None,
                  shared: bool = False, witness: Path | None = None,
-                 cluster: bool = False) -> None:
+                 cluster: bool = False, mem_mib: int = QEMU_MEM_MIB) -> None:
         if nhosts not in (1, 2):
             raise LabError(f"a lab has 1 or 2 hosts, not {nhosts}")
+        if mem_mib < QEMU_MEM_MIB:
+            raise LabError(f"a lab host needs at least {QEMU_MEM_MIB} MiB, not {mem_mib}")
         self.nhosts = nhosts
+        self.mem_mib = mem_mib  # each host's RAM: more for guests too big for two copies
         self.shared = shared  # may other processes attach()? (`python -m lab up`: yes)
         self.witness = witness  # a Unix socket each host reaches as host.WITNESS_DEV
         self.cluster = cluster  # dom0s with Pacemaker (build.CLUSTER_PACKAGES)
@@ -178,7 +181,7 @@ class Lab:
 
     def _start_host(self, name: str) -> Host:
         assert self.images is not None
-        host = Host(name, HOST_IPS[name], self.rundir, self.project)
+        host = Host(name, HOST_IPS[name], self.rundir, self.project, self.mem_mib)
         host.witness_sock = self.witness
         netdev = None
         if self.nhosts == 2:

@@ -49,14 +49,38 @@ def test_counter_reply_parsing() -> None:
         guest.parse_counter("garbage")
 
 
-def test_pattern_hash_matches_the_guest_script() -> None:
+@pytest.mark.parametrize("lines", [build.PATTERN_LINES, 3000])
+def test_pattern_hash_matches_the_guest_script(lines: int) -> None:
     """The guest writes its pattern with awk; the lab's expected hash must be the same bytes."""
     init = (Path(build.HERE) / "guest/init").read_text()
-    start = init.index("awk '")
-    script = init[start + 5: init.index("' > /tmp/pattern", start)]
-    out = subprocess.run(["busybox", "awk", script], capture_output=True, check=True).stdout
-    assert hashlib.sha256(out).hexdigest() == build.pattern_sha256()
-    assert len(out) == 4096 * 1024
+    start = init.index("awk -v n=\"$PLINES\" '")
+    script = init[init.index("'", start) + 1: init.index("' > /tmp/pattern", start)]
+    out = subprocess.run(["busybox", "awk", "-v", f"n={lines}", script], capture_output=True,
+                         check=True).stdout
+    assert hashlib.sha256(out).hexdigest() == build.pattern_sha256(lines)
+    assert len(out) == lines * 1024
+
+
+def test_guest_sizes_vcpus_and_pattern_reach_the_config() -> None:
+    plain = guest.GuestSpec().config().splitlines()
+    assert "vcpus = 1" in plain and not any(ln.startswith("maxmem") for ln in plain)
+    assert not any("xenlab_work" in ln or "xenlab_pattern" in ln for ln in plain)
+    for kind in ("pv", "pvh", "hvm"):
+        spec = guest.GuestSpec(kind=kind, memory=1024, maxmem=2048, vcpus=2, pattern_mib=256)
+        lines = spec.config().splitlines()
+        assert {"memory = 1024", "maxmem = 2048", "vcpus = 2"} <= set(lines), lines
+        extra = next(ln for ln in lines if ln.startswith("extra = "))
+        assert "xenlab_work=1" in extra and "xenlab_pattern=262144" in extra
+        assert extra.endswith(' quiet xenlab_ip=169.254.20.1/16 xenlab_pattern=262144 '
+                              'xenlab_work=1"')
+
+
+def test_cpu_work_reply_parsing() -> None:
+    w = guest.parse_cpu_work("cpus online=0-1 work=17,23,")
+    assert w == guest.CpuWork("0-1", (17, 23))
+    assert guest.parse_cpu_work("cpus online=0 work=").counts == ()
+    with pytest.raises(LabError, match="expected cpus online"):
+        guest.parse_cpu_work("counter=3 bootid=x")
 
 
 def test_banner_names_the_pinned_build() -> None:
@@ -112,6 +136,10 @@ def test_a_host_with_a_witness_socket_gets_the_virtio_serial_port(tmp_path: Path
                           p / "dom0.cpio", p / "guest.cpio", "6.1", "r")
     plain = h.qemu_argv(images, None, "52:54:00:00:00:0a")
     assert "virtserialport" not in " ".join(plain)
+    assert plain[plain.index("-m") + 1] == "3072"
+    big = Host("A", "169.254.10.1", tmp_path, tmp_path, mem_mib=4608)
+    argv_big = big.qemu_argv(images, None, "52:54:00:00:00:0a")
+    assert argv_big[argv_big.index("-m") + 1] == "4608"
     h.witness_sock = tmp_path / "w.sock"
     argv = " ".join(h.qemu_argv(images, None, "52:54:00:00:00:0a"))
     assert f"socket,id=witness,path={tmp_path / 'w.sock'},reconnect=1" in argv
@@ -259,3 +287,9 @@ def test_wait_all_running_times_each_domain_and_names_the_late(
     with pytest.raises(failover.FailoverHang, match=r"g2 not running after 0 s \(states g2 "
                                                     r"None\)\n--- g2\ng2's receiver"):
         failover.wait_all_running(host, jobs, 0)  # type: ignore[arg-type]
+
+
+def test_lab_hosts_may_be_bigger_never_smaller() -> None:
+    assert Lab(1, mem_mib=4608).mem_mib == 4608
+    with pytest.raises(LabError, match="at least 3072 MiB"):
+        Lab(1, mem_mib=2048)
