@@ -188,8 +188,8 @@ def counter(host: Host, spec: GuestSpec, timeout: float = 20.0) -> Counter:
 def pattern_sha(host: Host, spec: GuestSpec, timeout: float = 30.0) -> str:
     """The guest re-hashes its boot-time memory pattern (tmpfs) and replies with the sha256
     (compare with lab.build.pattern_sha256(spec.pattern_lines))."""
-    # A bigger pattern takes longer to hash: a second more per 16 MiB (generous, unmeasured).
-    wait = 20 + spec.pattern_mib // 16
+    # A bigger pattern takes longer to hash: a second more per 2 MiB (generous, unmeasured).
+    wait = 20 + spec.pattern_mib // 2
     r = host.run(f"echo check | timeout {wait} busybox nc {spec.ip} {COUNTER_PORT}",
                  timeout=max(timeout, wait + 10))
     m = re.search(r"pattern sha256=([0-9a-f]{64})", r.stdout)

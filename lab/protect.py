@@ -273,3 +273,30 @@ def kill_and_check(primary: Host, backup: Host, spec: GuestSpec, recv: Job, clie
     running = wait_failover(backup, spec, recv, timeout=240)
     check_resumed(backup, spec, client, seen, t_kill, running, tag)
     return running
+
+
+# One host: the backup is a receiver on the same host, run by protect itself (-s ''). Its
+# heartbeat timeout is long: failing over needs the primary gone first, and the kill below
+# stops protect's heartbeats for a moment before that.
+ONE_HOST_RECEIVER = "python3 -m xen_remus migrate-receive -r --heartbeat-timeout 60000"
+
+
+def protect_one_host(h: Host, spec: GuestSpec, pidfile: str, timeout: float = 1800.0) -> Job:
+    """`xen-remus protect -n -F -d` of ``spec`` into a receiver on ``h`` itself; returns the
+    job once the backup committed the initial copy. -n: held output would pin the guest's
+    pages in netback, and the primary must be destroyed before the backup can take its
+    name (LAB-NOTES 10)."""
+    job = h.spawn(f"echo $$ > {pidfile}; exec python3 -m xen_remus -v protect --heartbeat-timeout "
+                  f"{HB_MS} -n -F -d -s '' {spec.name} '{ONE_HOST_RECEIVER}'")
+    job.wait_output(r"protecting", timeout, stderr=True)
+    return job
+
+
+def fail_over_one_host(h: Host, spec: GuestSpec, job: Job, pidfile: str,
+                       timeout: float = 300.0) -> float:
+    """The primary's end on one host: protect stopped, the guest destroyed, protect killed
+    (its receiver then has the stream's end and resumes the last whole epoch under the
+    guest's name). Returns the seconds until the guest runs again."""
+    h.run(f"p=$(cat {pidfile}); kill -STOP $p && xl destroy {spec.name} && kill -9 $p",
+          timeout=120, check=True)
+    return failover.wait_running(h, spec.name, timeout, job)
