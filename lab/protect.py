@@ -297,6 +297,6 @@ def fail_over_one_host(h: Host, spec: GuestSpec, job: Job, pidfile: str,
     """The primary's end on one host: protect stopped, the guest destroyed, protect killed
     (its receiver then has the stream's end and resumes the last whole epoch under the
     guest's name). Returns the seconds until the guest runs again."""
-    h.run(f"p=$(cat {pidfile}); kill -STOP $p && xl destroy {spec.name} && kill -9 $p",
-          timeout=120, check=True)
+    h.run(f"p=$(cat {pidfile}); kill -STOP $p; xl destroy {spec.name}; rc=$?; kill -9 $p; "
+          "exit $rc", timeout=120, check=True)
     return failover.wait_running(h, spec.name, timeout, job)
