@@ -236,9 +236,9 @@ def test_failover_logs_its_timeline_from_what_xl_runs(tmp_path: Path) -> None:
                   r"running \+(\d+); total (\d+) ms", err)
     assert m, err
     detect, dropped, relay, libxl, devices, running, total = (int(x) for x in m.groups())
-    assert dropped <= relay < 400 <= libxl  # the helper ran 0.5 s after the relay ended
+    assert dropped <= relay and libxl - relay >= 400  # the helper ran 0.5 s after the relay
     assert libxl + 600 <= devices <= running  # the scripts took 0.8 s
-    assert total == detect + running or total == detect + running + 1  # rounding
+    assert abs(total - (detect + running)) <= 1  # each figure rounded on its own
 
 
 def test_plain_stream_cut_destroys_the_partial_copy(tmp_path: Path) -> None:
