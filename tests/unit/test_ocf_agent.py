@@ -327,11 +327,27 @@ def test_promote_resumes_a_guest_halted_here(node: Node) -> None:
     assert node.xl() == {"g1": "r-----"}
 
 
-def test_demote_a_protected_primary_kills_protect_and_destroys_the_guest(node: Node) -> None:
+def test_demote_a_protected_primary_hands_it_over_then_destroys_it(node: Node) -> None:
     node.domains(g1="r-----")
     node.status(primary(node.process("protect")))
     rc, err = node.run("demote")
     assert rc == 0, err
+    # Half the action's budget (40 s less a 10 s margin) for the handover.
+    assert ["handover", "g1", "--wait", "15"] in node.calls("xen-remus")
+    assert node.procs[0].wait(10) == -10  # protect got the handover's SIGUSR1, not a kill
+    assert "handed over to hostB after epoch 12" in err
+    xl = [c[0] for c in node.calls("xl") if c[0] != "list"]
+    assert xl == ["destroy"] and node.xl() == {}  # suspended at its last epoch: no pause
+    assert node.scores()[-1] == ["--promotion", "-D"]
+
+
+def test_demote_takes_the_crash_path_when_the_handover_fails(node: Node) -> None:
+    node.domains(g1="r-----")
+    node.status(primary(node.process("protect")))
+    (node.dir / "handover-fails").touch()
+    rc, err = node.run("demote")
+    assert rc == 0, err
+    assert "xen-remus handover g1 (the crash path instead): " in err and "backup lost" in err
     assert node.procs[0].wait(10) == -9  # the crash path: unacknowledged output stays held
     xl = [c[0] for c in node.calls("xl") if c[0] != "list"]
     assert xl == ["pause", "destroy"] and node.xl() == {}
@@ -342,6 +358,7 @@ def test_demote_an_unprotected_primary_shuts_it_down(node: Node) -> None:
     node.status(primary(node.process("protect"), "starting", None))
     rc, err = node.run("demote")
     assert rc == 0 and "not protected: shutting it down" in err
+    assert not any(c[0] == "handover" for c in node.calls("xen-remus"))  # nothing to hand
     assert node.procs[0].wait(10) == -15
     assert ["shutdown", "-w", "g1"] in node.calls("xl") and node.xl() == {}
 
