@@ -384,6 +384,30 @@ def test_notify_protects_to_a_peer_that_started(node: Node, kind: str, op: str,
         assert not (node.dir / "protect.argv").exists()
 
 
+def test_a_notification_right_after_a_promote_starts_no_second_protect(node: Node) -> None:
+    """The promote launched protect, which has not written its status yet."""
+    node.domains(g1__incoming="--p---")
+    node.status(backup(node.process("migrate-receive"), waiting=True))
+    (node.dir / "waiting").touch()
+    assert node.run("promote", FAKE_OCF_RUN_S="30")[0] == 0
+    node.launched()
+    pid = json.loads((node.run_dir / "ocf" / "g1.protect").read_text())["pid"]
+    try:
+        for _ in range(2):
+            assert node.run("notify", FAKE_OCF_RUN_S="30",
+                            OCF_RESKEY_CRM_meta_notify_type="post",
+                            OCF_RESKEY_CRM_meta_notify_operation="promote")[0] == 0
+        time.sleep(1)
+        assert len([c for c in node.calls("xen-remus") if c[0] == "protect"]) == 1
+    finally:
+        os.kill(pid, 9)
+    time.sleep(0.3)  # not our child: init reaps it
+    (node.dir / "protect.argv").unlink()
+    assert node.run("notify", OCF_RESKEY_CRM_meta_notify_type="post",
+                    OCF_RESKEY_CRM_meta_notify_operation="promote")[0] == 0
+    assert node.launched()[-2] == "g1"  # that protect is gone: a new one
+
+
 def test_the_peer_from_crm_node(node: Node) -> None:
     node.domains(g1="r-----")
     assert node.run("monitor", OCF_RESKEY_nodes="")[0] == 8

@@ -287,6 +287,16 @@ class Agent:
         self.log("INFO", f"{why}: protecting {self.domain} to {peer} (protect pid "
                  f"{proc.pid}, log {log_dir / (self.domain + '.protect.log')})")
 
+    def launch_runs(self) -> bool:
+        """The protect this agent launched last still runs: it may not have written its
+        status yet (an action right after a promote must not start a second one)."""
+        try:
+            pid = int(json.loads(self.launched.read_text())["pid"])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return b"protect" in cmdline and not _zombie(pid)
+
     def last_launch(self) -> float:
         try:
             return float(json.loads(self.launched.read_text())["at"])
@@ -336,7 +346,7 @@ class Agent:
         if v.code != OCF_NOT_RUNNING or not self.is_probe():
             self.score(v.score)
         if (v.code == OCF_RUNNING_PROMOTED and obs.primary is None and not self.is_probe()
-                and time.time() - self.last_launch() >= RELAUNCH_S):
+                and time.time() - self.last_launch() >= RELAUNCH_S and not self.launch_runs()):
             self.launch_protect("no protect runs")
         return v.code
 
@@ -459,7 +469,8 @@ class Agent:
         if kind != "post" or op not in ("start", "promote"):
             return OCF_SUCCESS
         obs = self.observe()
-        if obs is not None and assess(obs).code == OCF_RUNNING_PROMOTED and obs.primary is None:
+        if (obs is not None and assess(obs).code == OCF_RUNNING_PROMOTED
+                and obs.primary is None and not self.launch_runs()):
             self.launch_protect(f"post-{op} notification")
         return OCF_SUCCESS
 
