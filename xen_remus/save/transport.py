@@ -100,12 +100,7 @@ class ReceiverProcess(Receiver):
 
     def close(self, timeout: float = 30.0) -> int | None:
         """Close our ends and wait (bounded) for the child; kill it if it lingers."""
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
+        self.detach()
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
