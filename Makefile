@@ -20,15 +20,16 @@ $(VENV)/.done: setup.py pyproject.toml
 venv: $(VENV)/.done
 
 # Real NBD clients for the disk tests (tests/unit/test_disk_clients.py); xmllint and the
-# OCF resource agent DTD for the agent's meta-data (tests/unit/test_ocf_agent.py).
-HOST_TOOLS := nbdinfo nbdcopy qemu-io fio xmllint
+# OCF resource agent DTD for the agent's meta-data (tests/unit/test_ocf_agent.py);
+# Pacemaker's scheduler on a CIB file for the lab cluster (tests/unit/test_lab_cluster.py).
+HOST_TOOLS := nbdinfo nbdcopy qemu-io fio xmllint crm_simulate
 RA_DTD := /usr/share/resource-agents/ra-api-1.dtd
 host-deps:
 	@missing=; for t in $(HOST_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
 	test -e $(RA_DTD) || missing=1; \
 	if [ -n "$$missing" ]; then apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	  libnbd-bin qemu-utils fio libxml2-utils resource-agents; fi
+	  libnbd-bin qemu-utils fio libxml2-utils resource-agents pacemaker-cli-utils; fi
 
 lint: venv
 	$(VENV)/bin/ruff check xen_remus lab tests bench

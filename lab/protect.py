@@ -235,6 +235,20 @@ class Seen:
                    max(e["counter"] for e in seen))
 
 
+def wait_reply(client: Job, since: float, timeout: float) -> float:
+    """Seconds until ``client`` has a reply stamped after ``since`` (time.time()): after a
+    long silence its TCP retransmits back off exponentially, for tens of seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for e in client_events(client.output()):
+            if "counter" in e and e["t"] > since:
+                return float(e["t"]) - since
+        if client.done() or time.monotonic() > deadline:
+            raise LabError(f"no reply on the held connection {timeout:.0f} s after "
+                           f"{since:.1f}: {client.output()[-1500:]}")
+        time.sleep(2)
+
+
 def check_output_commit(top: int, after: guest.Counter, held: HeldConnection) -> None:
     """What output commit promises across a failover: the counter after it (``after``)
     never goes back from the highest any client saw (``top``), and the connection held

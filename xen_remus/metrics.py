@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xen_remus.channel.stats import HANDED_OVER
+
 log = logging.getLogger(__name__)
 PREFIX = "xen_remus_"
 METRICS_INTERVAL_S = 1.0  # the metrics file is rewritten at most this often
 # The states each role goes through (channel/stats.py writers), one series each.
 STATES = {"primary": ("starting", "protecting", "unprotected", "stopped", "failed",
-                      "halted"),
+                      "halted", HANDED_OVER),
           "backup": ("receiving", "complete", "failover", "held", "aborted")}
 
 

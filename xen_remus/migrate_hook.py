@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "migrate": "xen_remus.cli.save",
     "migrate-receive": "xen_remus.cli.receive",
     "promote": "xen_remus.cli.promote",
+    "handover": "xen_remus.cli.handover",
     "status": "xen_remus.cli.status",
     "protect": "xen_remus.cli.protect",
     "disk": "xen_remus.cli.disk",

@@ -17,6 +17,11 @@ state that said it. A backup that stops answering ends the loop with the guest r
 here, unprotected; a failure of this side once the backup holds a checkpoint leaves the
 guest paused here, its unacknowledged output dropped, for the backup to take over.
 
+A handover (``handover()``; `xen-remus handover`, SIGUSR1 to protect) ends the loop at an
+epoch boundary with nothing lost: a last checkpoint with the guest left suspended (it never
+resumes here), every epoch's ACK and output, then the stream ends and the backup resumes
+that last epoch, the guest's state exactly as it stopped here.
+
 Pipelined epochs (``depth`` > 1, the Remus paper's design): checkpoint N+1 may be taken
 while up to ``depth`` - 1 earlier epochs still await their ACK. Each epoch's output stays
 in its own buffer (devices/netbuf.py); ACKs come in epoch order and each commits exactly
@@ -92,6 +97,11 @@ class PipelineError(XenRemusError):
     """The backup acknowledged an epoch out of order."""
 
 
+class HandoverFailed(XenRemusError):
+    """The backup was lost after the handover's last checkpoint was sent whole: it may
+    hold that epoch and resume it, so the guest stays suspended and paused here."""
+
+
 class RemusLoop:
     """Continuous checkpoints of ``engine``'s domain (the Remus figure), one per interval:
 
@@ -104,7 +114,9 @@ class RemusLoop:
 
     Epoch 0 is the initial copy (pre-copy rounds, then the first checkpoint). ``run``
     returns when ``stop()`` was called (between epochs; the epochs then awaiting their ACK
-    are committed first) and raises BackupLost (guest running here, unprotected; no epoch
+    are committed first), or after a handover (``handover()``: ``handed_over``, the guest
+    suspended and paused here at the last epoch, every epoch committed), and raises
+    BackupLost (guest running here, unprotected; no epoch
     without its ACK committed) when the backup stops answering. Any other failure once an
     epoch was sent whole (the backup may hold it) leaves the guest paused here
     (``halted``): the backup resumes its copy when the stream ends. ``on_sent`` hears of
@@ -137,10 +149,18 @@ class RemusLoop:
         self.sent = -1  # the last epoch transmitted
         self.awaiting: deque[int] = deque()  # transmitted, ACK not yet seen; oldest first
         self.halted = False  # a failure once an epoch was sent left the guest paused here
+        self.final: int | None = None  # the handover's last epoch, once sent whole
+        self.handed_over = False  # ... and committed: the backup resumes it
         self._stop = False
+        self._handover = False
 
     def stop(self) -> None:
         self._stop = True
+
+    def handover(self) -> None:
+        """End at the next epoch boundary with the guest suspended for good: a last
+        checkpoint it does not resume from, then the ACKs and output of every epoch."""
+        self._handover = True
 
     def run(self) -> None:
         e = self.engine
@@ -153,19 +173,28 @@ class RemusLoop:
             pending = e.precopy()
             next_at = self.clock()
             self.checkpoint(0, pending)
-            while not self._stop:
+            # A handover asked for wins over a stop: the guest then leaves this host.
+            while self.final is None and (self._handover or not self._stop):
                 while len(self.awaiting) >= self.depth:  # the bound: the oldest ACK first
                     self._commit(self.link.next_ack(None))
                 next_at = max(next_at + self.interval_s, self.clock())
-                self._commit_until(next_at)
-                if self._stop:
+                if not self._handover:
+                    self._commit_until(next_at)
+                if self._stop and not self._handover:
                     break
-                self.checkpoint(self.sent + 1, None)
+                self.checkpoint(self.sent + 1, None, final=self._handover)
             while self.awaiting:  # stopping: what the backup holds goes out here too
                 self._commit(self.link.next_ack(None))
-        except BackupLost:
-            e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
-            raise
+        except BackupLost as lost:
+            if self.final is None:
+                e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
+                raise
+            # The last checkpoint went out whole and the guest never ran after it: the
+            # backup may have committed it, so this copy must stay as it is.
+            failed = HandoverFailed(f"handover: the ACK of the last epoch ({self.final}) did "
+                                    f"not come: {lost}")
+            self._halt(failed)
+            raise failed from lost
         except BaseException as failure:
             if self.sent < 0:
                 e.undo()  # the backup holds no whole epoch: the guest goes on here
@@ -173,23 +202,32 @@ class RemusLoop:
             # The backup may resume from any epoch sent whole (its ACK may still be on its
             # way) when the stream ends: this copy must not run on beside it (and what it
             # said since is never released: devices' teardown drops it).
-            if isinstance(failure, GuestHeld):
+            if isinstance(failure, GuestHeld) and self.final is None:
                 e.undo()  # paused already by whoever raised it: log-dirty off only
                 self.halted = True
                 raise
-            try:
-                e.halt()
-                self.halted = True
-            except XenRemusError as exc:
-                log.error("pausing domain %d after the failure: %s", e.dom.domid, exc)
+            self._halt(failure)
             raise
         finally:
             self.link.stop_heartbeats()
+        if self.final is not None:
+            self.handed_over = True
+            self._halt(None)  # suspended for good; paused too, so no unpause runs it
         e.logdirty_off()
 
-    def checkpoint(self, epoch: int, pending: Pfns | None) -> None:
+    def _halt(self, failure: BaseException | None) -> None:
+        """The guest paused here, never resumed (suspended still, if it was)."""
+        try:
+            self.engine.halt()
+            self.halted = failure is not None
+        except XenRemusError as exc:
+            log.error("pausing domain %d %s: %s", self.engine.dom.domid,
+                      "after the failure" if failure else "after the handover (it stays "
+                      "suspended)", exc)
+
+    def checkpoint(self, epoch: int, pending: Pfns | None, final: bool = False) -> None:
         """Take and transmit epoch ``epoch``; its commit comes with its ACK (at once if no
-        ACK will come: a stock backup)."""
+        ACK will come: a stock backup). ``final``: the guest is not resumed (a handover)."""
         e = self.engine
         self.out.buffering = True
         t0 = self.clock()
@@ -208,8 +246,9 @@ class RemusLoop:
         e.end_of_checkpoint()
         e.close_checkpoint()
         tv = self.clock()
-        self.devices.preresume()
-        e.resume()
+        if not final:
+            self.devices.preresume()
+            e.resume()
         self.out.buffering = False
         t1 = self.clock()
         log.debug("epoch %d pause: suspend %.1f, pages %.1f, vcpu/state %.1f, devices %.1f, "
@@ -219,6 +258,8 @@ class RemusLoop:
         t2 = self.clock()
         st = self.link.epoch_sent(epoch, (t1 - t0) * 1000, dirty, (t2 - t1) * 1000)
         self.sent = epoch
+        if final:
+            self.final = epoch
         if self.on_sent is not None:
             self.on_sent(epoch)
         if st is not None:  # no ACK will come: released once sent, all a stock backup allows

@@ -2,12 +2,14 @@
 """The commands the OCF agent runs, faked for tests/unit/test_ocf_agent.py: one script
 linked as xen-remus, xl, crm_attribute and crm_node, acting on a state directory
 ($FAKE_OCF): domains (xl list: NAME STATE a line), status.json (`xen-remus status
---json`), calls.log (every call, one line each)."""
+--json`), calls.log (every call, one line each); handover-fails makes `xen-remus
+handover` fail."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,23 @@ def main() -> int:
         doms["g1"] = "r-----"  # the receiver resumes it
         set_domains(doms)
         print("xen-remus promote: the receiver of g1 resumes it from epoch 4",
+              file=sys.stderr)
+        return 0
+    if args[0] == "handover":
+        if (D / "handover-fails").exists():
+            print("xen-remus handover: the handover of g1 did not complete: protect (pid 9) "
+                  "ended unprotected: backup lost", file=sys.stderr)
+            return 1
+        st = D / "status.json"
+        docs = json.loads(st.read_text()) if st.exists() else []
+        for d in docs:  # protect takes its last checkpoint, the guest suspended, and ends
+            if d.get("role") == "primary" and d.get("alive"):
+                os.kill(d["pid"], signal.SIGUSR1)  # the stand-in ends of it
+                d.update(alive=False, state="handed-over", detail="after epoch 12")
+        st.write_text(json.dumps(docs))
+        doms[args[1]] = "--ps--"
+        set_domains(doms)
+        print(f"xen-remus handover: {args[1]} handed over to hostB after epoch 12",
               file=sys.stderr)
         return 0
     if args[0] in ("protect", "migrate-receive"):

@@ -30,9 +30,14 @@ class FakeHost:
         self.up = False
 
 
-def fence(share: Path, stdin: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(AGENT)], input=stdin, capture_output=True,
-                          text=True, timeout=60,
+def fence(share: Path, stdin: str, node: str | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    """fence_xenlab run as Pacemaker runs it; ``node``: the dom0 it runs in (its "from")."""
+    argv = [sys.executable, str(AGENT)]
+    if node is not None:  # the agent names its host by os.uname(): the stand-in's, here
+        argv = ["unshare", "--uts", "--map-root-user", "sh", "-c",
+                f'hostname {node} && exec "$@"', "sh", *argv]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60,
                           env={"FENCE_XENLAB_SHARE": str(share), "PATH": "/usr/bin:/bin"})
 
 
@@ -62,6 +67,16 @@ def test_off_kills_the_named_host_and_status_says_so(desk: FenceDesk) -> None:
     assert list(share.iterdir()) == []  # every request answered and taken
 
 
+def test_a_request_from_a_host_that_is_off_is_refused(desk: FenceDesk) -> None:
+    """Written just before its host was killed (the loser of a fence race): a node that
+    is off fences nothing."""
+    desk.lab.hosts["B"].kill()
+    r = fence(desk.dir, "action=off\nplug=A\n", node="dom0B")
+    assert r.returncode == 1 and "dom0B is off" in r.stderr
+    assert desk.lab.hosts["A"].alive()
+    assert fence(desk.dir, "action=off\nplug=B\n", node="dom0A").returncode == 0
+
+
 def test_a_bad_plug_and_no_driver(tmp_path: Path) -> None:
     r = fence(tmp_path, "action=off\nplug=C\n")
     assert r.returncode == 1 and "expected A or B" in r.stderr
@@ -79,7 +94,9 @@ def test_metadata_and_the_cib_are_xml() -> None:
     prim = cib.find("clone/primitive")
     assert prim is not None and prim.get("type") == "protected-guest"
     meta = {n.get("name"): n.get("value") for n in cib.iter("nvpair")}
-    assert meta["promotable"] == "true" and meta["pcmk_host_map"] == "dom0A:A;dom0B:B"
+    assert meta["promotable"] == "true"
+    maps = [n.get("value") for n in cib.iter("nvpair") if n.get("name") == "pcmk_host_map"]
+    assert maps == ["dom0A:A", "dom0B:B"]  # a device per host (fence-A, fence-B)
     ids = [e.get("id") for e in cib.iter() if e.get("id")]
     assert len(ids) == len(set(ids))  # the CIB refuses duplicate ids
 

@@ -327,11 +327,27 @@ def test_promote_resumes_a_guest_halted_here(node: Node) -> None:
     assert node.xl() == {"g1": "r-----"}
 
 
-def test_demote_a_protected_primary_kills_protect_and_destroys_the_guest(node: Node) -> None:
+def test_demote_a_protected_primary_hands_it_over_then_destroys_it(node: Node) -> None:
     node.domains(g1="r-----")
     node.status(primary(node.process("protect")))
     rc, err = node.run("demote")
     assert rc == 0, err
+    # Half the action's budget (40 s less a 10 s margin) for the handover.
+    assert ["handover", "g1", "--wait", "15"] in node.calls("xen-remus")
+    assert node.procs[0].wait(10) == -10  # protect got the handover's SIGUSR1, not a kill
+    assert "handed over to hostB after epoch 12" in err
+    xl = [c[0] for c in node.calls("xl") if c[0] != "list"]
+    assert xl == ["destroy"] and node.xl() == {}  # suspended at its last epoch: no pause
+    assert node.scores()[-1] == ["--promotion", "-D"]
+
+
+def test_demote_takes_the_crash_path_when_the_handover_fails(node: Node) -> None:
+    node.domains(g1="r-----")
+    node.status(primary(node.process("protect")))
+    (node.dir / "handover-fails").touch()
+    rc, err = node.run("demote")
+    assert rc == 0, err
+    assert "xen-remus handover g1 (the crash path instead): " in err and "backup lost" in err
     assert node.procs[0].wait(10) == -9  # the crash path: unacknowledged output stays held
     xl = [c[0] for c in node.calls("xl") if c[0] != "list"]
     assert xl == ["pause", "destroy"] and node.xl() == {}
@@ -342,6 +358,7 @@ def test_demote_an_unprotected_primary_shuts_it_down(node: Node) -> None:
     node.status(primary(node.process("protect"), "starting", None))
     rc, err = node.run("demote")
     assert rc == 0 and "not protected: shutting it down" in err
+    assert not any(c[0] == "handover" for c in node.calls("xen-remus"))  # nothing to hand
     assert node.procs[0].wait(10) == -15
     assert ["shutdown", "-w", "g1"] in node.calls("xl") and node.xl() == {}
 
@@ -365,6 +382,30 @@ def test_notify_protects_to_a_peer_that_started(node: Node, kind: str, op: str,
     else:
         time.sleep(1)
         assert not (node.dir / "protect.argv").exists()
+
+
+def test_a_notification_right_after_a_promote_starts_no_second_protect(node: Node) -> None:
+    """The promote launched protect, which has not written its status yet."""
+    node.domains(g1__incoming="--p---")
+    node.status(backup(node.process("migrate-receive"), waiting=True))
+    (node.dir / "waiting").touch()
+    assert node.run("promote", FAKE_OCF_RUN_S="30")[0] == 0
+    node.launched()
+    pid = json.loads((node.run_dir / "ocf" / "g1.protect").read_text())["pid"]
+    try:
+        for _ in range(2):
+            assert node.run("notify", FAKE_OCF_RUN_S="30",
+                            OCF_RESKEY_CRM_meta_notify_type="post",
+                            OCF_RESKEY_CRM_meta_notify_operation="promote")[0] == 0
+        time.sleep(1)
+        assert len([c for c in node.calls("xen-remus") if c[0] == "protect"]) == 1
+    finally:
+        os.kill(pid, 9)
+    time.sleep(0.3)  # not our child: init reaps it
+    (node.dir / "protect.argv").unlink()
+    assert node.run("notify", OCF_RESKEY_CRM_meta_notify_type="post",
+                    OCF_RESKEY_CRM_meta_notify_operation="promote")[0] == 0
+    assert node.launched()[-2] == "g1"  # that protect is gone: a new one
 
 
 def test_the_peer_from_crm_node(node: Node) -> None:

@@ -410,3 +410,117 @@ def test_a_failed_disk_replica_leaves_the_guest_running_unprotected(
     a.close()
     th.join(20)
     assert result[0].epoch == 1
+
+
+def test_a_handover_gives_the_backup_the_guest_exactly_as_it_stopped(run_dir: Path) -> None:
+    """handover() at epoch 4: one more checkpoint (5) with the guest left suspended, its
+    ACK and commit, then run() returns; the backup, once the stream ends, resumes epoch 5,
+    which is the guest's memory as it stands here, suspended and paused for good."""
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+
+    def on_epoch(st: EpochStats) -> None:
+        if st.epoch == 4:
+            loop.handover()
+        if not dom.suspended:  # the guest runs on until the last suspend
+            dom.write(st.epoch, 0x30 + st.epoch)
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    loop.run()
+    assert loop.handed_over and loop.final == 5 and loop.epoch == 5 and not loop.halted
+    assert dom.suspended and dom.paused and not dom.logdirty
+    assert dom.resumed == 5  # after epochs 0-4, never after the last
+    assert [c for c in devs.calls if c[0] == "commit"] == [("commit", e) for e in range(6)]
+    assert devs.calls[-2:] == [("postsuspend", 5), ("commit", 5)]  # no preresume after it
+    a.close()
+    th.join(20)
+    assert result[0].kind == "failover" and result[0].epoch == 5 and sink.failed_over == 5
+    seen = memory_at_each_epoch(bytes(sink.data))
+    assert seen[5] == bytes(dom.mem)
+
+
+def test_a_handover_whose_last_ack_never_comes_leaves_the_guest_paused() -> None:
+    """The backup may hold the last epoch (sent whole): the guest stays suspended and
+    paused here, that epoch's output held, HandoverFailed says so."""
+    from xen_remus.save_continuous import HandoverFailed
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+    devs = Devices(dom, sink)
+    acks = link.next_ack
+
+    def next_ack(until: float | None) -> Any:
+        if loop.final is not None:
+            raise BackupLost("backup lost: heartbeat timeout (a test)")
+        return acks(until)
+
+    link.next_ack = next_ack  # type: ignore[method-assign]
+
+    def on_epoch(st: EpochStats) -> None:
+        if st.epoch == 2:
+            loop.handover()
+
+    loop = RemusLoop(engine, out, link, devs, 0.005, on_epoch=on_epoch)
+    with pytest.raises(HandoverFailed, match=r"the ACK of the last epoch \(3\) did not come"):
+        loop.run()
+    assert loop.halted and not loop.handed_over and loop.epoch == 2
+    assert dom.suspended and dom.paused and not dom.logdirty
+    assert [c for c in devs.calls if c[0] == "commit"][-1] == ("commit", 2)
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 3  # the backup had it whole: the copy it resumes
+
+
+def test_protect_hands_over_on_sigusr1(capsys: pytest.CaptureFixture[str]) -> None:
+    """protect's SIGUSR1 (`xen-remus handover`): exit 0, status handed-over, every device
+    released (nothing of an epoch the backup lacks is left: the guest is suspended)."""
+    import argparse
+    import os
+    import signal
+
+    from xen_remus.channel.stats import StatusFile
+    from xen_remus.cli.protect_run import _protect
+
+    dom = FakeDomain(PAGES)
+    sink, result = Sink(), list[Outcome]()
+    a, b = socket.socketpair()
+    th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
+    engine, out, link = primary(a, dom, Config(), 5.0)
+
+    class Devs(Devices):
+        def release_all(self) -> None:
+            self.calls.append(("release_all", -1))
+
+        def __enter__(self) -> Devs:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.calls.append(("teardown", -1))
+
+    class Asking(Summary):
+        def epoch(self, st: EpochStats) -> None:
+            super().epoch(st)
+            if st.epoch == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)  # as `xen-remus handover` does
+
+    devs = Devs(dom, sink)
+    status = StatusFile("g", "primary", "backup")
+    before = signal.getsignal(signal.SIGUSR1)
+    rc = _protect(engine, out, link, devs, argparse.Namespace(interval_ms=5, pipeline=1),
+                  Asking(status, False), status, "g", None)
+    assert rc == 0 and signal.getsignal(signal.SIGUSR1) == before
+    doc = json.loads(status.path.read_text())
+    assert doc["state"] == "handed-over" and doc["detail"] == "after epoch 4" and doc["epoch"] == 4
+    assert dom.suspended and dom.paused
+    assert devs.calls[-3:] == [("commit", 4), ("release_all", -1), ("teardown", -1)]
+    assert "handed g over after epoch 4" in capsys.readouterr().err
+    a.close()
+    th.join(20)
+    assert result[0].epoch == 4

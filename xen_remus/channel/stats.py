@@ -8,8 +8,8 @@ Status file: <domain>.json in the run directory (xen_remus.paths), rewritten ato
 (temp file + rename) at most every ``min_interval`` seconds and at every change of
 state. Fields:
   format 1; domain; role "primary"|"backup"; pid; peer; state (e.g. "pre-copy",
-  "protected", "unprotected", "failed-over", "exited"); detail; started / updated (Unix
-  time); extensions (the agreed tokens, or null with a stock peer); epoch (last
+  "protected", "unprotected", "handed-over", "failed-over", "exited"); detail; started /
+  updated (Unix time); extensions (the agreed tokens, or null with a stock peer); epoch (last
   committed/acknowledged); last (the last epoch's figures); totals {epochs, dirty_pages,
   raw_bytes, wire_bytes, pause_ms, send_ms}; recent (up to 20 last epochs' figures);
   pause_hist / ack_hist (every epoch's pause and ACK time counted in buckets: bounds_ms,
@@ -42,8 +42,9 @@ FORMAT = 1
 RECENT = 20
 # The states after which the writer is gone (its own last word); any other state with
 # its writer gone is stale.
+HANDED_OVER = "handed-over"  # the primary's guest went to the backup at an epoch boundary
 FINAL_STATES = frozenset({"stopped", "failed", "halted", "unprotected", "complete",
-                          "failover", "aborted", "held"})
+                          "failover", "aborted", "held", HANDED_OVER})
 # Histogram buckets (ms) of the pause and of the ACK time: a checkpoint pause is a few ms
 # on a quiet guest, hundreds on a busy one; an ACK over a LAN is below a ms.
 BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)

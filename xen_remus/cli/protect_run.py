@@ -19,7 +19,8 @@ from typing import Any, TextIO
 from xen_remus.channel.ends import Config
 from xen_remus.channel.link import BackupLost, SenderLink
 from xen_remus.channel.sender import Offered, SenderChannel
-from xen_remus.channel.stats import EpochStats, StatusFile
+from xen_remus.channel.stats import HANDED_OVER, EpochStats, StatusFile
+from xen_remus.cli.handover import HANDOVER_SIGNAL
 from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune, witness_rune
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
@@ -215,7 +216,12 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             if sup is not None:
                 sup.close()  # still armed only if the guest could not be paused here
             if recv is not None:
-                recv.close(timeout=5)
+                if status.doc["state"] == HANDED_OVER:
+                    # The backup waits on (for its promotion, or xl resuming the guest):
+                    # its transport must outlive us, or its stderr breaks under xl.
+                    recv.detach()
+                else:
+                    recv.close(timeout=5)
             for fd in hole:
                 os.close(fd)
 
@@ -279,11 +285,16 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
         if loop is not None:
             loop.stop()
 
+    def hand_over(signum: int, frame: FrameType | None) -> None:
+        if loop is not None:  # before the loop exists (devices' setup): not yet protected
+            loop.handover()
+
     def on_sent(epoch: int) -> None:
         if sup is not None:
             sup.arm(domid)  # the backup may resume epoch `epoch` from now on
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old[HANDOVER_SIGNAL] = signal.signal(HANDOVER_SIGNAL, hand_over)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         with devs:
@@ -312,6 +323,19 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
             except BaseException as exc:
                 _failed(loop, devs, sup, status, name, exc)
                 raise
+            if loop.handed_over:
+                # Every epoch is committed; what the vifs passed on after the last seal
+                # the guest sent before it suspended, as the backup's copy knows.
+                devs.release_all()
+                _disarm(sup)  # suspended and paused for good: nothing left to pause
+                where = ("when the stream ends" if gate is None else
+                         "once this host's witness lease ran out")
+                status.state(HANDED_OVER, f"after epoch {loop.epoch}")
+                print(f"xen-remus protect: handed {name} over after epoch {loop.epoch}: the "
+                      f"backup holds it whole and resumes it {where} (promoted first, under "
+                      f"a cluster); every output was released. Domain {name} stays "
+                      "suspended and paused here: destroy it (xl destroy)", file=sys.stderr)
+                return 0
             if not claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
                 _disarm(sup)
                 return 1

@@ -26,10 +26,13 @@ demoted). Without a promotion in time the copy stays held, as after a failed fen
             then wait for the guest to run; the guest halted here (paused by a failed
             protect): unpause it; else `xl create CONFIG` if `config` is set. Then
             protect to the peer.
-  demote    protecting: pause the guest, SIGKILL protect (its crash path: the
-            supervisor keeps the unacknowledged output held, so the peer's last
-            committed epoch is all any client saw), destroy the guest. Not protecting:
-            `xl shutdown -w` (bounded), then destroy.
+  demote    protecting: `xen-remus handover` (protect takes a last checkpoint with the
+            guest left suspended, has it ACKed, releases all output, closes the stream:
+            the peer's receiver holds exactly the guest's last state, for its promotion),
+            then destroy the suspended guest. Should the handover fail, the crash path:
+            pause the guest, SIGKILL protect (the supervisor keeps the unacknowledged
+            output held, so the peer's last committed epoch is all any client saw),
+            destroy it. Not protecting: `xl shutdown -w` (bounded), then destroy.
   stop      kills a receiver here, destroys a held copy; demotes first if the guest
             runs here.
   monitor   from `xen-remus status --json` and `xl list`; sets the promotion score: 1000
@@ -60,7 +63,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 OCF_SUCCESS, OCF_ERR_GENERIC, OCF_ERR_ARGS, OCF_ERR_UNIMPLEMENTED = 0, 1, 2, 3
 OCF_ERR_PERM, OCF_ERR_INSTALLED, OCF_ERR_CONFIGURED, OCF_NOT_RUNNING = 4, 5, 6, 7
@@ -284,6 +287,16 @@ class Agent:
         self.log("INFO", f"{why}: protecting {self.domain} to {peer} (protect pid "
                  f"{proc.pid}, log {log_dir / (self.domain + '.protect.log')})")
 
+    def launch_runs(self) -> bool:
+        """The protect this agent launched last still runs: it may not have written its
+        status yet (an action right after a promote must not start a second one)."""
+        try:
+            pid = int(json.loads(self.launched.read_text())["pid"])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return b"protect" in cmdline and not _zombie(pid)
+
     def last_launch(self) -> float:
         try:
             return float(json.loads(self.launched.read_text())["at"])
@@ -333,7 +346,7 @@ class Agent:
         if v.code != OCF_NOT_RUNNING or not self.is_probe():
             self.score(v.score)
         if (v.code == OCF_RUNNING_PROMOTED and obs.primary is None and not self.is_probe()
-                and time.time() - self.last_launch() >= RELAUNCH_S):
+                and time.time() - self.last_launch() >= RELAUNCH_S and not self.launch_runs()):
             self.launch_protect("no protect runs")
         return v.code
 
@@ -414,9 +427,13 @@ class Agent:
         if obs.guest is None:
             return OCF_SUCCESS
         prim = obs.primary
-        if prim is not None and prim.get("state") == "protecting" and prim.get("epoch") is not None:
-            # The crash path on purpose: a stopped protect would release the output of
-            # epochs the peer has not acknowledged; killed, the supervisor keeps it held.
+        if protecting(prim) and self.hand_over():
+            self.destroy(self.domain, "handed over: suspended here at its last epoch, "
+                         "which the peer holds whole and resumes when promoted")
+        elif protecting(prim):
+            # The crash path: a stopped protect would release the output of epochs the
+            # peer has not acknowledged; killed, the supervisor keeps it held, and the
+            # peer resumes from its last committed epoch when promoted.
             self.run(["xl", "pause", self.domain], 60)
             self.kill(prim.get("pid"), "protect", signal.SIGKILL)
             self.destroy(self.domain, f"demoted after epoch {prim.get('epoch')}: the peer "
@@ -434,13 +451,26 @@ class Agent:
         self.score(None)
         return OCF_SUCCESS
 
+    def hand_over(self) -> bool:
+        """`xen-remus handover`: protect ends at an epoch boundary, every epoch committed
+        and its output released, the guest suspended here for good; the peer's receiver
+        then holds exactly that state for its promotion. False (logged) if it did not."""
+        wait = self.budget(110) / 2
+        r = self.run([*self.xr, "handover", self.domain, "--wait", f"{wait:.0f}"], wait + 30)
+        if self.failed(r, f"xen-remus handover {self.domain} (the crash path instead)",
+                       "WARNING"):
+            return False
+        self.log("INFO", r.stderr.strip())
+        return True
+
     def notify(self) -> int:
         kind = self.env.get("OCF_RESKEY_CRM_meta_notify_type")
         op = self.env.get("OCF_RESKEY_CRM_meta_notify_operation")
         if kind != "post" or op not in ("start", "promote"):
             return OCF_SUCCESS
         obs = self.observe()
-        if obs is not None and assess(obs).code == OCF_RUNNING_PROMOTED and obs.primary is None:
+        if (obs is not None and assess(obs).code == OCF_RUNNING_PROMOTED
+                and obs.primary is None and not self.launch_runs()):
             self.launch_protect(f"post-{op} notification")
         return OCF_SUCCESS
 
@@ -481,6 +511,12 @@ class Agent:
                 if not Path(f"/proc/{pid}").exists() or _zombie(pid):
                     return
                 time.sleep(0.1)
+
+
+def protecting(prim: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    """A live protect past its initial copy: the peer holds a whole copy of the guest."""
+    return (prim is not None and prim.get("state") == "protecting"
+            and prim.get("epoch") is not None)
 
 
 def _zombie(pid: int) -> bool:

@@ -78,6 +78,11 @@ class Receiver:
         """Close our end; the receiver's exit status if known."""
         raise NotImplementedError
 
+    def detach(self) -> None:
+        """Close our end and leave the receiver to finish on its own (a handover: it
+        resumes the guest later, and must keep its transport until then)."""
+        self.close(0)
+
 
 class ReceiverProcess(Receiver):
     """The child process running the receiver (ssh HOST xl migrate-receive, or -s CMD)."""
@@ -95,17 +100,22 @@ class ReceiverProcess(Receiver):
 
     def close(self, timeout: float = 30.0) -> int | None:
         """Close our ends and wait (bounded) for the child; kill it if it lingers."""
+        self.detach()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def detach(self) -> None:
+        """Close our pipe ends, neither wait nor kill: ssh lives on (reparented when we
+        exit) until the receiver exits, carrying its stderr (and xl's) meanwhile."""
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:
                     f.close()
             except OSError:
                 pass
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
 
 
 class DirectReceiver(Receiver):
