@@ -182,11 +182,13 @@ def _wait_ack_and_idle(pipes: Pipes) -> None:
 
 def test_backup_closing_or_stopping(pipes: Pipes) -> None:
     os.write(pipes.back_w, wire.close("out of memory"))
-    with pytest.raises(BackupLost, match="it stopped: out of memory"):
+    with pytest.raises(BackupLost, match="it stopped: out of memory") as said:
         pipes.link.idle(time.monotonic() + 0.5)
+    assert said.value.closed  # it said it stops: it will not resume its copy
     os.close(pipes.back_w)
-    with pytest.raises(BackupLost, match="it closed its channel"):
+    with pytest.raises(BackupLost, match="it closed its channel") as gone:
         pipes.link.idle(time.monotonic() + 0.5)
+    assert not gone.value.closed  # an EOF says nothing of what it does next
     t0 = time.monotonic()
     with pytest.raises(BackupLost, match="it closed its channel"):  # again, at once
         pipes.link.wait_ack(0)

@@ -61,7 +61,8 @@ class Config:
     mac: bool = False
     key: bytes | None = None  # pre-shared (--key-file); else the sender makes one
     generation: int | None = None  # sender: this protection's (generation.py)
-    fence: bool = False  # receiver: it fences the primary before a failover (--fence)
+    fence: bool = False  # receiver: a gate decides its failovers (--fence, --witness...)
+    fence_ms: int | None = None  # receiver: its fence command's bound (--fence-timeout)
 
     def extensions(self) -> Extensions:
         t = self.heartbeat_timeout_ms
@@ -69,7 +70,8 @@ class Config:
         return Extensions(ack=self.ack, heartbeat=(i, t),
                           lz4_xor_mib=self.cache_mib if self.compression else None,
                           disk=self.disk, mac=mac.ALGORITHM if self.mac else None,
-                          psk=self.mac and self.key is not None, fence=self.fence)
+                          psk=self.mac and self.key is not None, fence=self.fence,
+                          fence_ms=self.fence_ms if self.fence else None)
 
 
 class End:

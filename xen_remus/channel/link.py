@@ -45,7 +45,12 @@ Clock = Callable[[], float]
 
 class BackupLost(XenRemusError):
     """The backup stopped answering, closed its channel or asked to stop: the primary
-    goes on unprotected."""
+    goes on unprotected. ``closed``: it said it stops (a CLOSE frame): it will not
+    resume its copy."""
+
+    def __init__(self, message: str, closed: bool = False) -> None:
+        super().__init__(message)
+        self.closed = closed
 
 
 class _Heartbeats:
@@ -136,13 +141,13 @@ class SenderLink(_Heartbeats):
         """Read what the backup sent, without waiting; raise if it is dead."""
         self._wait(False, self.clock())
 
-    def _lost(self, why: str) -> BackupLost:
+    def _lost(self, why: str, closed: bool = False) -> BackupLost:
         waiting = self.chan.awaiting
         epochs = ("" if len(waiting) < 2 else
                   f"; epochs {waiting[0]}..{waiting[-1]} await their ACK")
         return BackupLost(f"backup lost at stream offset {self.offset} (epoch "
                           f"{self.chan.last_sent_epoch}, last ACK {self.chan.acked}{epochs}): "
-                          f"{why}")
+                          f"{why}", closed)
 
     def _read(self) -> None:
         try:
@@ -162,7 +167,7 @@ class SenderLink(_Heartbeats):
             raise self._lost(str(exc)) from None
         for ev in events:
             if isinstance(ev, Closed):
-                raise self._lost(f"it stopped: {ev.reason}")
+                raise self._lost(f"it stopped: {ev.reason}", closed=True)
             self.events.append(ev)
 
     def _wait(self, want_write: bool, until: float | None) -> bool:

@@ -72,6 +72,11 @@ class SenderChannel(End):
         is sent)."""
         return self.agreed if self.agreed is not None else self._accept_due
 
+    @property
+    def offer(self) -> Extensions | None:
+        """The backup's offer, once read (None: not yet, or a stock backup)."""
+        return self._offer.offer
+
     # -- back channel -----------------------------------------------------------
 
     def feed_back(self, data: bytes, now: float) -> list[BackEvent]:

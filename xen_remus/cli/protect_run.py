@@ -24,6 +24,7 @@ from xen_remus.cli.handover import HANDOVER_SIGNAL
 from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune, witness_rune
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
+from xen_remus.cli.protect_fence import fence_hold_s, hold_for_fence
 from xen_remus.cli.protect_witness import claimed, take_lease
 from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.devices.discover import device_set, read_disks, unreplicable
@@ -205,7 +206,8 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
             devs = device_set(domid, net=not args.no_netbuf, depth=args.pipeline,
                               disks=rdisks)
             rc = _protect(engine, out, link, devs, args, summary, status, name, sup,
-                          lambda: sync_disks(rdisks, link, out, status), gate)
+                          lambda: sync_disks(rdisks, link, out, status), gate,
+                          end_stream=lambda: _end_stream(recv))
             print(f"xen-remus protect: {summary.text()}", file=sys.stderr)
             return rc
         finally:
@@ -224,6 +226,11 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
                     recv.close(timeout=5)
             for fd in hole:
                 os.close(fd)
+
+
+def _end_stream(recv: Receiver | None) -> None:
+    if recv is not None:
+        recv.close(timeout=5)
 
 
 def watch_copy(engine: SaveEngine, out: TextIO | None = None) -> CopyReport:
@@ -272,12 +279,14 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
              args: argparse.Namespace, summary: Summary, status: StatusFile,
              name: str, sup: Supervisor | None,
              before_precopy: Callable[[], None] | None = None,
-             gate: OutputGate | None = None) -> int:
+             gate: OutputGate | None = None,
+             end_stream: Callable[[], None] = lambda: None) -> int:
     """The loop and what becomes of the guest when it ends: stopped or backup lost, it
-    goes on here with its output released; any other failure once the backup holds a
-    checkpoint leaves it paused here, its unacknowledged output dropped (devices'
-    teardown), for the backup to take over; if protect dies outright, the supervisor
-    pauses it."""
+    goes on here with its output released (a backup lost that fences this host: only
+    after the hold of protect_fence.py; ``end_stream`` closes the transport); any other
+    failure once the backup holds a checkpoint leaves it paused here, its unacknowledged
+    output dropped (devices' teardown), for the backup to take over; if protect dies
+    outright, the supervisor pauses it."""
     loop: RemusLoop | None = None
     domid = engine.dom.domid
 
@@ -312,6 +321,9 @@ def _protect(engine: SaveEngine, out: CheckpointEmitter, link: SenderLink, devs:
                 if not claimed(gate, args, name, status, f"after epoch {loop.epoch}"):
                     _disarm(sup)  # the gate holds it paused; teardown drops its output
                     return 1
+                hold = fence_hold_s(link.chan.offer, link.chan.agreed, exc.closed)
+                if hold:  # the backup may yet fence this host and resume its copy
+                    hold_for_fence(hold, name, status.doc["peer"], status, end_stream)
                 devs.release_all()  # the guest goes on here: its output too
                 _disarm(sup)
                 status.state("unprotected", str(exc))

@@ -147,6 +147,14 @@ def failover_gate(args: argparse.Namespace) -> FailoverGate | None:
     return Fence(args.fence, args.fence_timeout) if args.fence is not None else None
 
 
+def fence_bound_ms(args: argparse.Namespace) -> int | None:
+    """What the offer tells the primary of a fence command: the longest it may run
+    (--fence-timeout); the primary holds its output that long after losing this backup
+    (cli/protect_fence.py). None without one (the witness and a cluster decide by other
+    rules)."""
+    return None if args.fence is None else max(1, round(args.fence_timeout * 1000))
+
+
 def accept_direct(args: argparse.Namespace, listen: tuple[str, int], key: bytes
                   ) -> Connection:
     """--listen: the first peer that authenticates (the listener then closes: one
@@ -230,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
         if args.remus and not args.no_extensions:
             chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                           disk=True, mac=True, key=key,
-                                          fence=gate is not None), time.monotonic())
+                                          fence=gate is not None,
+                                          fence_ms=fence_bound_ms(args)), time.monotonic())
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, gate,
                       timeline=timeline, metrics_file=args.metrics_file)
     except (FenceFailed, EpochRefused):
