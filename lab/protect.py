@@ -38,6 +38,13 @@ WITNESS_OPTS = (f"--witness-via 'exec socat - {WITNESS_DEV}' "
                 f"--witness-key-file {WITNESS_KEY}")
 
 
+# The lab's fence command (lab/dom0tools/fence_xenlab, answered by lab/cluster.py's
+# FenceDesk): powers host A off, as a PDU would. FENCE_TIMEOUT_S bounds it on B: the
+# primary holds its output that much longer after losing a fencing backup.
+FENCE_LAB = "python3 /mnt/project/lab/dom0tools/fence_xenlab --action=off --plug=A"
+FENCE_TIMEOUT_S = 20
+
+
 # The direct transport (--tcp): no socat, no ssh, both ends authenticated by the key both
 # dom0s hold at DIRECT_KEY (tests/lab/test_tcp_direct.py writes it).
 DIRECT_KEY = "/root/direct.key"
@@ -140,6 +147,18 @@ def protect(a: Host, b: Host, spec: GuestSpec, how: str = "xl", port: int = 8003
     recv.wait_output(r"listening", 30, stderr=True)
     send = a.spawn(p.sender.format(name=spec.name, bip=b.ip, port=port))
     wait_copy(b, spec, recv, send, port, timeout)
+    return recv, send
+
+
+def protect_fenced(a: Host, b: Host, spec: GuestSpec, fence: str, port: int,
+                   fence_timeout: float = FENCE_TIMEOUT_S) -> tuple[Job, Job]:
+    """Protect ``spec`` A -> B with output commit, B's receiver running ``fence`` (a shell
+    command) before any failover; (receiver, sender) once B holds a copy."""
+    recv = b.spawn(OURS_RECEIVER.format(port=port)
+                   + f" --fence '{fence}' --fence-timeout {fence_timeout:g}")
+    recv.wait_output(r"listening", 30, stderr=True)
+    send = a.spawn(OURS + f" -F -d -s '' {spec.name} 'socat - TCP:{b.ip}:{port}'")
+    wait_copy(b, spec, recv, send, port)
     return recv, send
 
 

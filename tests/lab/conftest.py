@@ -1,7 +1,9 @@
 """Fixtures for the end-to-end tests on real Xen (the QEMU lab, see lab/README.md).
 
 - ``lab_one``: host A (a running ``lab.host.Host``);
-- ``lab_two``: a ``lab.lab.Lab`` with hosts A and B linked (``.a``, ``.b``).
+- ``lab_two``: a ``lab.lab.Lab`` with hosts A and B linked (``.a``, ``.b``);
+- ``witnessed_lab``: a two-host lab of its own whose hosts reach a witness on this machine
+  (lab/witness.py).
 
 One lab serves the whole session (boots are the slow part): two hosts if any selected test
 asks for ``lab_two``, else one. A test that killed a host gets a fresh lab for the next test.
@@ -22,6 +24,8 @@ from _pytest.runner import runtestprotocol
 
 from lab.host import Host
 from lab.lab import Lab
+from lab.witness import WitnessedLab
+from lab.witness import witnessed_lab as _witnessed_lab
 
 DEFAULT_TIMEOUT_S = 600
 _state: dict[str, object] = {"lab": None, "want": 1}
@@ -62,6 +66,12 @@ def lab_one(_lab_session: None) -> Host:
 @pytest.fixture
 def lab_two(_lab_session: None) -> Lab:
     return _lab(2)
+
+
+@pytest.fixture
+def witnessed_lab() -> Iterator[WitnessedLab]:
+    with _witnessed_lab() as w:
+        yield w
 
 
 @pytest.hookimpl(tryfirst=True)

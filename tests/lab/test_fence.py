@@ -1,8 +1,9 @@
 """`migrate-receive -r --fence CMD` on real Xen (lab, two hosts; not in ci-tests.txt).
 
 The A-B link is cut (A's NIC down) with both hosts alive, so B declares the primary dead:
-1. The fence fails (`false`): B's copy stays paused, A runs on alone (unprotected), and
-   only A's copy runs during the cut and after the link is back.
+1. The fence fails (`false`): B's copy stays paused; A holds its output for as long as
+   B could take to fence it (cli/protect_fence.py), then runs on alone (unprotected); only
+   A's copy runs during the cut and after the link is back.
 2. The fence is the lab's (lab/dom0tools/fence_xenlab: this machine kills A's QEMU, as
    a PDU would cut its power): B resumes the guest only once A is off; exactly one copy
    runs throughout, the same boot, its counter never back.
@@ -14,43 +15,14 @@ import time
 
 import pytest
 
-from lab import guest, protect
+from lab import guest
 from lab.cluster import FenceDesk
 from lab.guest import GuestSpec, destroy
-from lab.host import Host, Job
 from lab.lab import Lab
+from lab.partition import CUT_S, copies, cut_link, running, watch
+from lab.protect import FENCE_LAB, protect_fenced
 
 pytestmark = pytest.mark.lab
-
-CUT_S = 30
-# A's NIC on the inter-host link (the virtio NIC in xenbr0, lab/dom0/init).
-LINK_NIC = ("for n in /sys/class/net/*; do [ \"$(basename \"$(readlink -f $n/device/driver)\")\" "
-            "= virtio_net ] && basename $n; done; true")
-FENCE_LAB = "python3 /mnt/project/lab/dom0tools/fence_xenlab --action=off --plug=A"
-
-
-def running(host: Host, name: str) -> bool:
-    state = guest.domain_state(host, name) if host.alive() else None
-    return state is not None and "p" not in state
-
-
-def copies(a: Host, b: Host, name: str) -> list[str]:
-    """The hosts on which the guest runs (unpaused)."""
-    return [h.name for h in (a, b) if running(h, name)]
-
-
-def fenced_protect(a: Host, b: Host, spec: GuestSpec, fence: str, port: int
-                   ) -> tuple[Job, Job]:
-    recv = b.spawn(protect.OURS_RECEIVER.format(port=port) + f" --fence '{fence}'")
-    recv.wait_output(r"listening", 30, stderr=True)
-    send = a.spawn(protect.OURS + f" -F -d -s '' {spec.name} 'socat - TCP:{b.ip}:{port}'")
-    protect.wait_copy(b, spec, recv, send, port)
-    return recv, send
-
-
-def cut_link(a: Host, seconds: int) -> Job:
-    nic = a.run(LINK_NIC, timeout=30, check=True).stdout.split()[0]
-    return a.spawn(f"ip link set {nic} down && sleep {seconds}; ip link set {nic} up")
 
 
 @pytest.mark.lab(timeout=2400)
@@ -61,17 +33,16 @@ def test_fence_decides_the_failover_on_a_cut_link() -> None:
         guest.create(a, spec)
 
         # 1. A fence that fails: B holds its copy paused, A goes on alone.
-        recv, send = fenced_protect(a, b, spec, "false", 8021)
+        recv, send = protect_fenced(a, b, spec, "false", 8021)
         cut = cut_link(a, CUT_S)
-        seen: list[list[str]] = []
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < CUT_S + 5:
-            seen.append(copies(a, b, spec.name))
-            time.sleep(3)
+        seen = watch(a, b, spec.name, CUT_S + 5)
         cut.wait(60).check()
         recv_err = recv.wait(120).stderr
         send_err = send.wait(120).stderr
         assert all(s == ["A"] for s in seen), (seen, send_err[-2000:], recv_err[-2000:])
+        # A held its output while B might still fence it, then went on alone.
+        assert "fences this host before it resumes its copy" in send_err, send_err[-2000:]
+        assert "UNPROTECTED" in send_err, send_err[-2000:]
         assert "fencing the primary first" in recv_err, recv_err[-2000:]
         assert "exited with status 1" in recv_err and "stays paused" in recv_err, \
             recv_err[-2000:]
@@ -84,7 +55,7 @@ def test_fence_decides_the_failover_on_a_cut_link() -> None:
 
         # 2. The lab's fence: B resumes only once A is off.
         destroy(b, f"{spec.name}--incoming")
-        recv, send = fenced_protect(a, b, spec, FENCE_LAB, 8022)
+        recv, send = protect_fenced(a, b, spec, FENCE_LAB, 8022)
         c = guest.advancing(a, spec, guest.counter(a, spec))
         cut = cut_link(a, 120)  # A is fenced long before the link would come back
         t0 = time.monotonic()
