@@ -16,11 +16,15 @@ import pytest
 from tests.unit.test_cli_receive import ROOT, finish, make_stream, read_exact, start
 from tests.unit.witness_helpers import KEY, WitnessThread
 from xen_remus import xlproto as X
+from xen_remus.channel.ends import Config
+from xen_remus.channel.negotiate import Extensions
 from xen_remus.cli.protect import receiver_rune, witness_rune
+from xen_remus.cli.protect_witness import refuse_unwitnessed
 from xen_remus.migrate_hook import build_parser
 from xen_remus.receive.driver import _gate
 from xen_remus.receive.fence import FenceFailed
 from xen_remus.receive.timeline import FailoverTimeline
+from xen_remus.save.transport import MigrationRefused
 from xen_remus.witness import proto as P
 from xen_remus.witness.address import Address
 from xen_remus.witness.client import WitnessClient
@@ -149,3 +153,38 @@ def test_protect_passes_the_witness_on_to_its_receiver() -> None:
     assert rune == ("exec ssh hostb xen-remus migrate-receive -r --witness-via "
                     "''\"'\"'socat - /dev/virtio-ports/x'\"'\"'' --witness-key-file /k "
                     "--witness-timeout 120.0")
+
+
+def test_a_receiver_with_a_witness_says_so_in_its_offer(tmp_path: Path) -> None:
+    p = start(tmp_path, "-r", "--witness-via", "cat", "--witness-key-file",
+              key_file(str(tmp_path)), "--witness-id", "B",
+              XEN_REMUS_RUN_DIR=str(tmp_path), XEN_REMUS_STATE_DIR=str(tmp_path))
+    read_exact(p, len(X.BANNER))
+    line = b""
+    while not line.endswith(b"\n"):
+        line += read_exact(p, 1)
+    finish(p)
+    tokens = line.decode().split()
+    assert "witness" in tokens and "fence" in tokens  # a gate, with no bound to offer
+    offer = Extensions.parse(line.decode().removeprefix("xen-remus-ext offer "), "offer")
+    assert offer.witness and offer.fence and offer.fence_ms is None
+
+
+@pytest.mark.parametrize("witness,fence,witnessed,refused", [
+    (True, False, False, True),  # the witness would give B the guest at once: two copies
+    (True, False, True, False),  # both ends ask the same witness
+    (False, True, False, False),  # a fence (or a cluster) on B: not the witness's rules
+    (False, False, False, False),  # no gate: protect warns (test_trust_cli)
+])
+def test_protect_without_a_witness_refuses_a_backup_that_asks_one(
+        witness: bool, fence: bool, witnessed: bool, refused: bool) -> None:
+    offer = Config(fence=witness or fence, witness=witness).extensions()
+    if not refused:
+        refuse_unwitnessed(offer, witnessed, "hb", "g1")
+        return
+    with pytest.raises(MigrationRefused, match=(
+            r"the backup on hb fails over when a witness lets it \(migrate-receive "
+            r"--witness\), but this protect has no --witness: the witness would give it g1 "
+            r"at once while g1 runs on here. Give protect the same --witness")):
+        refuse_unwitnessed(offer, witnessed, "hb", "g1")
+    refuse_unwitnessed(None, False, "hb", "g1")  # a stock backup offers nothing

@@ -63,6 +63,7 @@ class Config:
     generation: int | None = None  # sender: this protection's (generation.py)
     fence: bool = False  # receiver: a gate decides its failovers (--fence, --witness...)
     fence_ms: int | None = None  # receiver: its fence command's bound (--fence-timeout)
+    witness: bool = False  # receiver: that gate is the witness (--witness)
 
     def extensions(self) -> Extensions:
         t = self.heartbeat_timeout_ms
@@ -71,7 +72,8 @@ class Config:
                           lz4_xor_mib=self.cache_mib if self.compression else None,
                           disk=self.disk, mac=mac.ALGORITHM if self.mac else None,
                           psk=self.mac and self.key is not None, fence=self.fence,
-                          fence_ms=self.fence_ms if self.fence else None)
+                          fence_ms=self.fence_ms if self.fence else None,
+                          witness=self.witness)
 
 
 class End:

@@ -25,7 +25,7 @@ from xen_remus.cli.progress import CopyReport
 from xen_remus.cli.protect import EXIT_UNPROTECTED, receiver_rune, witness_rune
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
 from xen_remus.cli.protect_fence import fence_hold_s, hold_for_fence
-from xen_remus.cli.protect_witness import claimed, take_lease
+from xen_remus.cli.protect_witness import claimed, refuse_unwitnessed, take_lease
 from xen_remus.cli.witness import client_of, holder_of
 from xen_remus.devices.discover import device_set, read_disks, unreplicable
 from xen_remus.errors import UsageError, XenRemusError
@@ -190,6 +190,7 @@ def protect(args: argparse.Namespace, policy: PrecopyPolicy, key: bytes | None) 
         try:
             _await_offer(link, rest, 0.0 if args.blackhole or args.stock_backup else 2.0)
             if not args.blackhole:
+                refuse_unwitnessed(chan.offer, gate is not None, peer, name)
                 _warn_unfenced(link, peer, name)
             log.info("protection of %s: generation %s", name, generation)
             if disks and not (chan.agreement is not None and chan.agreement.disk):

@@ -1,5 +1,6 @@
-"""protect with a witness: the lease taken before anything else and renewed, and the
-claim of the next generation when protection ends with the guest running on here."""
+"""protect with a witness: the lease taken before anything else and renewed, the claim
+of the next generation when protection ends with the guest running on here, and the
+refusal of a backup whose failovers a witness decides when this protect has none."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from xen_remus.channel.negotiate import Extensions
 from xen_remus.channel.stats import StatusFile
 from xen_remus.save.transport import MigrationRefused
 from xen_remus.witness.client import WitnessClient
@@ -26,6 +28,19 @@ def take_lease(witness: WitnessClient, name: str, generation: int, holder: str,
                                "not protecting it") from None
     keeper.start()
     return OutputGate(keeper, pause, unpause)
+
+
+def refuse_unwitnessed(offer: Extensions | None, witnessed: bool, peer: str,
+                       name: str) -> None:
+    """A backup that asks the witness before it resumes, and a primary that holds no
+    lease: the witness would give the guest to the backup at once while it runs on here
+    (two copies). Refused before anything of the guest is sent."""
+    if offer is not None and offer.witness and not witnessed:
+        raise MigrationRefused(
+            f"the backup on {peer} fails over when a witness lets it (migrate-receive "
+            f"--witness), but this protect has no --witness: the witness would give it "
+            f"{name} at once while {name} runs on here. Give protect the same --witness "
+            "and --witness-key-file; not protecting")
 
 
 def claimed(gate: OutputGate | None, args: argparse.Namespace, name: str,

@@ -239,7 +239,10 @@ def run(args: argparse.Namespace) -> int:
             chan = ReceiverChannel(Config(heartbeat_timeout_ms=args.heartbeat_timeout,
                                           disk=True, mac=True, key=key,
                                           fence=gate is not None,
-                                          fence_ms=fence_bound_ms(args)), time.monotonic())
+                                          fence_ms=fence_bound_ms(args),
+                                          witness=args.witness is not None
+                                          or args.witness_via is not None),
+                                   time.monotonic())
         out = receive(upstream, sink, args.remus, args.max_epoch_mib << 20, chan, gate,
                       timeline=timeline, metrics_file=args.metrics_file)
     except (FenceFailed, EpochRefused):
