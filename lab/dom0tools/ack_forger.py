@@ -173,7 +173,11 @@ def main() -> int:
             say("the primary closed the channel", None)
             return 0
         if ready.get(sock.fileno()):
-            data = sock.recv(1 << 16)
+            try:
+                data = sock.recv(1 << 16)
+            except OSError as exc:
+                say(f"the connection to the backup failed: {exc}", None)
+                return 0
             if not data:
                 say("the backup closed the connection", None)
                 return 0
