@@ -39,6 +39,7 @@ from lab.errors import LabError
 from lab.guest import GuestSpec
 from lab.host import Host, Job
 from lab.lab import Lab
+from lab.partition import LINK_NIC
 
 pytestmark = pytest.mark.lab
 
@@ -95,9 +96,6 @@ FAILOVER_S = 900  # a host gone until its guests run on the other (fence, promot
 REPLY_S = 180  # a held connection's first reply after the guest came back (TCP backoff)
 FENCE_DELAY = "90s"  # on the device fencing A: A wins the race (B's attempt waits)
 CUT_S = 600  # longer than the test needs: B is fenced long before the link is back
-# A's NIC on the inter-host link (the virtio NIC in xenbr0, lab/dom0/init).
-LINK_NIC = ("for n in /sys/class/net/*; do [ \"$(basename \"$(readlink -f $n/device/driver)\")\" "
-            "= virtio_net ] && basename $n; done; true")
 
 
 def other(lab: Lab, host: Host) -> Host:

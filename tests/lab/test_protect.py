@@ -21,6 +21,7 @@ from lab import guest, protect
 from lab.guest import GuestSpec, destroy
 from lab.host import Host, Job
 from lab.lab import Lab
+from lab.partition import LINK_NIC
 
 pytestmark = pytest.mark.lab
 
@@ -31,9 +32,6 @@ CLIENT = protect.COUNTER_CLIENT
 # cycle after an ACK: the interval (0.2 s), the pause (guest suspended, ~0.4-0.9 s), the
 # send (~0.2 s compressed, ~4 s with -u), the backup committing it (~0.5 s), its ACK.
 MOMENTS = {"after-ack": 0.0, "in-pause": 0.4, "mid-send": 2.0}
-# B's NIC on the inter-host link (the virtio NIC in xenbr0, lab/dom0/init).
-LINK_NIC = ("for n in /sys/class/net/*; do [ \"$(basename \"$(readlink -f $n/device/driver)\")\" "
-            "= virtio_net ] && basename $n; done; true")
 COMMITTED = re.compile(r"epoch (\d+) committed")
 HOLD_IFB = "xrhold"
 
