@@ -62,8 +62,14 @@ def cut_one_way(a: Host, b: Host, direction: str, seconds: float) -> Job:
 
 
 def running(host: Host, name: str) -> bool:
-    """``name`` runs unpaused on ``host`` (a dead host runs nothing)."""
-    state = guest.domain_state(host, name) if host.alive() else None
+    """``name`` runs unpaused on ``host`` (a dead host runs nothing, also one that dies
+    while asked: a fence may power it off just then)."""
+    try:
+        state = guest.domain_state(host, name) if host.alive() else None
+    except LabError:
+        if host.alive():
+            raise
+        return False
     return state is not None and "p" not in state
 
 
