@@ -9,8 +9,10 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -23,7 +25,14 @@ from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.disk.daemon import ReplicatedDiskDaemon
 from xen_remus.disk.persist import BLOCK, DirtyBitmap, ReplicaRecord
 from xen_remus.disk.remote import SocketControl
-from xen_remus.disk.replica import DEFAULT_CAP, HEADER_SIZE
+from xen_remus.disk.replica import (
+    DEFAULT_CAP,
+    HEADER_SIZE,
+    START,
+    Frame,
+    FrameDecoder,
+    frame_bytes,
+)
 from xen_remus.disk.sync import SyncProgress
 
 SIZE = 4 << 20
@@ -234,6 +243,33 @@ def test_at_its_cap_the_daemon_holds_guest_writes_until_the_backup_acks(
         client.close()
         ctl.disconnect()
         replicas.close()
+        d.close()
+
+
+def test_no_guest_write_reaches_the_stream_before_the_synchronisation_begins(
+        tmp: str) -> None:
+    """A write between the epoch loop's connect and its START is the image's (the
+    synchronisation reads it there), never a W ahead of BEGIN: the backup, not yet
+    synchronising, would hold it as an epoch's write and refuse the CHUNKs after it."""
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    client = ClientThread(d.nbd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(d.replica)
+        sock.settimeout(10)
+        time.sleep(0.1)  # the daemon took the connection
+        client.do(("w", 0, 4096, 0x5A))  # answered: past the daemon's hand-off to a sink
+        sock.sendall(frame_bytes(START, 0, 7))
+        dec, frames = FrameDecoder(), list[Frame]()
+        while not frames:
+            data = sock.recv(1 << 16)
+            assert data, "the daemon closed the replication socket"
+            frames = dec.feed(data)
+        assert frames[0].name == "BEGIN", [f.name for f in frames]
+    finally:
+        sock.close()
+        client.close()
         d.close()
 
 

@@ -9,12 +9,12 @@ attaches the NBD socket to /dev/nbdN, which the guest uses through blkback. The 
 
 On that connection, once START names the protection, the server synchronises the backup's
 replica (sync.py: the blocks its dirty bitmap marks, or every chunk whose hash differs) while
-the guest's writes go on in the same stream, and seals no epoch before the synchronisation
-is all in the stream: the backup's copy is whole once epoch 0 commits. Every write is
-marked in the dirty bitmap (persist.py), cleared as the backup ACKs its epoch, so that the
-next protection after a lost backup or a restart of protect sends only those blocks. When
-the connection ends (protection stopped, primary's epoch loop gone) the disk is served on,
-locally.
+the guest's writes go on in the same stream (from its BEGIN on), and seals no epoch before
+the synchronisation is all in the stream: the backup's copy is whole once epoch 0 commits.
+Every write is marked in the dirty bitmap (persist.py), cleared as the backup ACKs its
+epoch, so that the next protection after a lost backup or a restart of protect sends only
+those blocks. When the connection ends (protection stopped, primary's epoch loop gone) the
+disk is served on, locally.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class ReplicatedDiskDaemon:
         self._answers = asyncio.Queue()
         sender = ReplicaSender(reader, writer, first_epoch=0, cap=self.cap,
                                on_request=self._request, from_loop=True, on_ack=self._acked)
-        self.sender = self.server.sink = sender
+        self.sender = sender  # the server's sink from BEGIN on (_synchronise)
         log.info("%s: replicating", self.server.name)
         try:
             await sender.run()
@@ -130,6 +130,10 @@ class ReplicatedDiskDaemon:
 
     async def _synchronise(self, sender: ReplicaSender) -> None:
         fd = os.open(self.server.image, os.O_RDONLY | os.O_CLOEXEC)
+        # Guest writes join the stream from here, and synchronise() puts BEGIN into it
+        # before its first await: no W precedes BEGIN (the backup, not yet synchronising,
+        # would hold it as an epoch's write). Those before are in the image it reads.
+        self.server.sink = sender
         try:
             self.synced_bytes = await synchronise(
                 fd, self.server.size, self.server.epoch, self.generation, sender,
