@@ -472,6 +472,9 @@ class NoDevices:
     def preresume(self) -> None:
         pass
 
+    def idle(self) -> None:
+        pass
+
     def commit(self, epoch: int) -> None:
         pass
 

@@ -4,13 +4,17 @@
               rounds while the guest runs (the one-shot engine's live phase), then the
               first checkpoint, as every later epoch:
     epoch N   suspend -> dirty pages into a local buffer
-              -> devices postsuspend (net: a new output buffer starts; disks: the
-                 epoch's writes and its seal join the buffer)
+              -> devices postsuspend (net: a new output buffer starts; disks: their
+                 servers seal the epoch; its last writes and the seal join the buffer,
+                 read from the servers as it is transmitted)
               -> vCPU/platform state -> devices preresume
               -> resume: the guest runs on, speculatively
               -> transmit the buffer -> the backup ACKs epoch N (a stock one cannot)
               -> devices commit(N) (disks, then net: epoch N's packets leave)
               -> wait for the interval
+              while it waits (for an ACK or the interval), every IDLE_EVERY the devices'
+              idle(): the disks send the writes of the epoch now open on to the backup,
+              so that its checkpoint has only the last of them to carry
 
 What the guest says to the world during an epoch leaves only once the backup holds the
 state that said it. A backup that stops answering ends the loop with the guest running
@@ -57,6 +61,8 @@ from xen_remus.stream.events import Buffer
 
 log = logging.getLogger(__name__)
 
+IDLE_EVERY = 0.01  # s between the devices' idle() calls while the loop waits
+
 
 class EpochLink(Protocol):
     """What the loop needs of the channel to the backup (channel.link.SenderLink)."""
@@ -79,6 +85,8 @@ class EpochDevices(Protocol):
     def postsuspend(self, epoch: int) -> None: ...
 
     def preresume(self) -> None: ...
+
+    def idle(self) -> None: ...
 
     def commit(self, epoch: int) -> None: ...
 
@@ -176,7 +184,7 @@ class RemusLoop:
             # A handover asked for wins over a stop: the guest then leaves this host.
             while self.final is None and (self._handover or not self._stop):
                 while len(self.awaiting) >= self.depth:  # the bound: the oldest ACK first
-                    self._commit(self.link.next_ack(None))
+                    self._commit(self._next_ack(None))
                 next_at = max(next_at + self.interval_s, self.clock())
                 if not self._handover:
                     self._commit_until(next_at)
@@ -184,7 +192,7 @@ class RemusLoop:
                     break
                 self.checkpoint(self.sent + 1, None, final=self._handover)
             while self.awaiting:  # stopping: what the backup holds goes out here too
-                self._commit(self.link.next_ack(None))
+                self._commit(self._next_ack(None))
         except BackupLost as lost:
             if self.final is None:
                 e.undo()  # the guest goes on here, unprotected (resumed if we had it suspended)
@@ -239,8 +247,9 @@ class RemusLoop:
             e.send_pages(e.dirty_pfns(live=False), live=False)
         dirty = e.stats.rounds.pop().pages  # one record per epoch: keep the list short
         tp = self.clock()
-        # Devices seal the epoch: net starts a new output buffer; disks put the epoch's
-        # writes into this checkpoint (their records go before CHECKPOINT).
+        # Devices seal the epoch: net starts a new output buffer; disks have their servers
+        # seal it and keep a place here for its last writes, read as transmit() gets to
+        # it (their records go before CHECKPOINT).
         self.devices.postsuspend(epoch)
         td = self.clock()
         e.end_of_checkpoint()
@@ -271,13 +280,32 @@ class RemusLoop:
 
     def _commit_until(self, until: float) -> None:
         """Wait until ``until`` (the next checkpoint), committing each epoch as its ACK
-        comes."""
+        comes; the devices' idle work is done at least once, last just before ``until``."""
         while self.awaiting:
-            ack = self.link.next_ack(until)
+            ack = self._next_ack(until)
             if ack is None:
                 return  # the interval is over; the ACKs still due are waited for later
             self._commit(ack)
-        self.link.idle(until)
+        while True:
+            self.link.idle(min(until, self.clock() + IDLE_EVERY))
+            self.devices.idle()
+            if self.clock() >= until:
+                return
+
+    def _next_ack(self, until: float | None) -> Acked | None:
+        """``link.next_ack(until)``, waited for in steps of IDLE_EVERY with the devices'
+        idle work after each step that brought no ACK."""
+        while True:
+            step = self.clock() + IDLE_EVERY
+            if until is not None:
+                step = min(step, until)
+            ack = self.link.next_ack(step)
+            if ack is not None:
+                return ack
+            early = self.clock() < step  # None before the step's end: none will come
+            self.devices.idle()
+            if early or (until is not None and self.clock() >= until):
+                return None
 
     def _commit(self, ack: Acked | None) -> None:
         """The ACK of the oldest epoch awaiting one: commit exactly that epoch."""
@@ -327,7 +355,7 @@ class CheckpointEmitter:
         self.records = 0
         self.buffered_bytes = 0  # of the queue, before compression
         self._raw: list[Buffer] = []  # small records not yet sent or queued
-        self._queue: list[list[Buffer] | _Pages] = []
+        self._queue: list[list[Buffer] | _Pages | Callable[[], None]] = []
 
     # -- Emitter ------------------------------------------------------------------------
     def begin(self, domain_type: int) -> None:
@@ -364,6 +392,17 @@ class CheckpointEmitter:
         self._queue.append(_Pages(pfns.copy(), types.copy(), data))
         self.buffered_bytes += len(data) + 16 + 8 * len(pfns)
 
+    def later(self, send: Callable[[], None]) -> None:
+        """``send()`` puts records into the stream here: at once if not buffering, else
+        when ``transmit()`` gets to this point of the epoch (the guest runs again by
+        then). A disk's last writes of the epoch are read from its server only then."""
+        if not self.buffering:
+            self.flush()
+            send()
+            return
+        self._queue_raw()
+        self._queue.append(send)
+
     def flush(self) -> None:
         if self.buffering:
             return  # everything waits for transmit()
@@ -381,6 +420,8 @@ class CheckpointEmitter:
         for item in queue:
             if isinstance(item, _Pages):
                 self.link.send_pages(item.pfns, item.types, item.data)
+            elif callable(item):
+                item()  # its records go out as it makes them (not buffering now)
             else:
                 self.link.send(item)  # CHECKPOINT ... CHECKPOINT_END: one call
         return n

@@ -24,11 +24,12 @@ def test_the_epoch_loop_seals_and_commits_the_disk_before_the_network() -> None:
     with DeviceSet([net, ReplicatedDisk(RecordingStub(log, "disk"))]) as ds:
         ds.postsuspend(0)
         ds.preresume()
+        ds.idle()
         ds.commit(0)
         ds.postsuspend(1)
         ds.release_all()
     assert log == ["connect disk", "setup net", "seal(0) disk", "postsuspend(0) net",
-                   "preresume net", "commit(0) disk", "commit(0) net", "seal(1) disk",
+                   "preresume net", "idle disk", "commit(0) disk", "commit(0) net", "seal(1) disk",
                    "postsuspend(1) net", "release disk", "release_all net", "teardown net",
                    "disconnect disk"]
 
@@ -42,6 +43,11 @@ def test_a_failed_replica_is_a_lost_backup_naming_the_disk_and_the_step() -> Non
                                         exc=RuntimeError("commit(2) broke")))
     with pytest.raises(BackupLost, match=r"disk failed \(commit epoch 2\): commit\(2\) broke"):
         disk.commit(2)
+    disk = ReplicatedDisk(RecordingStub([], "disk", fail="idle",
+                                        exc=OSError("the server closed it")))
+    with pytest.raises(ReplicaLost, match=r"disk failed \(between checkpoints\): the server "
+                       "closed it"):
+        disk.idle()
     ours = EpochError("seal(3) but epoch 5 is open")
     disk = ReplicatedDisk(RecordingStub([], "disk", fail="seal", exc=ours))
     with pytest.raises(ReplicaLost) as ei:  # ours too: the replica cannot follow

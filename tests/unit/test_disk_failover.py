@@ -3,13 +3,18 @@
 The primary is the production path on this host: the disk daemon (NBD server and
 replication socket) written to by an NBD client (random writes, FUA writes and flushes,
 also while the initial synchronisation runs), the epoch loop (RemusLoop over a fake
-domain whose memory changes every epoch) with the ReplicatedDisk that seals each epoch
-into its checkpoint as REMUS_DISK records, and the real receiver (receive.driver) as the
-live backup. Everything the primary sends is recorded.
+domain whose memory changes every epoch) with the ReplicatedDisk that streams the open
+epoch's writes as REMUS_DISK records while it waits between checkpoints and seals each
+epoch, with the writes since, into its checkpoint, and the real receiver (receive.driver)
+as the live backup. An epoch's writes come at its very start (the guest resumed, its
+previous checkpoint not yet sent: its writes then wait behind the previous epoch's in the
+stream), after the previous ACK (streamed, when the loop waits long enough) and last (just
+before the suspend). Everything the primary sends is recorded.
 
 Then the primary dies at a byte of that stream: a fresh receiver, its replica reset to
-what it was before the protection, reads the recording cut there (at random offsets and
-at and around every epoch's end, mid-frame included) and fails over. Checked against a
+what it was before the protection, reads the recording cut there (at random offsets, at
+and around every epoch's end, and inside every REMUS_DISK record, streamed or in a
+checkpoint: mid-frame) and fails over. Checked against a
 model replayed independently of both ends: the backup ACKed exactly the epochs it had
 whole (memory and disk seal), it resumes from the last one it ACKed, its disk image is
 the model's disk at that epoch and the memory it resumes is the guest's at that epoch.
@@ -50,6 +55,7 @@ from xen_remus.channel.stats import EpochStats
 from xen_remus.cli.protect_disks import replicated_disk, sync_disks
 from xen_remus.cli.protect_run import _await_offer, read_banner
 from xen_remus.devices.base import Device, DeviceSet
+from xen_remus.disk.replica import FrameDecoder, W
 from xen_remus.generation import GenerationStore
 from xen_remus.receive.driver import receive
 from xen_remus.receive.upstream import Upstream
@@ -57,12 +63,18 @@ from xen_remus.restore_continuous import Outcome, ReceiveError
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
 from xen_remus.save_continuous import CheckpointEmitter, RemusLoop
+from xen_remus.stream import consts as C
 from xen_remus.stream.decoder import Decoder
 from xen_remus.stream.events import Buffer, EpochEnd
 from xen_remus.stream.records import Record
 from xen_remus.xlproto import BANNER
 
 SIZE = 4 << 20  # four synchronisation chunks
+# An epoch: the NBD ops as the guest resumes from the previous checkpoint (before that
+# is sent), those after its ACK, those just before the suspend (the last writes of the
+# epoch), and the memory pages the guest writes.
+Epoch = tuple[Sequence[Op], Sequence[Op], Sequence[Op], Sequence[int]]
+PAGES_RECORDS = (C.REC_TYPE_PAGE_DATA, wire.REC_REMUS_PAGE_DATA_LZ4XOR)
 CHUNK = 1 << 20
 GENERATION = 5
 IO_TIMEOUT = 20.0
@@ -100,6 +112,23 @@ class Tee:
                     other.sendall(data)
                 except OSError:
                     open_.discard(s)
+
+
+class WritingDomain(FakeDomain):
+    """A guest that writes just before it is suspended and as soon as it resumes."""
+
+    def __init__(self, nr_pfns: int) -> None:
+        super().__init__(nr_pfns)
+        self.before_suspend: Callable[[], None] = lambda: None
+        self.after_resume: Callable[[], None] = lambda: None
+
+    def suspend(self) -> None:
+        self.before_suspend()
+        super().suspend()
+
+    def resume(self) -> None:
+        super().resume()
+        self.after_resume()
 
 
 class Snapshots(Device):
@@ -143,20 +172,26 @@ class Recording:
     disk: dict[int, bytes]  # the primary's image as each epoch ended
     epoch_ends: list[int] = field(default_factory=list)  # stream offset after each epoch
     disk_records: list[tuple[int, int]] = field(default_factory=list)  # REMUS_DISK spans
+    # W frames per REMUS_DISK record between an epoch's end and the next checkpoint's
+    # pages (told apart so only when every checkpoint has pages), and in checkpoints
+    streamed: list[int] = field(default_factory=list)
+    in_checkpoints: list[int] = field(default_factory=list)
 
 
 def record(d: str, primary_image: bytes, replica_image: bytes, during: Sequence[Op],
-           epochs: Sequence[tuple[Sequence[Op], Sequence[int]]]) -> Recording:
-    """Protect a fake guest with one replicated disk into a live receiver; the NBD ops
-    ``during`` run while the initial synchronisation is relayed, those of ``epochs[0]``
-    (and its memory pages' writes) after it, those of ``epochs[k]`` between checkpoints
-    k-1 and k."""
+           epochs: Sequence[Epoch], interval: float = 0.002) -> Recording:
+    """Protect a fake guest with one replicated disk into a live receiver, a checkpoint
+    every ``interval`` s; the NBD ops ``during`` run while the initial synchronisation is
+    relayed, those of ``epochs[0]`` (and its memory pages' writes) after it, those of
+    ``epochs[k]`` between checkpoints k-1 and k: its first ops as the guest resumes from
+    k-1, then (after the ACK of k-1; the loop then waits for the interval) the next, its
+    last ones just before the suspend."""
     image, replica = os.path.join(d, "a.img"), os.path.join(d, "replica.img")
     Path(image).write_bytes(primary_image)
     Path(replica).write_bytes(replica_image)
     daemon = Daemon(image, d)
     client = ClientThread(daemon.nbd)
-    dom = FakeDomain(PAGES)
+    dom = WritingDomain(PAGES)
     sink = _Sink()
     a, a_tee = socket.socketpair()
     b_tee, b = socket.socketpair()
@@ -189,11 +224,23 @@ def record(d: str, primary_image: bytes, replica_image: bytes, during: Sequence[
             run(0)  # after SYNCED, before the pre-copy: epoch 0 still
 
         def run(epoch: int) -> None:
-            ops, pages = epochs[epoch]
-            for op in ops:
+            first, ops, _tail, pages = epochs[epoch]
+            for op in [*first, *ops] if epoch == 0 else ops:
                 client.do(op)
             for pfn in pages:
                 dom.write(pfn % PAGES, (epoch * 7 + pfn) % 251 + 1)
+
+        def tail() -> None:
+            for op in epochs[loop.sent + 1][2]:  # the epoch about to be checkpointed
+                client.do(op)
+
+        def first() -> None:
+            nxt = loop.sent + 2  # resumed from checkpoint sent + 1, not yet sent
+            for op in epochs[nxt][0] if nxt < len(epochs) else []:
+                client.do(op)
+
+        dom.before_suspend = tail
+        dom.after_resume = first
 
         def on_epoch(st: EpochStats) -> None:
             if st.epoch + 1 >= len(epochs):
@@ -202,7 +249,7 @@ def record(d: str, primary_image: bytes, replica_image: bytes, during: Sequence[
                 run(st.epoch + 1)
 
         with DeviceSet([disk, snaps]) as devs:
-            loop = RemusLoop(engine, out, link, devs, 0.002, on_epoch=on_epoch,
+            loop = RemusLoop(engine, out, link, devs, interval, on_epoch=on_epoch,
                              before_precopy=sync)
             loop.run()
     finally:
@@ -215,11 +262,18 @@ def record(d: str, primary_image: bytes, replica_image: bytes, during: Sequence[
         daemon.close()
     assert live and isinstance(live[0], Outcome) and live[0].kind == "failover", live
     rec = Recording(bytes(tee.sent), replica_image, replica, snaps.memory, snaps.disk)
+    between = False  # after an epoch's end, before the next checkpoint's pages
     for ev in Decoder(checkpointed=True).feed(rec.stream):
         if isinstance(ev, EpochEnd):
             rec.epoch_ends.append(ev.offset + len(ev.wire))
+            between = True
+        elif isinstance(ev, Record) and ev.rtype in PAGES_RECORDS:
+            between = False
         elif isinstance(ev, Record) and ev.rtype == wire.REC_REMUS_DISK:
             rec.disk_records.append((ev.offset, ev.offset + len(ev.wire)))
+            frames = FrameDecoder().feed(bytes(wire.parse_disk(ev.body, "test")[1]))
+            writes = sum(f.kind == W for f in frames)
+            (rec.streamed if between else rec.in_checkpoints).append(writes)
     assert len(rec.epoch_ends) == len(epochs) == len(rec.memory)
     return rec
 
@@ -352,13 +406,12 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), -1)
 
 
-def model_disk(start: bytes, during: Sequence[Op],
-               epochs: Sequence[tuple[Sequence[Op], Sequence[int]]]) -> list[bytes]:
+def model_disk(start: bytes, during: Sequence[Op], epochs: Sequence[Epoch]) -> list[bytes]:
     """The guest's disk at the end of each epoch, from its writes alone."""
     img = bytearray(start)
     out = []
-    for i, (ops, _pages) in enumerate(epochs):
-        for kind, off, n, byte in (list(during) if i == 0 else []) + list(ops):
+    for i, (first, ops, tail, _pages) in enumerate(epochs):
+        for kind, off, n, byte in [*(during if i == 0 else []), *first, *ops, *tail]:
             if kind != "flush":
                 img[off:off + n] = bytes([byte]) * n
         out.append(bytes(img))
@@ -382,14 +435,16 @@ _OP = st.one_of(
               st.integers(1, 96 * 1024), st.integers(1, 255)).map(
         lambda t: (t[0], t[1], min(t[2], SIZE - t[1]), t[3])),
     st.just(("flush", 0, 0, 0)))
-_EPOCH = st.tuples(st.lists(_OP, max_size=6), st.lists(st.integers(0, PAGES - 1), max_size=6))
+_EPOCH = st.tuples(st.lists(_OP, max_size=3), st.lists(_OP, max_size=6),
+                   st.lists(_OP, max_size=3), st.lists(st.integers(0, PAGES - 1), max_size=6))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(same=st.lists(st.booleans(), min_size=4, max_size=4), during=st.lists(_OP, max_size=6),
-       epochs=st.lists(_EPOCH, min_size=2, max_size=6), rnd=st.randoms(use_true_random=True))
+       epochs=st.lists(_EPOCH, min_size=2, max_size=6),
+       interval=st.sampled_from([0.002, 0.03]), rnd=st.randoms(use_true_random=True))
 def test_the_backup_resumes_the_disk_and_memory_of_its_last_ack(
-        same: list[bool], during: list[Op], epochs: list[tuple[list[Op], list[int]]],
+        same: list[bool], during: list[Op], epochs: list[Epoch], interval: float,
         rnd: random.Random) -> None:
     primary = rnd.randbytes(SIZE)
     replica = bytearray(primary)
@@ -399,7 +454,7 @@ def test_the_backup_resumes_the_disk_and_memory_of_its_last_ack(
     d = tempfile.mkdtemp(prefix="xr-dkf-", dir="/tmp")
     try:
         with own_state(d):
-            rec = record(d, primary, bytes(replica), during, epochs)
+            rec = record(d, primary, bytes(replica), during, epochs, interval)
         model = model_disk(primary, during, epochs)
         assert [rec.disk[e] for e in range(len(epochs))] == model, "the primary's own disk"
         for cut in cuts(rec, rnd, 6):
@@ -408,14 +463,34 @@ def test_the_backup_resumes_the_disk_and_memory_of_its_last_ack(
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_writes_between_checkpoints_go_ahead_of_their_seal(tmp: str) -> None:
+    """Given time between checkpoints, an epoch's early writes reach the backup
+    streamed, ahead of its checkpoint, and its last ones with its SEAL, in the checkpoint;
+    killed anywhere, the primary leaves the backup exactly its last ACKed epoch (what was
+    streamed of a later one is dropped)."""
+    epochs: list[Epoch] = [([], [], [("w", 0, 4096, 0x10)], [0])] + [
+        ([("w", 3 << 20, 512, 0x80 + e)],
+         [("w", e * 65536, 32768, 0x20 + e), ("fua", 1 << 20, 4096, 0x40 + e)],
+         [("w", 2 << 20, 8192, 0x60 + e)], [e]) for e in range(1, 5)]
+    with own_state(tmp):
+        rec = record(tmp, bytes(SIZE), bytes(SIZE), [], epochs, interval=0.2)
+    assert [rec.disk[e] for e in range(5)] == model_disk(bytes(SIZE), [], epochs)
+    assert sum(rec.streamed) >= 4, "few writes went to the backup between checkpoints"
+    assert sum(rec.in_checkpoints) >= 5, "the last writes of each epoch in its checkpoint"
+    assert sum(rec.streamed) + sum(rec.in_checkpoints) == 1 + 4 * 4  # each write once
+    for cut in cuts(rec, random.Random(5), 6):
+        check_kill(rec, cut)
+
+
 def test_an_epoch_without_its_disk_seal_is_never_acked_nor_resumed(tmp: str) -> None:
     """ACK = memory and disk seal: a checkpoint whose REMUS_DISK records are missing
     (here removed from epoch 2 of a recording) is not ACKed, and no copy of it runs."""
     w: Op = ("w", 0, 4096, 0x11)
     with own_state(tmp):
         rec = record(tmp, bytes(SIZE), bytes(SIZE), [w],
-                     [([], []), ([("w", 8192, 512, 0x22)], [1]),
-                      ([("fua", 4096, 512, 0x33)], [2]), ([], [3])])
+                     [([], [], [], []), ([], [("w", 8192, 512, 0x22)], [], [1]),
+                      ([("w", 12288, 512, 0x35)], [("fua", 4096, 512, 0x33)],
+                       [("w", 0, 512, 0x34)], [2]), ([], [], [], [3])])
     start, end = rec.epoch_ends[1], rec.epoch_ends[2]
     spans = [(s, e) for s, e in rec.disk_records if start <= s < end]
     assert spans, "epoch 2 carries its disk records"
@@ -440,7 +515,7 @@ def test_a_stale_primary_is_refused_with_its_header_and_accept_in_one_read(
     untouched), now that the driver has the header before the records after it."""
     with own_state(tmp):
         rec = record(tmp, bytes(SIZE), bytes(SIZE), [("w", 0, 4096, 0x11)],
-                     [([], []), ([("w", 8192, 512, 0x22)], [1])])
+                     [([], [], [], []), ([], [("w", 8192, 512, 0x22)], [], [1])])
     after = replay(rec, len(rec.stream),
                    before=lambda: GenerationStore().failed_over("g", GENERATION))
     assert after.acked == [] and after.sink.failed_over is None, after

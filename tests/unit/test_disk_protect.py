@@ -9,8 +9,11 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -19,11 +22,21 @@ from tests.unit.test_devices_netbuf import FakeStore
 from xen_remus.channel import wire
 from xen_remus.channel.errors import ChannelError
 from xen_remus.devices.discover import REPLICA_KEY, domain_disks, unreplicable
+from xen_remus.disk import remote
 from xen_remus.disk.backup import DiskReplicas, disk_images
 from xen_remus.disk.daemon import ReplicatedDiskDaemon
 from xen_remus.disk.persist import BLOCK, DirtyBitmap, ReplicaRecord
 from xen_remus.disk.remote import SocketControl
-from xen_remus.disk.replica import DEFAULT_CAP, HEADER_SIZE
+from xen_remus.disk.replica import (
+    CONTROL,
+    DEFAULT_CAP,
+    HEADER_SIZE,
+    SEAL,
+    START,
+    Frame,
+    FrameDecoder,
+    frame_bytes,
+)
 from xen_remus.disk.sync import SyncProgress
 
 SIZE = 4 << 20
@@ -76,12 +89,16 @@ class Relay:
         self.live = True
         self.back: list[bytes] = []
         self.records: list[list[bytes]] = []  # the bodies of each sealed epoch
+        self._open: list[bytes] = []  # those of the epoch not yet sealed
 
     def into_checkpoint(self, vdev: str, frames: bytes, ends: list[int]) -> None:
         bodies = [b"".join(bytes(p) for p in body)
                   for body in wire.disk_bodies(vdev, frames, ends)]
         if not self.live:
-            self.records.append(bodies)
+            self._open += bodies
+            if FrameDecoder().feed(frames)[-1].kind == SEAL:  # handed on through it
+                self.records.append(self._open)
+                self._open = []
             return
         for body in bodies:
             vdev, view = wire.parse_disk(body, "REMUS_DISK (pre-copy)")
@@ -234,6 +251,128 @@ def test_at_its_cap_the_daemon_holds_guest_writes_until_the_backup_acks(
         client.close()
         ctl.disconnect()
         replicas.close()
+        d.close()
+
+
+def test_the_seal_is_answered_ahead_of_a_backlog_and_splits_the_epochs_there(
+        tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """protect's pause: the server answers the seal on the control connection at once,
+    though the stream's SEAL(1) waits behind megabytes of writes not yet read (the
+    reader holds at most QUEUE_MAX). A write after the answer is epoch 2's: carried
+    later, the stream through SEAL(1) holds the writes before the answer, and only them."""
+    monkeypatch.setattr(remote, "QUEUE_MAX", 256 << 10)  # the backlog stays with the server
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    replicas = DiskReplicas({"xvda": backup}.get)
+    r = Relay(replicas)
+    carries: list[Callable[[], None]] = []
+    ctl = SocketControl("xvda", d.replica, r.into_checkpoint, 4, defer=carries.append)
+    client = ClientThread(d.nbd)
+    try:
+        ctl.connect()
+        r.sync(ctl)
+        ctl.seal(0)
+        carries.pop()()
+        r.deliver(0)
+        replicas.commit(0)
+        ctl.commit(0)
+        for i in range(64):  # 8 MiB: far more than the reader and the socket hold
+            client.do(("w", (i % 32) * 131072, 131072, i + 1))
+        at1 = read(primary)
+        t0 = time.monotonic()
+        ctl.seal(1)
+        assert time.monotonic() - t0 < 2.0
+        assert len(r.records) == 1 and ctl.carried == 0, "the pause read the stream"
+        client.do(("w", 0, 4096, 0xEE))  # the guest runs again: epoch 2
+        carries.pop()()
+        r.deliver(1)
+        replicas.commit(1)
+        assert read(backup) == at1
+    finally:
+        client.close()
+        ctl.disconnect()
+        replicas.close()
+        d.close()
+
+
+def test_seals_asked_in_the_stream_as_an_older_protect_does(tmp: str) -> None:
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    replicas = DiskReplicas({"xvda": backup}.get)
+    r = Relay(replicas)
+    ctl = SocketControl("xvda", d.replica, r.into_checkpoint, generation=2)
+    try:
+        ctl.connect()
+        ctl.disconnect_control()  # what an older protect never opened
+        r.sync(ctl)
+        qemu_io(d.nbd, "write -P 0x21 0 64k")
+        ctl.seal(0)
+        qemu_io(d.nbd, "write -P 0x22 64k 4k")
+        r.deliver(0)
+        replicas.commit(0)
+        at0 = bytearray(SIZE)
+        at0[:65536] = b"\x21" * 65536
+        assert read(backup) == bytes(at0)
+    finally:
+        ctl.disconnect()
+        replicas.close()
+        d.close()
+
+
+def test_a_third_connection_or_a_stranger_control_is_refused(tmp: str) -> None:
+    """While a protection runs, a connection opening with anything but CONTROL and its
+    generation is closed, and the protection goes on."""
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    backup = image(os.path.join(tmp, "b.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    replicas = DiskReplicas({"xvda": backup}.get)
+    r = Relay(replicas)
+    ctl = SocketControl("xvda", d.replica, r.into_checkpoint, generation=9)
+    try:
+        ctl.connect()
+        r.sync(ctl)
+        for first in (frame_bytes(START, 0, 9), frame_bytes(CONTROL, 0, 8)):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(d.replica)
+                s.sendall(first)
+                assert s.recv(64) == b"", "not refused"
+        ctl.seal(0)
+        r.deliver(0)
+        replicas.commit(0)
+        assert read(backup) == read(primary)
+    finally:
+        ctl.disconnect()
+        replicas.close()
+        d.close()
+
+
+def test_no_guest_write_reaches_the_stream_before_the_synchronisation_begins(
+        tmp: str) -> None:
+    """A write between the epoch loop's connect and its START is the image's (the
+    synchronisation reads it there), never a W ahead of BEGIN: the backup, not yet
+    synchronising, would hold it as an epoch's write and refuse the CHUNKs after it."""
+    primary = image(os.path.join(tmp, "a.img"), bytes(SIZE))
+    d = Daemon(primary, tmp)
+    client = ClientThread(d.nbd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(d.replica)
+        sock.settimeout(10)
+        time.sleep(0.1)  # the daemon took the connection
+        client.do(("w", 0, 4096, 0x5A))  # answered: past the daemon's hand-off to a sink
+        sock.sendall(frame_bytes(START, 0, 7))
+        dec, frames = FrameDecoder(), list[Frame]()
+        while not frames:
+            data = sock.recv(1 << 16)
+            assert data, "the daemon closed the replication socket"
+            frames = dec.feed(data)
+        assert frames[0].name == "BEGIN", [f.name for f in frames]
+    finally:
+        sock.close()
+        client.close()
         d.close()
 
 

@@ -16,7 +16,7 @@ from xen_remus.channel.link import BackupLost
 from xen_remus.channel.stats import EpochStats
 from xen_remus.save.engine import SaveEngine
 from xen_remus.save.policy import PrecopyPolicy
-from xen_remus.save_continuous import PipelineError, RemusLoop
+from xen_remus.save_continuous import IDLE_EVERY, PipelineError, RemusLoop
 
 INTERVAL = 0.1
 
@@ -29,13 +29,21 @@ class Devices:
         self.log: list[tuple[str, int]] = []
         self.loop: RemusLoop | None = None
         self.committed = -1
+        self.idles: list[tuple[float, int]] = []  # (when, the last epoch sealed then)
+        self.sealed_at: dict[int, float] = {}
 
     def postsuspend(self, epoch: int) -> None:
         assert self.dom.suspended
         self.log.append(("postsuspend", epoch))
+        self.sealed_at[epoch] = self.link.now
 
     def preresume(self) -> None:
         pass
+
+    def idle(self) -> None:
+        assert not self.dom.suspended, "idle work while the guest is suspended"
+        sealed = [n for op, n in self.log if op == "postsuspend"]
+        self.idles.append((self.link.now, sealed[-1] if sealed else -1))
 
     def commit(self, epoch: int) -> None:
         assert epoch == self.committed + 1, f"commit({epoch}) after {self.committed}"
@@ -96,6 +104,26 @@ def test_depth_one_is_the_plain_loop() -> None:
     ops = [f"{op}({n})" for op, n in devs.log]
     expect = [f"{op}({n})" for n in range(len(ops) // 2) for op in ("postsuspend", "commit")]
     assert ops == expect and link.max_awaiting == 1
+
+
+@pytest.mark.parametrize(("depth", "lag"), [(1, 2.5 * INTERVAL), (1, 0.2 * INTERVAL),
+                                          (3, 2.5 * INTERVAL)])
+def test_devices_get_their_idle_work_while_the_loop_waits(depth: int, lag: float) -> None:
+    """Between any two checkpoints, whether the loop waits for an ACK or the interval,
+    the devices' idle() (never with the guest suspended: Devices.idle checks): at most
+    2 x IDLE_EVERY apart (a step, and an ACK taken within the next), the last at most
+    IDLE_EVERY before the next checkpoint."""
+    loop, link, devs, _ = make(depth, lag=lag)
+    loop.run()
+    seal_at = devs.sealed_at
+    assert len(seal_at) > 10
+    for n in range(1, len(seal_at)):
+        between = [t for t, sealed in devs.idles if sealed == n - 1]
+        assert between, f"no idle work between checkpoints {n - 1} and {n}"
+        gaps = [b - a for a, b in zip([seal_at[n - 1], *between], [*between, seal_at[n]],
+                                      strict=True)]
+        assert max(gaps) <= 2 * IDLE_EVERY + 1e-9, (n, gaps)  # checkpoints take no time here
+        assert gaps[-1] <= IDLE_EVERY + 1e-9, (n, gaps)
 
 
 def test_fast_acks_commit_each_epoch_before_the_next() -> None:

@@ -97,6 +97,9 @@ class Devices:
     def preresume(self) -> None:
         self.calls.append(("preresume", -1))
 
+    def idle(self) -> None:
+        pass
+
     def commit(self, epoch: int) -> None:
         with self.sink.lock:
             if self.acks:  # the backup ACKs only once its sink has the epoch whole
@@ -364,10 +367,12 @@ def test_pipelined_epochs_reach_the_backup_whole_and_in_order(run_dir: Path) -> 
     assert all(seen[e] == devs.snapshots[e] for e in commits)
 
 
+@pytest.mark.parametrize("at", ["seal", "transmit"])
 def test_a_failed_disk_replica_leaves_the_guest_running_unprotected(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """A disk's replication fails at the seal of epoch 2 (its server gone): protect says
-    which disk, lets the guest and its output go on here and exits 3, not 1."""
+        at: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk's replication fails in epoch 2 (its server gone), at the seal (the guest
+    suspended) or as the epoch's last writes are sent (it runs again): protect says which
+    disk, lets the guest and its output go on here and exits 3, not 1."""
     import argparse
 
     from xen_remus.channel.stats import StatusFile
@@ -381,12 +386,19 @@ def test_a_failed_disk_replica_leaves_the_guest_running_unprotected(
     th = start_backup(b, sink, ReceiverChannel(Config(), time.monotonic()), result)
     engine, out, link = primary(a, dom, Config(), 5.0)
 
+    lost = ReplicaLost(f"replication of disk xvda (/run/r.sock) failed ({at} epoch 2): "
+                       "the server closed the replication socket")
+
+    def fail() -> None:
+        raise lost
+
     class FailingDisk(Devices):
         def postsuspend(self, epoch: int) -> None:
             super().postsuspend(epoch)
             if epoch == 2:
-                raise ReplicaLost("replication of disk xvda (/run/r.sock) failed (seal epoch"
-                                  " 2): the server closed the replication socket")
+                if at == "seal":
+                    raise lost
+                out.later(fail)  # as protect_disks defers the epoch's last writes
 
         def release_all(self) -> None:
             self.calls.append(("release_all", -1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from xen_remus.channel import wire
 from xen_remus.channel.link import SenderLink
@@ -20,15 +21,22 @@ PROGRESS_EVERY = 1.0  # s between progress lines of the initial synchronisation
 
 def replicated_disk(vdev: str, replica: str, out: CheckpointEmitter,
                     generation: int = 0) -> ReplicatedDisk:
-    """The Device of one block-remus disk: at each seal its frames go into the
-    checkpoint being buffered, as REMUS_DISK records (during the initial
-    synchronisation, into the stream as they come)."""
+    """The Device of one block-remus disk: its frames go into the stream as REMUS_DISK
+    records as they come (the initial synchronisation, the open epoch's writes between
+    checkpoints); those through an epoch's SEAL, where its checkpoint left off at the
+    seal, as the checkpoint is transmitted (the guest running again). A failure there is
+    the replica's (ReplicaLost)."""
 
-    def into_checkpoint(vdev: str, frames: bytes, ends: list[int]) -> None:
+    def into_stream(vdev: str, frames: bytes, ends: list[int]) -> None:
         for body in wire.disk_bodies(vdev, frames, ends):
             out.libxc_record(wire.REC_REMUS_DISK, body)
+        out.flush()
 
-    return ReplicatedDisk(SocketControl(vdev, replica, into_checkpoint, generation))
+    def at_transmit(carry: Callable[[], None]) -> None:
+        out.later(lambda: disk.guarded("sending the epoch's last writes", carry))
+
+    disk = ReplicatedDisk(SocketControl(vdev, replica, into_stream, generation, at_transmit))
+    return disk
 
 
 def sync_disks(disks: list[ReplicatedDisk], link: SenderLink, out: CheckpointEmitter,

@@ -5,6 +5,10 @@ Per epoch (ARCHITECTURE.md), the epoch loop calls, for epoch N:
     suspend guest -> postsuspend(N) -> preresume() -> resume guest -> send epoch N
     -> backup ACKs N -> commit(N)
 
+and ``idle()`` again and again while the loop waits between two checkpoints (for an ACK or
+the next interval): work that need not wait for the pause (a disk sends the open epoch's
+writes on), so that the pause itself has little left to do.
+
 ``postsuspend(N)`` marks the boundary: everything the guest did before this suspend belongs
 to epoch N (for the network: its output so far is sealed as epoch N's buffer and a new
 buffer starts). ``commit(N)`` says the backup holds epoch N: release exactly epoch N's
@@ -50,6 +54,9 @@ class Device(abc.ABC):
     def preresume(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """The guest is about to resume (speculatively). Nothing to do by default."""
 
+    def idle(self) -> None:  # noqa: B027 - optional hook, deliberately empty
+        """The guest runs between two checkpoints. Nothing to do by default."""
+
     @abc.abstractmethod
     def commit(self, epoch: int) -> None:
         """The backup has committed ``epoch``: release exactly what that epoch held."""
@@ -92,6 +99,10 @@ class DeviceSet:
     def preresume(self) -> None:
         for dev in self.devices:
             dev.preresume()
+
+    def idle(self) -> None:
+        for dev in self.devices:
+            dev.idle()
 
     def commit(self, epoch: int) -> None:
         """Disks before nets: a packet leaves only once the state it reflects is safe."""

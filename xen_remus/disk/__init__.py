@@ -6,8 +6,12 @@ The data path, primary to backup::
       -> Unix socket -> DiskServer (server.py, over the sans-IO nbd.py)
            -> pwrite into the local image, then the same write, in the same order,
               as W(epoch, offset, data) on the replication stream (replica.py, link.py)
-           -> at each checkpoint's suspend, ReplicatedDisk.postsuspend(N) (device.py)
-              seals epoch N: SEAL(N) goes into the stream behind N's writes
+           -> between checkpoints, ReplicatedDisk.idle() (device.py) streams the open
+              epoch's writes on towards the backup as they come
+           -> at each checkpoint's suspend, ReplicatedDisk.postsuspend(N) has the server
+              seal epoch N (answered at once, remote.py): SEAL(N) goes into the stream
+              behind N's writes, and with the last of them into checkpoint N, read as the
+              checkpoint is sent (the guest running again)
       -> backup: BackupStream feeds an EpochStore (store.py), which holds each epoch's
          writes apart (last writer wins, spilled to a file past a memory ceiling) and
          ACKs SEAL(N) ("disk sealed through N")

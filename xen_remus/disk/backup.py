@@ -1,8 +1,10 @@
 """The backup's disk replicas, inside the receiver: REMUS_DISK records into epoch stores.
 
-Checkpoint N carries its disks' writes and SEAL(N) (disk/remote.py puts them there), so
-when the receiver has epoch N whole it commits N's disk writes to each replica image
-(``commit``) and only then ACKs N; on a failover from N every later write is dropped
+Epoch N's disk writes arrive as REMUS_DISK records, streamed ahead of checkpoint N while
+the primary waited between checkpoints and, the last of them with SEAL(N), inside
+checkpoint N (disk/remote.py); each epoch store holds them under their epoch. When the
+receiver has epoch N whole it commits N's disk writes to each replica image (``commit``)
+and only then ACKs N; on a failover from N every later write is dropped
 (``failover``). A replica's image is the path of the same disk (its vdev) in the guest's
 configuration on this host: it must exist, with the primary's size.
 

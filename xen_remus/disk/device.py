@@ -1,9 +1,13 @@
 """The replicated disk as a checkpointed Device of the epoch loop (primary side).
 
 ``postsuspend(N)`` seals epoch N in the disk stream while the guest is suspended: every
-write the guest saw complete is already in the stream, so SEAL(N) follows them. ``commit``
-tells the stream the backup holds N (its unACKed bytes are freed). ``release_all`` stops
-replicating (backup lost or failover): the disk is then served locally only.
+write the guest saw complete is already in the stream, so SEAL(N) follows them (a server
+in another process says it sealed, and the frames through SEAL(N) follow into checkpoint N
+as it is sent: remote.py). ``idle``, while the guest runs between checkpoints, moves the
+open epoch's writes on towards the backup, so that little is left for the checkpoint.
+``commit`` tells the stream the backup holds N (its unACKed bytes are freed).
+``release_all`` stops replicating (backup lost or failover): the disk is then served
+locally only.
 
 A replica that fails once protection runs (its server gone, the stream to it broken, a
 seal that never comes) is a lost backup for the epoch loop: ReplicaLost (a BackupLost
@@ -40,6 +44,9 @@ class DiskControl(Protocol):
         """Start replicating to the backup."""
 
     def seal(self, epoch: int) -> None: ...
+
+    def idle(self) -> None:
+        """Between checkpoints: move the open epoch's writes on, without waiting."""
 
     def commit(self, epoch: int) -> None: ...
 
@@ -89,6 +96,9 @@ class ReplicatedDisk(Device):
 
     def postsuspend(self, epoch: int) -> None:
         self._do(f"seal epoch {epoch}", lambda: self.control.seal(epoch), lost=True)
+
+    def idle(self) -> None:
+        self._do("between checkpoints", self.control.idle, lost=True)
 
     def commit(self, epoch: int) -> None:
         self._do(f"commit epoch {epoch}", lambda: self.control.commit(epoch), lost=True)
@@ -145,6 +155,9 @@ class LoopControl:
         async def go() -> None:
             self.server.seal(epoch)
         self._call(f"seal({epoch})", go)
+
+    def idle(self) -> None:
+        """Nothing: the sender sends each write as it comes."""
 
     def commit(self, epoch: int) -> None:
         async def go() -> None:

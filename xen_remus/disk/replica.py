@@ -13,7 +13,10 @@ by NEED (which of those chunks differ) and the CHUNKs asked for; SYNCED ends it.
 SYNCED the backup writes everything (CHUNK and W) straight into its replica, in stream
 order: it holds no checkpoint yet, so there is nothing to keep apart. The epoch loop's
 requests to the server (it relays the stream) use the same frames: SEAL(N) asks for the
-seal of N, START(0, offset=generation) opens a protection.
+seal of N, START(0, offset=generation) opens a protection. CONTROL(0, offset=generation)
+opens a second connection of that protection, for the seals alone: there SEAL(N) asks
+for the seal of N and the server answers SEAL(N) once it is done, ahead of the stream,
+whose SEAL(N) may wait behind many writes.
 
 A frame (big-endian) is a 36-byte header, then ``length`` bytes of data (W only)::
 
@@ -49,9 +52,10 @@ NEED: Final = 7  # back: bitmap of the SUMS at offset whose chunks differ
 CHUNK: Final = 8  # fwd: image data at offset (synchronisation; W is a guest write)
 SYNCED: Final = 9  # fwd: the synchronisation is complete (offset: bytes sent)
 START: Final = 10  # epoch loop -> server: protection begins (offset: its generation)
+CONTROL: Final = 11  # epoch loop -> server: its seal connection (offset: the generation)
 FRAME_NAMES: Final = {W: "W", SEAL: "SEAL", ACK: "ACK", BEGIN: "BEGIN", BASE: "BASE",
                       SUMS: "SUMS", NEED: "NEED", CHUNK: "CHUNK", SYNCED: "SYNCED",
-                      START: "START"}
+                      START: "START", CONTROL: "CONTROL"}
 WITH_DATA: Final = frozenset({W, BEGIN, SUMS, NEED, CHUNK})  # the others carry none
 SYNC_FRAMES: Final = frozenset({BEGIN, SUMS, CHUNK, SYNCED})  # fwd, to sync.ReplicaSync
 MAX_DATA: Final = 64 * 1024 * 1024  # a W carries one NBD write (at most 32 MiB)
