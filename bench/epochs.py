@@ -31,6 +31,7 @@ from xen_remus.channel.receiver import ReceiverChannel
 from xen_remus.fdio import write_all
 from xen_remus.receive.driver import Relay
 from xen_remus.receive.upstream import Upstream
+from xen_remus.save.pages import Pfns
 from xen_remus.save_continuous import RemusLoop
 from xen_remus.stream.events import Buffer
 
@@ -67,11 +68,11 @@ def sender(compress: bool, epochs: int, dirty: int, out_fd: int,
     ends: list[int] = []
 
     class Timed(RemusLoop):
-        def checkpoint(self, epoch: int, pending: np.ndarray | None) -> None:
+        def checkpoint(self, epoch: int, pending: Pfns | None, final: bool = False) -> None:
             if prof is not None and epoch > 0:
                 prof.enable()
             t0 = time.process_time()
-            super().checkpoint(epoch, pending)
+            super().checkpoint(epoch, pending, final)
             cpu.append((time.process_time() - t0) * 1000)
             if prof is not None:
                 prof.disable()
